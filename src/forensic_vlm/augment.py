@@ -1,0 +1,136 @@
+"""Stage ``augment``: the reference's Albumentations pipeline, applied to training images only.
+
+Children are written under ``results/augment/images/`` (never beside the evidence) and named by
+their parent's sha256, so no file name in raw_data can be mistaken for one. Each child's seed is
+derived from the base seed and its parent's sha256: a child is the same bytes whatever other
+images exist, which lets later runs reuse it. ``lineage.tsv`` records child, parent, seed and the
+transforms that fired; ``train_augmented.tsv`` is the training table for later stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+from forensic_vlm.config import AugmentConfig
+from forensic_vlm.parallel import ordered_map
+from forensic_vlm.tables import decode_path, read_tsv, sha256_bytes, write_tsv
+
+log = logging.getLogger(__name__)
+
+LINEAGE_COLUMNS = ("child", "child_sha256", "parent_sha256", "parent_path", "label", "seed", "transforms")
+TRAINING_COLUMNS = ("sha256", "path", "flags", "label", "source", "parent_sha256")
+
+
+class EvidenceChangedError(RuntimeError):
+    """A file's content no longer matches the sha256 recorded in the manifest."""
+
+
+def reference_pipeline(height: int, width: int, seed: int, crop_size: tuple[int, int] | None) -> A.Compose:
+    """The reference system's augmentation (Albumentations 2 argument names).
+
+    The reference cropped to 300x300; LLaVA-NeXT re-tiles any size, so by default the crop keeps
+    the image's own size. GaussNoise variance 10-50 (on 0-255) is a standard deviation of
+    sqrt(10)..sqrt(50) grey levels, which Albumentations 2 takes as a fraction of 255.
+    """
+    crop = tuple(crop_size) if crop_size else (height, width)
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.Rotate(limit=15, border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.7),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.8),
+            A.GaussNoise(std_range=(np.sqrt(10) / 255, np.sqrt(50) / 255), p=0.3),
+            A.OneOf([A.MotionBlur(blur_limit=5, p=0.5), A.GaussianBlur(blur_limit=(3, 5), p=0.5)], p=0.4),
+            A.RandomGamma(gamma_limit=(80, 120), p=0.3),
+            A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=15, val_shift_limit=10, p=0.3),
+            A.RandomResizedCrop(size=crop, scale=(0.8, 1.0), ratio=(0.75, 1.33), p=0.3),
+        ],
+        seed=seed,
+        save_applied_params=True,
+    )
+
+
+def child_seed(base_seed: int, parent_sha256: str, index: int) -> int:
+    digest = hashlib.sha256(f"{base_seed}:{parent_sha256}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")  # numpy seeds must fit in 32 bits
+
+
+def load_evidence_image(raw_data: Path, row: dict[str, str]) -> Image.Image:
+    """Open a manifest row's file read-only, check its sha256, and return it upright in RGB."""
+    path = Path(raw_data) / decode_path(row["path"], row.get("flags", ""))
+    data = path.read_bytes()
+    if sha256_bytes(data) != row["sha256"]:
+        raise EvidenceChangedError(f"{path}: content changed since the manifest was built (sha256 differs)")
+    with Image.open(io.BytesIO(data)) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+@dataclass(frozen=True)
+class _Job:
+    row: dict[str, str]
+    count: int
+
+
+def _augment_one(job: _Job, raw_data: Path, images_dir: Path, config: AugmentConfig) -> list[dict]:
+    pixels = np.asarray(load_evidence_image(raw_data, job.row))
+    height, width = pixels.shape[:2]
+    lineage = []
+    for index in range(1, job.count + 1):
+        seed = child_seed(config.seed, job.row["sha256"], index)
+        result = reference_pipeline(height, width, seed, config.crop_size)(image=pixels)
+        buffer = io.BytesIO()
+        Image.fromarray(result["image"]).save(buffer, format="PNG")  # lossless, same bytes each run
+        name = f"{job.row['sha256']}_{index}.png"
+        (images_dir / name).write_bytes(buffer.getvalue())
+        lineage.append(
+            {"child": f"images/{name}", "child_sha256": sha256_bytes(buffer.getvalue()),
+             "parent_sha256": job.row["sha256"], "parent_path": job.row["path"],
+             "label": job.row["label"], "seed": seed,
+             "transforms": ",".join(name for name, _ in result["applied_transforms"])}
+        )  # fmt: skip
+    return lineage
+
+
+def augment_training_set(
+    train_tsv: Path, raw_data: Path, out_dir: Path, config: AugmentConfig, workers: int = 1
+) -> int:
+    """Write augmented children of the configured classes' training images; returns their count."""
+    out_dir = Path(out_dir)
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    train = read_tsv(Path(train_tsv))
+    jobs = [_Job(r, config.per_image.get(int(r["label"]), 0)) for r in train]
+    jobs = [j for j in jobs if j.count > 0]
+    log.info("augment: %d training image(s) to augment, %s children per class", len(jobs), config.per_image)
+    work = partial(_augment_one, raw_data=Path(raw_data), images_dir=images_dir, config=config)
+    lineage = [row for rows in ordered_map(work, jobs, workers, "augment") for row in rows]
+    write_tsv(out_dir / "lineage.tsv", LINEAGE_COLUMNS, lineage)
+    training = [
+        {"sha256": r["sha256"], "path": r["path"], "flags": r["flags"], "label": r["label"], "source": "raw_data",
+         "parent_sha256": ""}
+        for r in train
+    ] + [
+        {"sha256": c["child_sha256"], "path": c["child"], "label": c["label"], "source": "augment",
+         "parent_sha256": c["parent_sha256"]}
+        for c in lineage
+    ]  # fmt: skip
+    write_tsv(out_dir / "train_augmented.tsv", TRAINING_COLUMNS, training)
+    log.info("augment: %d children written; training table has %d rows", len(lineage), len(training))
+    return len(lineage)
+
+
+def resolve_training_path(row: dict[str, str], raw_data: Path, augment_dir: Path) -> Path:
+    """Where a ``train_augmented.tsv`` row's image lies on disk."""
+    if row["source"] == "augment":
+        return Path(augment_dir) / row["path"]
+    return Path(raw_data) / decode_path(row["path"], row.get("flags", ""))
+

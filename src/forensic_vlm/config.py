@@ -1,0 +1,222 @@
+"""Typed configuration: one frozen dataclass per section of ``config.yaml``.
+
+The workflow validates the raw YAML against ``workflow/schemas/config.schema.yaml`` (which also
+fills defaults); these dataclasses are what the package functions take. ``Config.from_dict``
+checks types and unknown keys itself so the CLI, used without Snakemake, gives the same kind of
+error, naming the key. ``tests/test_config.py`` keeps the schema and the dataclasses in agreement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+REFERENCE_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    id: int
+    """Class number; images live under ``raw_data/<id>_<name>/``."""
+    folder: str
+    """Folder name under raw_data, e.g. ``2_transaction_place``."""
+    en: str
+    """English name, shown in reports."""
+    ko: str
+    """Korean name, shown in reports."""
+
+    def __post_init__(self) -> None:
+        if not self.folder.startswith(f"{self.id}_"):
+            raise ConfigError(
+                f"classes: folder {self.folder!r} must start with its id and an underscore ({self.id}_...)"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = REFERENCE_MODEL
+    """Hub id or local folder of the LLaVA-NeXT model."""
+
+
+@dataclass(frozen=True)
+class ManifestConfig:
+    on_bad_input: Literal["report", "fail"] = "report"
+    """``report``: list unusable files in rejects.tsv and go on; ``fail``: stop at the first."""
+    max_image_pixels: int = 100_000_000
+    """Images with more pixels than this are rejected as decompression bombs."""
+    allowed_formats: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF")
+    """Pillow format names accepted as images; anything else is ``unsupported_format``."""
+
+    def __post_init__(self) -> None:
+        if self.max_image_pixels < 1:
+            raise ConfigError("manifest.max_image_pixels must be at least 1")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    method: Literal["stable", "sklearn"] = "stable"
+    """``stable``: split from a keyed content hash; ``sklearn``: the reference's two stratified calls."""
+    seed: int = 42
+    """Key of the content hash (stable) or ``random_state`` (sklearn)."""
+    test_fraction: float = 0.15
+    """Share of each class that goes to test."""
+    val_fraction: float = 0.15
+    """Share of the non-test rest that goes to validation."""
+    near_duplicate_distance: int | None = 4
+    """Perceptual-hash Hamming distance (of 64 bits) at or under which images are grouped; null disables."""
+
+    def __post_init__(self) -> None:
+        for key in ("test_fraction", "val_fraction"):
+            value = getattr(self, key)
+            if not 0.0 < value < 1.0:
+                raise ConfigError(f"split.{key} must be strictly between 0 and 1, got {value}")
+        if self.near_duplicate_distance is not None and not 0 <= self.near_duplicate_distance < 32:
+            raise ConfigError("split.near_duplicate_distance must be between 0 and 31, or null")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    seed: int = 42
+    """Base seed; each child's seed is derived from it and its parent's sha256."""
+    per_image: dict[int, int] = field(default_factory=lambda: {2: 4})
+    """Class id -> number of augmented children per training image of that class."""
+    crop_size: tuple[int, int] | None = None
+    """[height, width] of the reference's RandomResizedCrop; null keeps each image's own size."""
+
+    def __post_init__(self) -> None:
+        if any(n < 0 for n in self.per_image.values()):
+            raise ConfigError("augment.per_image counts must be zero or more")
+        if self.crop_size is not None and (len(self.crop_size) != 2 or min(self.crop_size) < 1):
+            raise ConfigError("augment.crop_size must be [height, width] with positive values, or null")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    images_per_class: int = 60
+    """Synthetic images generated per class."""
+    seed: int = 0
+    """Seed of the generator; the same seed gives the same bytes."""
+    bad_examples: bool = True
+    """Add a few deliberately unusable files so the demo shows rejects and flags."""
+
+    def __post_init__(self) -> None:
+        if self.images_per_class < 1:
+            raise ConfigError("demo.images_per_class must be at least 1")
+
+
+DEFAULT_CLASSES = (
+    ClassSpec(0, "0_irrelevant", "irrelevant", "관련 없음"),
+    ClassSpec(1, "1_chat_history", "drug chat screenshot", "마약 대화 내역 사진"),
+    ClassSpec(2, "2_transaction_place", "drug transaction place", "마약 거래 장소"),
+    ClassSpec(3, "3_drug_raw", "drug itself", "마약 원본"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    raw_data: str = "raw_data"
+    """Folder of read-only evidence, one sub-folder per class."""
+    classes: tuple[ClassSpec, ...] = DEFAULT_CLASSES
+    model: ModelConfig = field(default_factory=ModelConfig)
+    manifest: ManifestConfig = field(default_factory=ManifestConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def __post_init__(self) -> None:
+        ids = [c.id for c in self.classes]
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"classes: duplicate class ids {ids}")
+        unknown = set(self.augment.per_image) - set(ids)
+        if unknown:
+            raise ConfigError(f"augment.per_image names classes that do not exist: {sorted(unknown)}")
+
+    @property
+    def class_by_id(self) -> dict[int, ClassSpec]:
+        return {c.id: c for c in self.classes}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> Config:
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_dict(yaml.safe_load(handle) or {})
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from plain data, naming the offending key on any error."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as error:  # a required field is missing
+        raise ConfigError(f"{where or 'config'}: {error}") from error
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0]
+        return tuple(_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_type, value_type = args
+        return {
+            _coerce(key_type, _int_key(k, where), f"{where}.{k}"): _coerce(value_type, v, f"{where}.{k}")
+            for k, v in value.items()
+        }
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _int_key(key: Any, where: str) -> Any:
+    # YAML and Snakemake's --config give mapping keys as strings ("2"); class ids are ints.
+    if isinstance(key, str) and key.lstrip("-").isdigit():
+        return int(key)
+    return key
+
+
+def to_dict(config: Any) -> Any:
+    """Plain, YAML-friendly form of a config dataclass (tuples become lists)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config
