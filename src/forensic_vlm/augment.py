@@ -19,20 +19,17 @@ from pathlib import Path
 import albumentations as A
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from forensic_vlm.config import AugmentConfig
 from forensic_vlm.parallel import ordered_map
+from forensic_vlm.images import load_evidence_image
 from forensic_vlm.tables import decode_path, read_tsv, sha256_bytes, write_tsv
 
 log = logging.getLogger(__name__)
 
 LINEAGE_COLUMNS = ("child", "child_sha256", "parent_sha256", "parent_path", "label", "seed", "transforms")
 TRAINING_COLUMNS = ("sha256", "path", "flags", "label", "source", "parent_sha256")
-
-
-class EvidenceChangedError(RuntimeError):
-    """A file's content no longer matches the sha256 recorded in the manifest."""
 
 
 def reference_pipeline(height: int, width: int, seed: int, crop_size: tuple[int, int] | None) -> A.Compose:
@@ -62,16 +59,6 @@ def reference_pipeline(height: int, width: int, seed: int, crop_size: tuple[int,
 def child_seed(base_seed: int, parent_sha256: str, index: int) -> int:
     digest = hashlib.sha256(f"{base_seed}:{parent_sha256}:{index}".encode()).digest()
     return int.from_bytes(digest[:4], "big")  # numpy seeds must fit in 32 bits
-
-
-def load_evidence_image(raw_data: Path, row: dict[str, str]) -> Image.Image:
-    """Open a manifest row's file read-only, check its sha256, and return it upright in RGB."""
-    path = Path(raw_data) / decode_path(row["path"], row.get("flags", ""))
-    data = path.read_bytes()
-    if sha256_bytes(data) != row["sha256"]:
-        raise EvidenceChangedError(f"{path}: content changed since the manifest was built (sha256 differs)")
-    with Image.open(io.BytesIO(data)) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 @dataclass(frozen=True)

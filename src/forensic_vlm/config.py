@@ -155,6 +155,15 @@ class Config:
             return cls.from_dict(yaml.safe_load(handle) or {})
 
 
+def build_section(cls: type, data: Any, name: str) -> Any:
+    """Build one section's dataclass (e.g. ``SplitConfig``) from its plain mapping."""
+    return _build(cls, data, name)
+
+
+def build_classes(data: Any) -> tuple[ClassSpec, ...]:
+    return _coerce(tuple[ClassSpec, ...], data, "classes")
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     """Build dataclass ``cls`` from plain data, naming the offending key on any error."""
     if not isinstance(data, dict):

@@ -10,6 +10,7 @@ phone portrait ratios; a few files are saved as HEIC or carry an EXIF rotation, 
 from __future__ import annotations
 
 import io
+import shutil
 import logging
 import struct
 import zlib
@@ -20,6 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from forensic_vlm.config import ClassSpec, DemoConfig
+from forensic_vlm.images import pillow_heif  # noqa: F401  (HEIC encoder registered)
+from forensic_vlm.tables import sha256_file, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +187,17 @@ def _encode(image: Image.Image, kind: str) -> bytes:
     return buffer.getvalue()
 
 
-def generate_demo_data(out_dir: Path, classes: list[ClassSpec], config: DemoConfig) -> int:
-    """Write the synthetic evidence folder; returns the number of files written."""
-    out_dir = Path(out_dir)
+def generate_demo_data(out_dir: Path, listing: Path, classes: list[ClassSpec], config: DemoConfig) -> int:
+    """Write the synthetic evidence folder and a listing of it; returns the number of files.
+
+    ``listing`` (path, size, sha256) doubles as the proof that ``out_dir`` is ours: an existing
+    folder is replaced only when its listing exists, so no other folder is ever deleted.
+    """
+    out_dir, listing = Path(out_dir), Path(listing)
+    if out_dir.exists():
+        if not listing.exists():
+            raise FileExistsError(f"{out_dir} exists but was not written by demo_data ({listing} is missing)")
+        shutil.rmtree(out_dir)
     written = 0
     for spec in classes:
         folder = out_dir / spec.folder
@@ -201,6 +212,12 @@ def generate_demo_data(out_dir: Path, classes: list[ClassSpec], config: DemoConf
             written += 1
     if config.bad_examples:
         written += write_bad_examples(out_dir, classes)
+    rows = [
+        {"path": str(p.relative_to(out_dir)), "size_bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(out_dir.rglob("*"))
+        if p.is_file()
+    ]
+    write_tsv(listing, ("path", "size_bytes", "sha256"), rows)
     log.info("demo data: %d files under %s", written, out_dir)
     return written
 

@@ -18,12 +18,7 @@ from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
 from forensic_vlm.tables import sha256_bytes
 
-try:  # Phones save HEIC; without the plugin those files would be rejected as unsupported.
-    import pillow_heif
-
-    pillow_heif.register_heif_opener()
-except ImportError:  # pragma: no cover - pillow-heif is a declared dependency
-    pillow_heif = None
+import forensic_vlm.images  # noqa: F401  (registers HEIC with Pillow)
 
 #: Reason codes of rejects.tsv, with what each means.
 REASONS: dict[str, str] = {

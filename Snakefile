@@ -1,0 +1,22 @@
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/manifest.smk"
+include: "workflow/rules/split.smk"
+include: "workflow/rules/augment.smk"
+
+
+rule all:
+    input:
+        get_final_outputs(),
+    default_target: True

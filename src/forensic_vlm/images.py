@@ -1,0 +1,31 @@
+"""Opening evidence images: HEIC support, content check against the manifest, upright RGB.
+
+Importing this module registers the HEIF plugin with Pillow, so every stage that opens images
+reads phone HEIC files the same way.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pillow_heif
+from PIL import Image, ImageOps
+
+from forensic_vlm.tables import decode_path, sha256_bytes
+
+pillow_heif.register_heif_opener()
+
+
+class EvidenceChangedError(RuntimeError):
+    """A file's content no longer matches the sha256 recorded in the manifest."""
+
+
+def load_evidence_image(raw_data: Path, row: dict[str, str]) -> Image.Image:
+    """Open a manifest row's file read-only, check its sha256, and return it upright in RGB."""
+    path = Path(raw_data) / decode_path(row["path"], row.get("flags", ""))
+    data = path.read_bytes()
+    if sha256_bytes(data) != row["sha256"]:
+        raise EvidenceChangedError(f"{path}: content changed since the manifest was built (sha256 differs)")
+    with Image.open(io.BytesIO(data)) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")

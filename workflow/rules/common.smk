@@ -1,0 +1,58 @@
+# Shared set-up and input functions. Logic lives in the forensic_vlm package; this file only
+# validates the configuration and tells rules where things are.
+from pathlib import Path
+
+from snakemake.utils import validate
+
+from forensic_vlm.config import Config
+from forensic_vlm.manifest import fingerprint
+
+
+# Fills defaults for missing keys and stops with the offending key named on a wrong type or an
+# unknown key; the dataclasses then check combinations (e.g. augment classes that do not exist).
+validate(config, schema="../schemas/config.schema.yaml")
+SETTINGS = Config.from_dict(config)
+
+DEMO_RAW_DATA = "results/demo/raw_data"
+DEMO_LISTING = "results/demo/raw_data.tsv"
+
+
+def uses_demo_data():
+    """True when raw_data is the synthetic folder that rule demo_data writes."""
+    return Path(SETTINGS.raw_data) == Path(DEMO_RAW_DATA)
+
+
+def get_raw_data_input():
+    """What stages reading raw_data depend on: the demo's listing, or the evidence folder."""
+    return DEMO_LISTING if uses_demo_data() else SETTINGS.raw_data
+
+
+def raw_data_folder_of(path):
+    """The evidence folder behind a raw_data input: the demo listing names its folder."""
+    return path.removesuffix(".tsv") if path == DEMO_LISTING else path
+
+
+def get_raw_data_folder(wildcards, input):
+    return raw_data_folder_of(input.raw_data)
+
+
+def get_demo_raw_data_folder(wildcards, output):
+    return raw_data_folder_of(output.listing)
+
+
+def get_raw_data_fingerprint(wildcards):
+    """Listing digest of real evidence, so added, removed or replaced files rerun the manifest.
+
+    The demo folder is itself a rule output, which Snakemake already tracks.
+    """
+    if uses_demo_data():
+        return "demo"
+    return fingerprint(Path(SETTINGS.raw_data))
+
+
+def get_final_outputs():
+    return [
+        "results/manifest/rejects.tsv",
+        "results/split/summary.tsv",
+        "results/augment/train_augmented.tsv",
+    ]

@@ -1,0 +1,15 @@
+# The listing is the output Snakemake tracks: a directory output would get Snakemake's own
+# timestamp file inside it, which the manifest would then have to treat as evidence.
+rule demo_data:
+    output:
+        listing="results/demo/raw_data.tsv",
+    params:
+        raw_data=get_demo_raw_data_folder,
+        classes=config["classes"],
+        demo=config["demo"],
+    log:
+        "results/logs/demo_data.log",
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../scripts/demo_data.py"

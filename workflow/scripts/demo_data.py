@@ -1,0 +1,15 @@
+"""Shim for rule demo_data: forensic_vlm.demo_data.generate_demo_data."""
+
+from pathlib import Path
+
+from forensic_vlm.config import DemoConfig, build_classes, build_section
+from forensic_vlm.demo_data import generate_demo_data
+from forensic_vlm.logs import setup_logging
+
+setup_logging(snakemake.log[0])
+generate_demo_data(
+    out_dir=Path(snakemake.params.raw_data),
+    listing=Path(snakemake.output.listing),
+    classes=list(build_classes(snakemake.params.classes)),
+    config=build_section(DemoConfig, snakemake.params.demo, "demo"),
+)
