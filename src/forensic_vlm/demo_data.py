@@ -187,16 +187,19 @@ def _encode(image: Image.Image, kind: str) -> bytes:
     return buffer.getvalue()
 
 
-def generate_demo_data(out_dir: Path, listing: Path, classes: list[ClassSpec], config: DemoConfig) -> int:
-    """Write the synthetic evidence folder and a listing of it; returns the number of files.
+def generate_demo_data(
+    out_dir: Path, listing: Path, classes: list[ClassSpec], config: DemoConfig, replace: bool = False
+) -> int:
+    """Write the synthetic evidence folder and a listing (path, size, sha256) of it.
 
-    ``listing`` (path, size, sha256) doubles as the proof that ``out_dir`` is ours: an existing
-    folder is replaced only when its listing exists, so no other folder is ever deleted.
+    An existing non-empty ``out_dir`` is deleted only with ``replace=True`` (the workflow's own
+    ``results/demo/raw_data``); otherwise it is an error, so no other folder is ever touched.
+    Returns the number of files written.
     """
     out_dir, listing = Path(out_dir), Path(listing)
-    if out_dir.exists():
-        if not listing.exists():
-            raise FileExistsError(f"{out_dir} exists but was not written by demo_data ({listing} is missing)")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not replace:
+            raise FileExistsError(f"{out_dir} exists and is not empty; demo data goes into a new folder")
         shutil.rmtree(out_dir)
     written = 0
     for spec in classes:

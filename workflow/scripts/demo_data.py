@@ -12,4 +12,5 @@ generate_demo_data(
     listing=Path(snakemake.output.listing),
     classes=list(build_classes(snakemake.params.classes)),
     config=build_section(DemoConfig, snakemake.params.demo, "demo"),
+    replace=True,  # the folder is this rule's own output under results/demo
 )
