@@ -9,6 +9,8 @@ phone portrait ratios; a few files are saved as HEIC or carry an EXIF rotation, 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import io
 import shutil
 import logging
@@ -39,10 +41,16 @@ DOC_LINES = ("회의록 2025-03-14", "견적서 / Invoice", "주간 업무 보�
 
 def korean_font(size: int) -> ImageFont.FreeTypeFont:
     """NanumGothic, shipped inside the koreanize-matplotlib wheel (no system font needed)."""
-    import koreanize_matplotlib
+    return ImageFont.truetype(str(korean_font_path()), size)
 
-    path = Path(koreanize_matplotlib.__file__).parent / "fonts" / "NanumGothic.ttf"
-    return ImageFont.truetype(str(path), size)
+
+@functools.cache
+def korean_font_path() -> Path:
+    # Located, not imported: importing koreanize_matplotlib reconfigures matplotlib globally.
+    spec = importlib.util.find_spec("koreanize_matplotlib")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("koreanize-matplotlib is not installed; it provides the Korean font")
+    return Path(spec.submodule_search_locations[0]) / "fonts" / "NanumGothic.ttf"
 
 
 def _color(rng: Rng, low: int, high: int) -> tuple[int, int, int]:

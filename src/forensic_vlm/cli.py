@@ -1,0 +1,71 @@
+"""``forensic-vlm``: the workflow's stages as commands, for use without Snakemake.
+
+Each command reads the same ``config.yaml`` the workflow uses and calls the same package function
+as the workflow's rule, so results are identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from forensic_vlm.augment import augment_training_set
+from forensic_vlm.config import Config, ConfigError
+from forensic_vlm.demo_data import generate_demo_data
+from forensic_vlm.images import EvidenceChangedError
+from forensic_vlm.logs import setup_logging
+from forensic_vlm.manifest import BadInputError, build_manifest
+from forensic_vlm.split import split_dataset
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forensic-vlm", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=None, help="config.yaml (default: built-in defaults)")
+    parser.add_argument("--log", type=Path, default=None, help="also write the log to this file")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo-data", help="write the synthetic demo evidence folder")
+    demo.add_argument("out_dir", type=Path)
+    demo.add_argument("--listing", type=Path, default=None, help="listing TSV (default: OUT_DIR.tsv)")
+
+    manifest = commands.add_parser("manifest", help="inspect raw_data: manifest.tsv and rejects.tsv")
+    manifest.add_argument("raw_data", type=Path)
+    manifest.add_argument("--out", type=Path, default=Path("results/manifest"))
+    manifest.add_argument("--workers", type=int, default=1)
+
+    split = commands.add_parser("split", help="train/val/test tables from manifest.tsv")
+    split.add_argument("manifest", type=Path)
+    split.add_argument("--out", type=Path, default=Path("results/split"))
+
+    augment = commands.add_parser("augment", help="augmented children of training images")
+    augment.add_argument("train", type=Path, help="results/split/train.tsv")
+    augment.add_argument("--raw-data", type=Path, required=True)
+    augment.add_argument("--out", type=Path, default=Path("results/augment"))
+    augment.add_argument("--workers", type=int, default=1)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(args.log)
+    try:
+        config = Config.from_yaml(args.config) if args.config else Config()
+        if args.command == "demo-data":
+            listing = args.listing or args.out_dir.with_suffix(".tsv")
+            generate_demo_data(args.out_dir, listing, list(config.classes), config.demo)
+        elif args.command == "manifest":
+            build_manifest(args.raw_data, args.out, config.classes, config.manifest, workers=args.workers)
+        elif args.command == "split":
+            split_dataset(args.manifest, args.out, config.classes, config.split)
+        elif args.command == "augment":
+            augment_training_set(args.train, args.raw_data, args.out, config.augment, workers=args.workers)
+    except (ConfigError, BadInputError, EvidenceChangedError, FileExistsError, FileNotFoundError) as error:
+        logging.getLogger("forensic_vlm").error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

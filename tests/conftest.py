@@ -1,0 +1,114 @@
+"""Shared helpers: small real images, evidence trees, and proof that evidence is never written."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from forensic_vlm.tables import sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def image_bytes(seed: int, size: tuple[int, int] = (64, 48), fmt: str = "JPEG", **save) -> bytes:
+    """A small image whose content (random blocks) differs clearly from any other seed's."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(blocks).resize(size, Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def tree_hashes(root: Path) -> dict[str, tuple[str, int]]:
+    """Every entry under root: content hash (or link target) and mode, to detect any change."""
+    found = {}
+    for directory, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(directory, name)
+            info = path.lstat()
+            key = os.fsencode(path.relative_to(root)).hex()
+            if stat.S_ISLNK(info.st_mode):
+                found[key] = ("link:" + os.readlink(path), info.st_mode)
+            elif stat.S_ISREG(info.st_mode):
+                found[key] = (sha256_file(path), info.st_mode)
+            else:
+                found[key] = ("", info.st_mode)
+    return found
+
+
+def make_read_only(root: Path) -> None:
+    """Remove write permission everywhere under root (stops every user but root)."""
+    for directory, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(directory, name)
+            if not path.is_symlink() and path.is_file():
+                path.chmod(path.stat().st_mode & ~0o222)
+        Path(directory).chmod(Path(directory).stat().st_mode & ~0o222)
+
+
+def restore_writable(root: Path) -> None:
+    for directory, _, filenames in os.walk(root):
+        Path(directory).chmod(Path(directory).stat().st_mode | 0o200)
+        for name in filenames:
+            path = Path(directory, name)
+            if not path.is_symlink() and path.is_file():
+                path.chmod(path.stat().st_mode | 0o200)
+
+
+def read_only_mount_available() -> bool:
+    """Root ignores permission bits; a read-only bind mount in a private namespace does not."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+def read_only_command(root: Path, command: list[str]) -> list[str]:
+    """Wrap a command so that ``root`` is mounted read-only for it (when the machine allows)."""
+    if not read_only_mount_available():
+        return command
+    quoted = " ".join(f"'{c}'" for c in command)
+    return ["unshare", "-m", "sh", "-c", f"mount --bind -o ro '{root}' '{root}' && exec {quoted}"]
+
+
+@contextmanager
+def evidence_unchanged(root: Path) -> Iterator[None]:
+    """Make ``root`` read-only for the block and assert every byte and mode is as before."""
+    before = tree_hashes(root)
+    make_read_only(root)
+    modes = tree_hashes(root)
+    try:
+        yield
+    finally:
+        after = tree_hashes(root)
+        restore_writable(root)
+    assert after == modes, "evidence folder changed"
+    assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}
+
+
+@pytest.fixture
+def raw_tree(tmp_path: Path) -> Path:
+    """A small valid evidence folder: four classes, five distinct images each."""
+    root = tmp_path / "raw_data"
+    folders = ["0_irrelevant", "1_chat_history", "2_transaction_place", "3_drug_raw"]
+    for label, folder in enumerate(folders):
+        for index in range(5):
+            write(root / folder / f"img_{index}.jpg", image_bytes(100 * label + index))
+    return root
