@@ -112,3 +112,12 @@ def raw_tree(tmp_path: Path) -> Path:
         for index in range(5):
             write(root / folder / f"img_{index}.jpg", image_bytes(100 * label + index))
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_raw_data_untouched() -> Iterator[None]:
+    """Whatever the tests run, the repository's own raw_data/ ends as it began."""
+    root = REPO / "raw_data"
+    before = tree_hashes(root) if root.exists() else {}
+    yield
+    assert (tree_hashes(root) if root.exists() else {}) == before, "the tests wrote under raw_data/"

@@ -10,15 +10,15 @@ rule augment:
             category="Data",
         ),
         training="results/augment/train_augmented.tsv",
-    params:
-        raw_data=get_raw_data_folder,
-        augment=config["augment"],
     log:
         "results/logs/augment.log",
     benchmark:
         "results/benchmarks/augment.tsv"
-    threads: 4
     conda:
         "../../envs/data.yaml"
+    threads: 4
+    params:
+        raw_data=get_raw_data_folder,
+        augment=config["augment"],
     script:
         "../scripts/augment.py"

@@ -7,7 +7,6 @@ from snakemake.utils import validate
 from forensic_vlm.config import Config
 from forensic_vlm.manifest import fingerprint
 
-
 # Fills defaults for missing keys and stops with the offending key named on a wrong type or an
 # unknown key; the dataclasses then check combinations (e.g. augment classes that do not exist).
 validate(config, schema="../schemas/config.schema.yaml")

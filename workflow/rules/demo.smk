@@ -3,13 +3,13 @@
 rule demo_data:
     output:
         listing="results/demo/raw_data.tsv",
-    params:
-        raw_data=get_demo_raw_data_folder,
-        classes=config["classes"],
-        demo=config["demo"],
     log:
         "results/logs/demo_data.log",
     conda:
         "../../envs/data.yaml"
+    params:
+        raw_data=get_demo_raw_data_folder,
+        classes=config["classes"],
+        demo=config["demo"],
     script:
         "../scripts/demo_data.py"

@@ -12,18 +12,18 @@ rule manifest:
             caption="../report/rejects.rst",
             category="Data",
         ),
+    log:
+        "results/logs/manifest.log",
+    benchmark:
+        "results/benchmarks/manifest.tsv"
+    conda:
+        "../../envs/data.yaml"
+    threads: 8
     params:
         raw_data=get_raw_data_folder,
         classes=config["classes"],
         manifest=config["manifest"],
         # Not read by the script: a changed listing must rerun the manifest.
         raw_data_fingerprint=get_raw_data_fingerprint,
-    log:
-        "results/logs/manifest.log",
-    benchmark:
-        "results/benchmarks/manifest.tsv"
-    threads: 8
-    conda:
-        "../../envs/data.yaml"
     script:
         "../scripts/manifest.py"

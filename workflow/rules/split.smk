@@ -10,12 +10,12 @@ rule split:
             caption="../report/split.rst",
             category="Data",
         ),
-    params:
-        classes=config["classes"],
-        split=config["split"],
     log:
         "results/logs/split.log",
     conda:
         "../../envs/data.yaml"
+    params:
+        classes=config["classes"],
+        split=config["split"],
     script:
         "../scripts/split.py"

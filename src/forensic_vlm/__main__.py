@@ -1,0 +1,5 @@
+import sys
+
+from forensic_vlm.cli import main
+
+sys.exit(main())
