@@ -62,12 +62,14 @@ def bad_tree(root: Path, outside: Path) -> dict[str, str]:
     (root / "2_transaction_place").mkdir()
     os.symlink(outside.parent, root / "2_transaction_place" / "linked_folder")
     os.mkfifo(root / "0_irrelevant" / "pipe.jpg")
+    os.symlink(outside.parent, root / "3_drug_raw_linked")  # a whole class folder that is a link
     codes = {k: v[0] for k, v in expected.items()}
     codes.update({
         "0_irrelevant/link_inside.jpg": "symlink",
         "0_irrelevant/link_outside.jpg": "outside_root",
         "2_transaction_place/linked_folder": "outside_root",
         "0_irrelevant/pipe.jpg": "not_regular_file",
+        "3_drug_raw_linked": "outside_root",
     })  # fmt: skip
     return codes
 
@@ -84,6 +86,7 @@ def test_every_bad_input_kind_has_its_own_reason_and_the_run_goes_on(tmp_path: P
     assert "3_drug_raw/same.jpg" in rejects["1_chat_history/same.jpg"]["message"]
     # Nothing was given a made-up label: rejects outside class folders carry none.
     assert rejects["loose.jpg"]["label"] == "" and rejects["7_other/photo.jpg"]["label"] == ""
+    assert "20000x20000 = 400000000 pixels exceeds the limit of 100000000" in rejects["0_irrelevant/bomb.png"]["message"]
 
 
 def test_fail_policy_stops_naming_the_file(tmp_path: Path) -> None:

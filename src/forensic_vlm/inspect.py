@@ -129,8 +129,10 @@ def _reject_link(result: Inspection, root: str, full: str) -> Inspection:
 
 
 def _decode(result: Inspection, data: bytes, max_pixels: int, allowed: tuple[str, ...]) -> Inspection:
+    # Pillow's own guard (a warning past its limit, an error past twice that) is replaced by the
+    # configured limit, checked from the header before any pixel is decoded.
     previous_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    Image.MAX_IMAGE_PIXELS = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

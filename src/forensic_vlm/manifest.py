@@ -100,7 +100,9 @@ def build_manifest(
     to_inspect: list[tuple[str, int, str]] = []
     for relative in paths:
         label, folder, reason = class_of(relative, by_id)
-        if reason:
+        # A link is judged as a link (symlink or outside_root) wherever it sits, even in place
+        # of a class folder.
+        if reason and not os.path.islink(raw_data / relative):
             message = (
                 f"folder {folder!r} is not a configured class ({sorted(by_id)})"
                 if reason == "unknown_class"
