@@ -14,6 +14,8 @@ include: "workflow/rules/demo.smk"
 include: "workflow/rules/manifest.smk"
 include: "workflow/rules/split.smk"
 include: "workflow/rules/augment.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:

@@ -28,8 +28,10 @@ from forensic_vlm.tables import decode_path, read_tsv, sha256_bytes, write_tsv
 
 log = logging.getLogger(__name__)
 
-LINEAGE_COLUMNS = ("child", "child_sha256", "parent_sha256", "parent_path", "label", "seed", "transforms")
-TRAINING_COLUMNS = ("sha256", "path", "flags", "label", "source", "parent_sha256")
+LINEAGE_COLUMNS = (
+    "child", "child_sha256", "parent_sha256", "parent_path", "label", "width", "height", "seed", "transforms",
+)  # fmt: skip
+TRAINING_COLUMNS = ("sha256", "path", "flags", "label", "width", "height", "source", "parent_sha256")
 
 
 def reference_pipeline(height: int, width: int, seed: int, crop_size: tuple[int, int] | None) -> A.Compose:
@@ -81,7 +83,8 @@ def _augment_one(job: _Job, raw_data: Path, images_dir: Path, config: AugmentCon
         lineage.append(
             {"child": f"images/{name}", "child_sha256": sha256_bytes(buffer.getvalue()),
              "parent_sha256": job.row["sha256"], "parent_path": job.row["path"],
-             "label": job.row["label"], "seed": seed,
+             "label": job.row["label"], "width": result["image"].shape[1], "height": result["image"].shape[0],
+             "seed": seed,
              "transforms": ",".join(name for name, _ in result["applied_transforms"])}
         )  # fmt: skip
     return lineage
@@ -102,12 +105,12 @@ def augment_training_set(
     lineage = [row for rows in ordered_map(work, jobs, workers, "augment") for row in rows]
     write_tsv(out_dir / "lineage.tsv", LINEAGE_COLUMNS, lineage)
     training = [
-        {"sha256": r["sha256"], "path": r["path"], "flags": r["flags"], "label": r["label"], "source": "raw_data",
-         "parent_sha256": ""}
+        {"sha256": r["sha256"], "path": r["path"], "flags": r["flags"], "label": r["label"], "width": r["width"],
+         "height": r["height"], "source": "raw_data", "parent_sha256": ""}
         for r in train
     ] + [
-        {"sha256": c["child_sha256"], "path": c["child"], "label": c["label"], "source": "augment",
-         "parent_sha256": c["parent_sha256"]}
+        {"sha256": c["child_sha256"], "path": c["child"], "label": c["label"], "width": c["width"],
+         "height": c["height"], "source": "augment", "parent_sha256": c["parent_sha256"]}
         for c in lineage
     ]  # fmt: skip
     write_tsv(out_dir / "train_augmented.tsv", TRAINING_COLUMNS, training)

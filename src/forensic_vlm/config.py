@@ -42,10 +42,110 @@ class ClassSpec:
             )
 
 
+REFERENCE_QUESTION = (
+    "이 이미지는 다음 중 어떤 유형입니까? (0: 관련 없음, 1: 마약 대화 내역 사진, 2: 마약 거래 장소, 3: 마약 원본)"
+)
+LANGUAGE_MODEL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = REFERENCE_MODEL
-    """Hub id or local folder of the LLaVA-NeXT model."""
+    """Hub id or local folder of the LLaVA-NeXT model (weights are read from safetensors only)."""
+    quantization: Literal["nf4", "none"] = "nf4"
+    """nf4: bitsandbytes 4-bit NormalFloat with double quantization (QLoRA); none: full weights."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to transformers."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: the first CUDA GPU if there is one, else the CPU."""
+    question: str = REFERENCE_QUESTION
+    """The fixed question put to the model for every image (the reference's)."""
+    max_sequence_tokens: int = 4096
+    """Preflight limit: an image whose prompt expands to more tokens stops the run, naming it."""
+
+    def __post_init__(self) -> None:
+        if self.max_sequence_tokens < 16:
+            raise ConfigError("model.max_sequence_tokens must be at least 16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    learning_rate: float = 1e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (PyTorch's default, as the reference)."""
+    epochs: int = 5
+    """Passes over the training table."""
+    batch_size: int = 1
+    """Images per step; batches are grouped by token count."""
+    accumulate_grad_batches: int = 16
+    """Steps whose gradients are summed before each optimizer update."""
+    precision: Literal["auto", "bf16-mixed", "16-mixed", "32-true"] = "auto"
+    """Lightning precision; auto is bf16-mixed on a GPU and 32-true on the CPU."""
+    gradient_clip_val: float = 1.0
+    """Gradient norm clipping."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass to save memory."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    lora_target_modules: tuple[str, ...] = LANGUAGE_MODEL_PROJECTIONS
+    """Projections of the language model that get LoRA (never the vision tower)."""
+    trainable: tuple[str, ...] = ()
+    """Modules trained fully beside LoRA, by name (e.g. multi_modal_projector)."""
+    checkpoint_every_n_steps: int = 50
+    """Optimizer steps between saves of last.ckpt (for resuming after a crash)."""
+    seed: int = 42
+    """Seed of shuffling, dropout and LoRA initialisation."""
+    num_workers: int = 2
+    """DataLoader worker processes that decode and preprocess images."""
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0 or self.epochs < 1 or self.batch_size < 1 or self.accumulate_grad_batches < 1:
+            raise ConfigError("train: learning_rate must be positive; epochs, batch_size, accumulate_grad_batches >= 1")
+        if self.lora_r < 1 or not self.lora_target_modules:
+            raise ConfigError("train.lora_r must be at least 1 and train.lora_target_modules not empty")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    decoding: Literal["scores", "generate"] = "scores"
+    """scores: one forward pass, class probabilities from the digit logits; generate: the reference way."""
+    batch_size: int = 8
+    """Images per forward pass; batches are grouped by token count."""
+    max_new_tokens_zeroshot: int = 50
+    """generate decoding: tokens generated for the base model (the reference's 50)."""
+    max_new_tokens_finetuned: int = 8
+    """generate decoding: tokens generated with the adapter (the reference's 8)."""
+    bootstrap_samples: int = 1000
+    """Resamples for the 95 % intervals of accuracy and macro-F1."""
+    calibration_bins: int = 10
+    """Equal-width confidence bins of the expected calibration error."""
+    num_workers: int = 2
+    """DataLoader worker processes that decode and preprocess images."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.bootstrap_samples < 1 or self.calibration_bins < 1:
+            raise ConfigError("evaluate: batch_size, bootstrap_samples and calibration_bins must be at least 1")
+
+
+@dataclass(frozen=True)
+class DemoModelConfig:
+    vision_hidden_size: int = 64
+    """Width of the tiny CLIP vision tower."""
+    text_hidden_size: int = 128
+    """Width of the tiny Mistral language model."""
+    num_layers: int = 2
+    """Layers in each of the two towers."""
+    image_size: int = 56
+    """Tile size in pixels (patch 14); anyres grid pinpoints are multiples of it."""
+    seed: int = 0
+    """Seed of the random initialisation."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +232,9 @@ class Config:
     split: SplitConfig = field(default_factory=SplitConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    demo_model: DemoModelConfig = field(default_factory=DemoModelConfig)
 
     def __post_init__(self) -> None:
         ids = [c.id for c in self.classes]

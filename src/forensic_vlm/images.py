@@ -23,9 +23,13 @@ class EvidenceChangedError(RuntimeError):
 
 def load_evidence_image(raw_data: Path, row: dict[str, str]) -> Image.Image:
     """Open a manifest row's file read-only, check its sha256, and return it upright in RGB."""
-    path = Path(raw_data) / decode_path(row["path"], row.get("flags", ""))
-    data = path.read_bytes()
-    if sha256_bytes(data) != row["sha256"]:
+    return load_checked_image(Path(raw_data) / decode_path(row["path"], row.get("flags", "")), row["sha256"])
+
+
+def load_checked_image(path: Path, sha256: str) -> Image.Image:
+    """Read ``path`` once, stop if its content is not ``sha256``, return it upright in RGB."""
+    data = Path(path).read_bytes()
+    if sha256_bytes(data) != sha256:
         raise EvidenceChangedError(f"{path}: content changed since the manifest was built (sha256 differs)")
     with Image.open(io.BytesIO(data)) as image:
         return ImageOps.exif_transpose(image).convert("RGB")

@@ -14,6 +14,7 @@ SETTINGS = Config.from_dict(config)
 
 DEMO_RAW_DATA = "results/demo/raw_data"
 DEMO_LISTING = "results/demo/raw_data.tsv"
+DEMO_MODEL = "results/demo/model"
 
 
 def uses_demo_data():
@@ -49,9 +50,19 @@ def get_raw_data_fingerprint(wildcards):
     return fingerprint(Path(SETTINGS.raw_data))
 
 
+def get_model_input():
+    """The model folder when the workflow builds it or it is local; a hub id is no file."""
+    name = SETTINGS.model.name_or_path
+    if Path(name) == Path(DEMO_MODEL) or Path(name).is_dir():
+        return name
+    return []
+
+
 def get_final_outputs():
     return [
         "results/manifest/rejects.tsv",
         "results/split/summary.tsv",
-        "results/augment/train_augmented.tsv",
+        "results/train/adapter",
+        "results/evaluate/zeroshot/metrics.json",
+        "results/evaluate/finetuned/metrics.json",
     ]

@@ -13,3 +13,16 @@ rule demo_data:
         demo=config["demo"],
     script:
         "../scripts/demo_data.py"
+
+
+rule demo_model:
+    output:
+        directory("results/demo/model"),
+    params:
+        demo_model=config["demo_model"],
+    log:
+        "results/logs/demo_model.log",
+    conda:
+        "../../envs/model.yaml"
+    script:
+        "../scripts/demo_model.py"

@@ -1,0 +1,142 @@
+"""Examples, token-grouped batches, and the collator that turns images into model inputs.
+
+Batches hold images of the same expanded length where possible (LLaVA-NeXT's token count depends
+on the aspect ratio), so left padding wastes little. Images are decoded and preprocessed in
+DataLoader workers. Every image is checked against its sha256 when it is read.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from forensic_vlm.images import load_checked_image
+from forensic_vlm.prompting import AnswerTokens
+from forensic_vlm.tables import decode_path
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path
+    sha256: str
+    label: int
+    width: int
+    height: int
+    name: str  # the path as written in the table, for messages and outputs
+
+
+def examples_from_table(rows: Sequence[dict[str, str]], raw_data: Path, augment_dir: Path | None = None) -> list[Example]:
+    """Examples of a split table or of ``train_augmented.tsv`` (whose children live in augment_dir)."""
+    examples = []
+    for row in rows:
+        if row.get("source") == "augment":
+            if augment_dir is None:
+                raise ValueError(f"{row['path']}: an augmented image but no augment folder was given")
+            path = Path(augment_dir) / row["path"]
+        else:
+            path = Path(raw_data) / decode_path(row["path"], row.get("flags", ""))
+        examples.append(Example(path, row["sha256"], int(row["label"]), int(row["width"]), int(row["height"]), row["path"]))
+    return examples
+
+
+class ImageDataset(Dataset):
+    def __init__(self, examples: Sequence[Example]) -> None:
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[int, object]:
+        example = self.examples[index]
+        return index, load_checked_image(example.path, example.sha256)
+
+
+class TokenGroupedBatches(Sampler[list[int]]):
+    """Batches of indices with equal token counts (mixed only where a group's tail is short).
+
+    Training shuffles the members of each group and the order of the batches, anew each epoch
+    (``set_epoch``); evaluation keeps a fixed order.
+    """
+
+    def __init__(self, tokens: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0) -> None:
+        self.tokens, self.batch_size, self.shuffle, self.seed, self.epoch = list(tokens), batch_size, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for index, count in enumerate(self.tokens):
+            groups[count].append(index)
+        ordered = []
+        for count in sorted(groups):
+            members = groups[count]
+            if self.shuffle:
+                rng.shuffle(members)
+            ordered.extend(members)
+        batches = [ordered[i : i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return -(-len(self.tokens) // self.batch_size)
+
+
+class Collator:
+    """Images and labels -> left-padded model inputs.
+
+    ``train``: prompt + answer (prefix, class digit, EOS); ``labels`` cover only the answer.
+    ``score``: prompt + prefix, so the last position's logits give the class digit.
+    ``generate``: the prompt alone, for free generation as the reference did.
+    """
+
+    def __init__(self, processor, prompt: str, answer: AnswerTokens, labels: Sequence[int], mode: str) -> None:
+        assert mode in ("train", "score", "generate"), mode
+        self.processor, self.prompt, self.answer, self.mode = processor, prompt, answer, mode
+        self.position = {label: i for i, label in enumerate(labels)}
+        processor.tokenizer.padding_side = "left"
+
+    def __call__(self, items: Sequence[tuple[int, object]], targets: Sequence[int] | None = None) -> dict:
+        indices = [index for index, _ in items]
+        images = [image for _, image in items]
+        encoded = self.processor(text=[self.prompt] * len(images), images=images, padding=True, return_tensors="pt")
+        batch = {key: encoded[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}
+        batch["indices"] = torch.tensor(indices)
+        if self.mode == "generate":
+            return batch
+        if self.mode == "score":
+            tails = [list(self.answer.prefix)] * len(images)
+        else:
+            assert targets is not None
+            tails = [self.answer.for_label(self.position[t]) for t in targets]
+        tail = torch.tensor(tails, dtype=batch["input_ids"].dtype).reshape(len(images), -1)
+        batch["input_ids"] = torch.cat([batch["input_ids"], tail], dim=1)
+        batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(tail)], dim=1)
+        if self.mode == "train":
+            labels = torch.full_like(batch["input_ids"], -100)
+            labels[:, -tail.shape[1] :] = tail  # the loss sees the answer and nothing else
+            batch["labels"] = labels
+        return batch
+
+
+class LabelledCollator:
+    """Collator bound to examples' labels, for a DataLoader (picklable for worker processes)."""
+
+    def __init__(self, collator: Collator, examples: Sequence[Example]) -> None:
+        self.collator, self.labels = collator, [e.label for e in examples]
+
+    def __call__(self, items: Sequence[tuple[int, object]]) -> dict:
+        batch = self.collator(items, [self.labels[i] for i, _ in items])
+        batch["targets"] = torch.tensor([self.collator.position[self.labels[i]] for i, _ in items])
+        return batch

@@ -1,0 +1,112 @@
+"""Loading LLaVA-NeXT: nf4 or full weights, the right dtype per device, LoRA on the language model.
+
+Weights are read from safetensors only and no remote code is run. bitsandbytes is imported only
+when nf4 is asked for, so full-precision CPU use never needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+
+import torch
+
+from forensic_vlm.config import ModelConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+#: Kept out of 4-bit quantization. In transformers 5 bitsandbytes' skip list matches full module
+#: name prefixes: a bare "vision_tower" is silently ignored and the vision tower gets quantized.
+NOT_QUANTIZED = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+def resolve_device(config: ModelConfig) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("model.device is cuda but no CUDA GPU is visible")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    """What a reported figure was measured on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    # bf16 on the CPUs we measured runs several times slower than float32.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_processor(source: str | Path):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(source), trust_remote_code=False)
+    processor.tokenizer.padding_side = "left"  # decoder-only: the answer position is the last one
+    return processor
+
+
+def load_base_model(config: ModelConfig, device: torch.device):
+    from transformers import LlavaNextForConditionalGeneration
+
+    dtype = compute_dtype(device)
+    kwargs = {
+        "dtype": dtype,
+        "attn_implementation": config.attn_implementation,
+        "use_safetensors": True,
+        "trust_remote_code": False,
+    }
+    if config.quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=NOT_QUANTIZED,
+        )
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    model = LlavaNextForConditionalGeneration.from_pretrained(config.name_or_path, **kwargs)
+    if config.quantization == "none":
+        model.to(device)
+    log.info("loaded %s (%s, %s) on %s", config.name_or_path, config.quantization, dtype, device)
+    return model
+
+
+def lora_target_pattern(modules: tuple[str, ...]) -> str:
+    """A regex PEFT full-matches: the given projections inside the language model only."""
+    return rf"^model\.language_model\..*\.({'|'.join(modules)})$"
+
+
+def add_lora(model, config: TrainConfig, quantized: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.gradient_checkpointing:
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=lora_target_pattern(config.lora_target_modules),
+        modules_to_save=list(config.trainable) or None,
+        bias="none",
+    )
+    model = get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("trainable parameters: %.2f M of %.1f M", trainable / 1e6, total / 1e6)
+    return model
+
+
+def load_adapter(model, adapter: Path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
