@@ -121,3 +121,32 @@ def repository_raw_data_untouched() -> Iterator[None]:
     before = tree_hashes(root) if root.exists() else {}
     yield
     assert (tree_hashes(root) if root.exists() else {}) == before, "the tests wrote under raw_data/"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's tiny random LLaVA-NeXT, saved and loaded like any real checkpoint."""
+    from forensic_vlm.config import DemoModelConfig
+    from forensic_vlm.demo_model import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("model") / "tiny", DemoModelConfig())
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Demo evidence (6 images a class) with its manifest; train/val/test are tables of it."""
+    from forensic_vlm.config import DEFAULT_CLASSES, DemoConfig, ManifestConfig
+    from forensic_vlm.demo_data import generate_demo_data
+    from forensic_vlm.manifest import build_manifest
+    from forensic_vlm.split import SPLIT_COLUMNS
+    from forensic_vlm.tables import read_tsv, write_tsv
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    raw = root / "raw_data"
+    generate_demo_data(raw, root / "listing.tsv", list(DEFAULT_CLASSES), DemoConfig(6, seed=3, bad_examples=False))
+    build_manifest(raw, root / "manifest", DEFAULT_CLASSES, ManifestConfig())
+    rows = read_tsv(root / "manifest" / "manifest.tsv")
+    rows = [{**r, "group": r["sha256"]} for r in rows]
+    write_tsv(root / "train.tsv", SPLIT_COLUMNS, rows)
+    write_tsv(root / "val.tsv", SPLIT_COLUMNS, rows[::3])
+    return {"raw_data": raw, "train": root / "train.tsv", "val": root / "val.tsv"}

@@ -1,7 +1,7 @@
 """``forensic-vlm``: the workflow's stages as commands, for use without Snakemake.
 
 Each command reads the same ``config.yaml`` the workflow uses and calls the same package function
-as the workflow's rule, so results are identical.
+as the workflow's rule, so results are identical. Model commands import torch only when run.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from forensic_vlm.demo_data import generate_demo_data
 from forensic_vlm.images import EvidenceChangedError
 from forensic_vlm.logs import setup_logging
 from forensic_vlm.manifest import BadInputError, build_manifest
+from forensic_vlm.prompting import PreflightError
 from forensic_vlm.split import split_dataset
 
 
@@ -44,6 +45,23 @@ def _parser() -> argparse.ArgumentParser:
     augment.add_argument("--raw-data", type=Path, required=True)
     augment.add_argument("--out", type=Path, default=Path("results/augment"))
     augment.add_argument("--workers", type=int, default=1)
+
+    demo_model = commands.add_parser("demo-model", help="write the tiny random LLaVA-NeXT of the demo")
+    demo_model.add_argument("out_dir", type=Path)
+
+    train = commands.add_parser("train", help="QLoRA fine-tuning; writes the adapter folder")
+    train.add_argument("train", type=Path, help="results/augment/train_augmented.tsv (or a split's train.tsv)")
+    train.add_argument("val", type=Path, help="results/split/val.tsv")
+    train.add_argument("--raw-data", type=Path, required=True)
+    train.add_argument("--augment-dir", type=Path, default=None, help="folder of the augmented children")
+    train.add_argument("--adapter", type=Path, default=Path("results/train/adapter"))
+    train.add_argument("--work-dir", type=Path, default=None, help="checkpoints and logs (default: adapter's parent)")
+
+    evaluate = commands.add_parser("evaluate", help="score a split table; metrics, predictions, figure")
+    evaluate.add_argument("table", type=Path, help="results/split/test.tsv")
+    evaluate.add_argument("--raw-data", type=Path, required=True)
+    evaluate.add_argument("--out", type=Path, required=True)
+    evaluate.add_argument("--adapter", type=Path, default=None, help="omit for zero-shot")
     return parser
 
 
@@ -61,7 +79,21 @@ def main(argv: list[str] | None = None) -> int:
             split_dataset(args.manifest, args.out, config.classes, config.split)
         elif args.command == "augment":
             augment_training_set(args.train, args.raw_data, args.out, config.augment, workers=args.workers)
-    except (ConfigError, BadInputError, EvidenceChangedError, FileExistsError, FileNotFoundError) as error:
+        elif args.command == "demo-model":
+            from forensic_vlm.demo_model import build_demo_model
+
+            build_demo_model(args.out_dir, config.demo_model)
+        elif args.command == "train":
+            from forensic_vlm.train import load_training_data, train_adapter
+
+            data = load_training_data(args.train, args.val, args.raw_data, args.augment_dir)
+            work_dir = args.work_dir or args.adapter.parent
+            train_adapter(data, list(config.classes), config.model, config.train, args.adapter, work_dir)
+        elif args.command == "evaluate":
+            from forensic_vlm.evaluate import evaluate_split
+
+            evaluate_split(args.table, args.raw_data, list(config.classes), config.model, config.evaluate, args.out, args.adapter)
+    except (ConfigError, BadInputError, EvidenceChangedError, PreflightError, FileExistsError, FileNotFoundError) as error:
         logging.getLogger("forensic_vlm").error("%s", error)
         return 2
     return 0

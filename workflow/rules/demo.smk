@@ -18,11 +18,11 @@ rule demo_data:
 rule demo_model:
     output:
         directory("results/demo/model"),
-    params:
-        demo_model=config["demo_model"],
     log:
         "results/logs/demo_model.log",
     conda:
         "../../envs/model.yaml"
+    params:
+        demo_model=config["demo_model"],
     script:
         "../scripts/demo_model.py"

@@ -12,20 +12,20 @@ rule evaluate_zeroshot:
             caption="../report/confusion.rst",
             category="Evaluation",
         ),
+    log:
+        "results/logs/evaluate_zeroshot.log",
+    benchmark:
+        "results/benchmarks/evaluate_zeroshot.tsv"
+    conda:
+        "../../envs/model.yaml"
+    threads: 4
+    resources:
+        gpu=1,
     params:
         raw_data=get_raw_data_folder,
         classes=config["classes"],
         model=config["model"],
         evaluate=config["evaluate"],
-    log:
-        "results/logs/evaluate_zeroshot.log",
-    benchmark:
-        "results/benchmarks/evaluate_zeroshot.tsv"
-    threads: 4
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/model.yaml"
     script:
         "../scripts/evaluate.py"
 

@@ -12,19 +12,19 @@ rule train:
             caption="../report/curves.rst",
             category="Training",
         ),
+    log:
+        "results/logs/train.log",
+    benchmark:
+        "results/benchmarks/train.tsv"
+    conda:
+        "../../envs/model.yaml"
+    threads: 4
+    resources:
+        gpu=1,
     params:
         raw_data=get_raw_data_folder,
         classes=config["classes"],
         model=config["model"],
         train=config["train"],
-    log:
-        "results/logs/train.log",
-    benchmark:
-        "results/benchmarks/train.tsv"
-    threads: 4
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/model.yaml"
     script:
         "../scripts/train.py"

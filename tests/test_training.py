@@ -1,0 +1,184 @@
+"""Training and evaluation on the tiny model: learning, saving, reloading, resuming, scoring."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from forensic_vlm.batches import Collator, examples_from_table
+from forensic_vlm.config import DEFAULT_CLASSES, REFERENCE_QUESTION, EvaluateConfig, ModelConfig, TrainConfig
+from forensic_vlm.evaluate import evaluate_split
+from forensic_vlm.images import load_checked_image
+from forensic_vlm.modeling import add_lora, load_base_model, load_processor
+from forensic_vlm.prompting import answer_tokens, build_prompt
+from forensic_vlm.tables import read_tsv
+from forensic_vlm.train import load_training_data, train_adapter
+
+LABELS = [0, 1, 2, 3]
+FAST = {"learning_rate": 3e-3, "batch_size": 4, "accumulate_grad_batches": 1, "precision": "32-true",
+        "gradient_checkpointing": False, "num_workers": 0}  # fmt: skip
+
+
+def model_config(tiny_model: Path, quantization: str = "none") -> ModelConfig:
+    return ModelConfig(name_or_path=str(tiny_model), quantization=quantization, device="cpu")
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_training_steps_lower_the_loss_and_touch_only_lora(tiny_model: Path, tiny_dataset, quantization) -> None:
+    torch.manual_seed(0)
+    processor = load_processor(tiny_model)
+    prompt = build_prompt(processor, REFERENCE_QUESTION)
+    answer = answer_tokens(processor.tokenizer, prompt, LABELS)
+    examples = examples_from_table(read_tsv(tiny_dataset["train"]), tiny_dataset["raw_data"])[::3]
+    items = [(i, load_checked_image(e.path, e.sha256)) for i, e in enumerate(examples)]
+    batch = Collator(processor, prompt, answer, LABELS, "train")(items, [e.label for e in examples])
+    config = TrainConfig(**{**FAST, "gradient_checkpointing": quantization == "nf4"})
+    model = add_lora(load_base_model(model_config(tiny_model, quantization), torch.device("cpu")), config,
+                     quantized=quantization == "nf4")  # fmt: skip
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n and ".language_model." in n for n in trained)
+    if quantization == "nf4":
+        assert type(model.base_model.model.model.language_model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+        assert type(model.base_model.model.model.vision_tower.encoder.layers[0].mlp.fc1).__name__ == "Linear"
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes", "labels")}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    first = model(**inputs).loss
+    losses = [first.item()]
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    final = model(**inputs).loss.item()
+    assert final < losses[0] - 0.05, losses
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model: Path, tiny_dataset, tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("train")
+    data = load_training_data(tiny_dataset["train"], tiny_dataset["val"], tiny_dataset["raw_data"], None)
+    metrics = train_adapter(data, list(DEFAULT_CLASSES), model_config(tiny_model), TrainConfig(**FAST, epochs=2),
+                            work / "adapter", work)  # fmt: skip
+    return {"work": work, "adapter": work / "adapter", "metrics": metrics}
+
+
+def test_adapter_folder_holds_peft_safetensors_processor_and_card(trained: dict) -> None:
+    adapter = trained["adapter"]
+    names = {p.name for p in adapter.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "training.json", "tokenizer.json"} <= names
+    assert not any(n.endswith((".bin", ".pt")) for n in names)
+    card = json.loads((adapter / "training.json").read_text())
+    assert card["train"]["lora_r"] == 16 and len(card["data_sha256"]) == 64 and card["versions"]["peft"]
+    assert card["validation"]["val_macro_f1"] is not None
+    curves = read_tsv_csv(trained["work"] / "metrics.csv")
+    assert any(r.get("train_loss") for r in curves) and any(r.get("val_macro_f1") for r in curves)
+    assert trained["metrics"]["global_step"] == 2 * 6  # 24 images / batch 4, 2 epochs
+
+
+def read_tsv_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_reloaded_adapter_in_a_fresh_process_gives_the_same_probabilities(
+    trained: dict, tiny_model: Path, tiny_dataset, tmp_path: Path
+) -> None:
+    evaluation = EvaluateConfig(num_workers=0, bootstrap_samples=50)
+    here = evaluate_split(tiny_dataset["val"], tiny_dataset["raw_data"], list(DEFAULT_CLASSES),
+                          model_config(tiny_model), evaluation, tmp_path / "here", trained["adapter"])  # fmt: skip
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"model": {"name_or_path": str(tiny_model), "quantization": "none", "device": "cpu"},
+                                      "evaluate": {"num_workers": 0, "bootstrap_samples": 50}}))  # fmt: skip
+    subprocess.run([sys.executable, "-m", "forensic_vlm", "--config", str(config), "evaluate", str(tiny_dataset["val"]),
+                    "--raw-data", str(tiny_dataset["raw_data"]), "--out", str(tmp_path / "there"),
+                    "--adapter", str(trained["adapter"])], check=True, capture_output=True)  # fmt: skip
+    a, b = read_tsv(tmp_path / "here" / "predictions.tsv"), read_tsv(tmp_path / "there" / "predictions.tsv")
+    assert [r["sha256"] for r in a] == [r["sha256"] for r in b]
+    for x, y in zip(a, b):
+        assert np.allclose([float(x[f"p{k}"]) for k in LABELS], [float(y[f"p{k}"]) for k in LABELS], atol=1e-5)
+    assert json.loads((tmp_path / "there" / "metrics.json").read_text())["accuracy"] == here["accuracy"]
+    # The adapter changed the model: its probabilities differ from the base model's.
+    base = evaluate_split(tiny_dataset["val"], tiny_dataset["raw_data"], list(DEFAULT_CLASSES),
+                          model_config(tiny_model), evaluation, tmp_path / "base")  # fmt: skip
+    zero = read_tsv(tmp_path / "base" / "predictions.tsv")
+    assert not all(x["p0"] == y["p0"] for x, y in zip(a, zero)) and base["kind"] == "zeroshot"
+
+
+def test_evaluation_outputs_and_probabilities(trained: dict, tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
+    metrics = evaluate_split(tiny_dataset["val"], tiny_dataset["raw_data"], list(DEFAULT_CLASSES),
+                             model_config(tiny_model), EvaluateConfig(num_workers=0, batch_size=3), tmp_path,
+                             trained["adapter"])  # fmt: skip
+    assert {p.name for p in tmp_path.iterdir()} == {"predictions.tsv", "metrics.json", "classification_report.txt",
+                                                     "confusion_matrix.png"}  # fmt: skip
+    rows = read_tsv(tmp_path / "predictions.tsv")
+    assert len(rows) == metrics["n"] == len(read_tsv(tiny_dataset["val"]))
+    for row in rows:
+        p = [float(row[f"p{k}"]) for k in LABELS]
+        assert abs(sum(p) - 1) < 1e-4 and int(row["predicted"]) == int(np.argmax(p))
+    low, high = metrics["bootstrap_95"]["accuracy"]
+    assert low <= metrics["accuracy"] <= high
+    assert 0 <= metrics["expected_calibration_error"] <= 1
+    assert sum(map(sum, metrics["confusion_matrix"]["counts"])) == metrics["n"]
+    assert set(metrics["per_class"]) == {"0", "1", "2", "3"}
+
+
+def test_generate_decoding_reproduces_the_reference_way(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
+    config = EvaluateConfig(decoding="generate", num_workers=0, max_new_tokens_zeroshot=4, bootstrap_samples=20)
+    metrics = evaluate_split(tiny_dataset["val"], tiny_dataset["raw_data"], list(DEFAULT_CLASSES),
+                             model_config(tiny_model), config, tmp_path)  # fmt: skip
+    rows = read_tsv(tmp_path / "predictions.tsv")
+    assert metrics["decoding"] == "generate" and metrics["expected_calibration_error"] is None
+    assert all(r["p0"] == "" and int(r["predicted"]) in (-1, 0, 1, 2, 3) for r in rows)
+
+
+def test_killed_training_resumes_from_its_checkpoint_and_finishes(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tiny_model), "quantization": "none", "device": "cpu"},
+        "train": {**FAST, "batch_size": 2, "epochs": 3, "checkpoint_every_n_steps": 2},
+    }))  # fmt: skip
+    command = [sys.executable, "-m", "forensic_vlm", "--config", str(config), "train", str(tiny_dataset["train"]),
+               str(tiny_dataset["val"]), "--raw-data", str(tiny_dataset["raw_data"]),
+               "--adapter", str(tmp_path / "adapter")]  # fmt: skip
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and not (last.exists() and _step(last) >= 4):
+        time.sleep(0.2)
+    assert process.poll() is None, "training finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = _step(last)
+    assert 4 <= killed_at < 36 and not (tmp_path / "adapter").exists()
+
+    log = tmp_path / "resume.log"
+    subprocess.run([*command[:3], "--log", str(log), *command[3:]], check=True, capture_output=True)
+    assert "resuming from" in log.read_text()
+    assert json.loads((tmp_path / "adapter" / "training.json").read_text())["validation"]["global_step"] == 36
+    steps = [int(r["step"]) for r in read_tsv_csv(tmp_path / "metrics.csv") if r.get("train_loss")]
+    assert min(steps) >= killed_at - 1 and max(steps) == 35  # the resumed run went on, not from zero
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(str(tmp_path / "adapter")).r == 16
+
+
+def _step(checkpoint: Path) -> int:
+    try:
+        return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
+    except Exception:  # being written at this very moment
+        return -1
+
+
