@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,14 @@ class ClassifierModule(pl.LightningModule):
         inputs = {key: batch[key] for key in MODEL_INPUTS}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.pixel_dtype)
         return inputs
+
+    def on_train_batch_start(self, batch: dict, batch_index: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_index: int) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # GPU work is asynchronous: time what was done, not what was queued
+        self.log("train_images_per_s", len(batch["indices"]) / (time.perf_counter() - self._step_start))
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         loss = self.model(**self._inputs(batch), labels=batch["labels"]).loss
