@@ -125,11 +125,20 @@ def repository_raw_data_untouched() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo's tiny random LLaVA-NeXT, saved and loaded like any real checkpoint."""
+    """The demo's tiny random LLaVA-NeXT, saved and loaded like any real checkpoint.
+
+    On the device machine, which lacks mistral-common, FORENSIC_VLM_TEST_TOKENIZER names a saved
+    processor folder whose (identical, real) tokenizer is used instead.
+    """
     from forensic_vlm.config import DemoModelConfig
     from forensic_vlm.demo_model import build_demo_model
 
-    return build_demo_model(tmp_path_factory.mktemp("model") / "tiny", DemoModelConfig())
+    tokenizer = None
+    if os.environ.get("FORENSIC_VLM_TEST_TOKENIZER"):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(os.environ["FORENSIC_VLM_TEST_TOKENIZER"])
+    return build_demo_model(tmp_path_factory.mktemp("model") / "tiny", DemoModelConfig(), tokenizer)
 
 
 @pytest.fixture(scope="session")

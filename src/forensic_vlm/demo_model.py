@@ -62,7 +62,8 @@ def grid_pinpoints(tile: int) -> list[list[int]]:
     return [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile], [3 * tile, tile], [tile, 3 * tile]]
 
 
-def build_processor(config: DemoModelConfig):
+def build_processor(config: DemoModelConfig, tokenizer=None):
+    """The demo processor; ``tokenizer`` defaults to the real Mistral one from mistral-common."""
     from transformers import LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
@@ -75,7 +76,7 @@ def build_processor(config: DemoModelConfig):
     )
     return LlavaNextProcessor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(),
+        tokenizer=tokenizer if tokenizer is not None else build_tokenizer(),
         patch_size=14,
         vision_feature_select_strategy="default",
         chat_template=CHAT_TEMPLATE,
@@ -122,10 +123,10 @@ def build_model(config: DemoModelConfig, vocab_size: int):
     return LlavaNextForConditionalGeneration(llava)
 
 
-def build_demo_model(out_dir: Path, config: DemoModelConfig) -> Path:
+def build_demo_model(out_dir: Path, config: DemoModelConfig, tokenizer=None) -> Path:
     """Write a tiny random LLaVA-NeXT (safetensors) and its processor to ``out_dir``."""
     out_dir = Path(out_dir)
-    processor = build_processor(config)
+    processor = build_processor(config, tokenizer)
     # The real checkpoint pads its embedding to 32064 rows (a multiple of 64); so does this one.
     model = build_model(config, vocab_size=32064)
     model.save_pretrained(out_dir, safe_serialization=True)

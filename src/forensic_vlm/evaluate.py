@@ -71,7 +71,7 @@ def evaluate_split(
     answers = [""] * len(examples)
     max_new = config.max_new_tokens_finetuned if adapter else config.max_new_tokens_zeroshot
     parse = parse_finetuned if adapter else parse_zeroshot
-    start, done = time.perf_counter(), 0
+    start, done, first = time.perf_counter(), 0, None
     for batch in loader:
         index = batch["indices"].numpy()
         inputs = to_device(batch, device, compute_dtype(device))
@@ -84,9 +84,11 @@ def evaluate_split(
                 answers[i], predicted[i] = text, parse(text)
         done += len(index)
         elapsed = time.perf_counter() - start
+        first = first or (done, elapsed)  # after the first batch: workers up, kernels chosen
         log.info("%s: %d/%d images, %.1f images/s, ETA %.0f s", kind, done, len(examples), done / elapsed,
                  elapsed / done * (len(examples) - done))  # fmt: skip
     seconds = time.perf_counter() - start
+    steady = (done - first[0]) / (seconds - first[1]) if first and done > first[0] else done / seconds
 
     truth = [e.label for e in examples]
     scored = probabilities if mode == "score" else None
@@ -95,6 +97,7 @@ def evaluate_split(
     metrics.update({"kind": kind, "decoding": config.decoding, "model": model_config.name_or_path,
                     "quantization": model_config.quantization, "adapter": str(adapter) if adapter else None,
                     "seconds": round(seconds, 2), "images_per_second": round(len(examples) / seconds, 2),
+                    "images_per_second_after_first_batch": round(steady, 2),
                     "device": device_name(device)})  # fmt: skip
     rows = []
     for i, e in enumerate(examples):

@@ -58,6 +58,15 @@ class ClassifierModule(pl.LightningModule):
         inputs["pixel_values"] = inputs["pixel_values"].to(self.pixel_dtype)
         return inputs
 
+    def on_train_start(self) -> None:
+        self.peak_memory_gib = None
+        if torch.cuda.is_available():  # the training peak, not the loading one
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_train_end(self) -> None:
+        if torch.cuda.is_available():
+            self.peak_memory_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
     def on_train_batch_start(self, batch: dict, batch_index: int) -> None:
         self._step_start = time.perf_counter()
 
@@ -209,6 +218,7 @@ def train_adapter(
         "val_accuracy": _logged(work_dir / "logs" / fingerprint / "metrics.csv", "val_accuracy", int(state["epoch"])),
         "precision": precision,
         "device": device_name(device),
+        "train_peak_memory_GiB": module.peak_memory_gib,
     }
     _save_adapter(model, processor, adapter_dir)
     shutil.copyfile(work_dir / "logs" / fingerprint / "metrics.csv", work_dir / "metrics.csv")
