@@ -65,6 +65,24 @@ def test_training_steps_lower_the_loss_and_touch_only_lora(tiny_model: Path, tin
     assert final < losses[0] - 0.05, losses
 
 
+def test_every_module_trains_in_train_mode(tiny_model: Path, tiny_dataset, tmp_path: Path, monkeypatch) -> None:
+    """Checkpointing and dropout only act in train mode; Lightning keeps whatever mode it finds."""
+    from forensic_vlm.train import ClassifierModule
+
+    seen: list[int] = []
+    original = ClassifierModule.training_step
+
+    def spy(self, batch, batch_index):
+        seen.append(sum(1 for m in self.model.modules() if not m.training))
+        return original(self, batch, batch_index)
+
+    monkeypatch.setattr(ClassifierModule, "training_step", spy)
+    data = load_training_data(tiny_dataset["train"], tiny_dataset["val"], tiny_dataset["raw_data"], None)
+    config = TrainConfig(**{**FAST, "epochs": 2, "batch_size": 12, "gradient_checkpointing": True})
+    train_adapter(data, list(DEFAULT_CLASSES), model_config(tiny_model), config, tmp_path / "adapter", tmp_path)
+    assert seen and set(seen) == {0}, seen  # also after each validation pass
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_model: Path, tiny_dataset, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("train")

@@ -104,6 +104,9 @@ def add_lora(model, config: TrainConfig, quantized: bool):
         bias="none",
     )
     model = get_peft_model(model, lora)
+    # from_pretrained returns eval mode and Lightning keeps the modes it finds: without this,
+    # gradient checkpointing and LoRA dropout (both active only in train mode) would be silently off.
+    model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("trainable parameters: %.2f M of %.1f M", trainable / 1e6, total / 1e6)
