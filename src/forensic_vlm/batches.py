@@ -29,6 +29,7 @@ class Example:
     width: int
     height: int
     name: str  # the path as written in the table, for messages and outputs
+    flags: str = ""  # the table's flags (non_utf8_name tells how to decode ``name``)
 
 
 def examples_from_table(rows: Sequence[dict[str, str]], raw_data: Path, augment_dir: Path | None = None) -> list[Example]:
@@ -41,7 +42,8 @@ def examples_from_table(rows: Sequence[dict[str, str]], raw_data: Path, augment_
             path = Path(augment_dir) / row["path"]
         else:
             path = Path(raw_data) / decode_path(row["path"], row.get("flags", ""))
-        examples.append(Example(path, row["sha256"], int(row["label"]), int(row["width"]), int(row["height"]), row["path"]))
+        examples.append(Example(path, row["sha256"], int(row["label"]), int(row["width"]), int(row["height"]),
+                                row["path"], row.get("flags", "")))  # fmt: skip
     return examples
 
 

@@ -214,6 +214,22 @@ class DemoConfig:
             raise ConfigError("demo.images_per_class must be at least 1")
 
 
+@dataclass(frozen=True)
+class ReportConfig:
+    title: str = "forensic-vlm: zero-shot and fine-tuned on the same test images"
+    """Heading of results/report/index.html."""
+    show_images: bool = True
+    """Show thumbnails of misclassified images; false hides all image content (sensitive evidence)."""
+    gallery_size: int = 24
+    """Misclassified test images listed, most confident mistakes first."""
+    thumbnail_px: int = 160
+    """Longest side of a gallery thumbnail, in pixels."""
+
+    def __post_init__(self) -> None:
+        if self.gallery_size < 0 or self.thumbnail_px < 16:
+            raise ConfigError("report.gallery_size must be >= 0 and report.thumbnail_px >= 16")
+
+
 DEFAULT_CLASSES = (
     ClassSpec(0, "0_irrelevant", "irrelevant", "관련 없음"),
     ClassSpec(1, "1_chat_history", "drug chat screenshot", "마약 대화 내역 사진"),
@@ -235,6 +251,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     demo_model: DemoModelConfig = field(default_factory=DemoModelConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self) -> None:
         ids = [c.id for c in self.classes]

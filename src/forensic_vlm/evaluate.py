@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 
 from forensic_vlm.batches import Collator, ImageDataset, LabelledCollator, TokenGroupedBatches, examples_from_table
 from forensic_vlm.config import ClassSpec, EvaluateConfig, ModelConfig
-from forensic_vlm.metrics import compute_metrics, plot_confusion_matrix, report_text
+from forensic_vlm.figures import plot_confusion_matrix
+from forensic_vlm.metrics import compute_metrics, report_text
 from forensic_vlm.modeling import compute_dtype, device_name, load_adapter, load_base_model, load_processor, resolve_device
 from forensic_vlm.prompting import TokenCounter, answer_tokens, build_prompt, preflight
 from forensic_vlm.scoring import class_probabilities, generate_answers, parse_finetuned, parse_zeroshot, to_device
@@ -101,11 +102,11 @@ def evaluate_split(
                     "device": device_name(device)})  # fmt: skip
     rows = []
     for i, e in enumerate(examples):
-        row = {"sha256": e.sha256, "path": e.name, "true": e.label, "predicted": int(predicted[i])}
+        row = {"sha256": e.sha256, "path": e.name, "flags": e.flags, "true": e.label, "predicted": int(predicted[i])}
         row.update({f"p{label}": "" if scored is None else f"{probabilities[i, j]:.6f}" for j, label in enumerate(labels)})
         row["answer"] = answers[i]
         rows.append(row)
-    columns = ["sha256", "path", "true", "predicted", *[f"p{label}" for label in labels], "answer"]
+    columns = ["sha256", "path", "flags", "true", "predicted", *[f"p{label}" for label in labels], "answer"]
     write_tsv(out_dir / "predictions.tsv", columns, rows)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out_dir / "classification_report.txt").write_text(report_text(truth, predicted.tolist(), classes), encoding="utf-8")

@@ -4,7 +4,6 @@ expected calibration error, and a confusion-matrix figure with Korean and Englis
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
@@ -105,37 +104,3 @@ def report_text(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[
         y_true, y_pred, labels=[c.id for c in classes],
         target_names=[f"{c.id} {c.ko} / {c.en}" for c in classes], digits=4, zero_division=0,
     )  # fmt: skip
-
-
-def class_label(label: int, classes: Sequence[ClassSpec]) -> str:
-    by_id = {c.id: c for c in classes}
-    if label in by_id:
-        return f"{label} {by_id[label].ko}\n{by_id[label].en}"
-    return f"{label} 분류 불가\nunparsed"
-
-
-def plot_confusion_matrix(metrics: dict, classes: Sequence[ClassSpec], title: str, out: Path) -> None:
-    """PNG of the confusion matrix, Korean and English class names (NanumGothic, bundled)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import font_manager
-    from matplotlib import pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    from forensic_vlm.demo_data import korean_font_path
-
-    font_manager.fontManager.addfont(str(korean_font_path()))
-    labels = metrics["confusion_matrix"]["labels"]
-    names = [class_label(label, classes) for label in labels]
-    with plt.rc_context({"font.family": "NanumGothic", "axes.unicode_minus": False}):
-        figure, axes = plt.subplots(figsize=(7.5, 6.5))
-        display = ConfusionMatrixDisplay(np.array(metrics["confusion_matrix"]["counts"]), display_labels=names)
-        display.plot(ax=axes, cmap="Blues", colorbar=False, values_format="d")
-        axes.set_xlabel("predicted / 예측")
-        axes.set_ylabel("true / 정답")
-        axes.set_title(f"{title}\naccuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, n = {metrics['n']}")
-        plt.setp(axes.get_xticklabels(), rotation=30, ha="right")
-        figure.tight_layout()
-        figure.savefig(out, dpi=120)
-        plt.close(figure)

@@ -59,10 +59,4 @@ def get_model_input():
 
 
 def get_final_outputs():
-    return [
-        "results/manifest/rejects.tsv",
-        "results/split/summary.tsv",
-        "results/train/adapter",
-        "results/evaluate/zeroshot/metrics.json",
-        "results/evaluate/finetuned/metrics.json",
-    ]
+    return ["results/report/index.html"]

@@ -1,5 +1,6 @@
 """Shim for rule augment: forensic_vlm.augment.augment_training_set."""
 
+import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 from pathlib import Path
 
 from forensic_vlm.augment import augment_training_set

@@ -1,5 +1,6 @@
 """Shim for rule demo_data: forensic_vlm.demo_data.generate_demo_data."""
 
+import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 from pathlib import Path
 
 from forensic_vlm.config import DemoConfig, build_classes, build_section

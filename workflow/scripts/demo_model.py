@@ -1,5 +1,6 @@
 """Shim for rule demo_model: forensic_vlm.demo_model.build_demo_model."""
 
+import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 from pathlib import Path
 
 from forensic_vlm.config import DemoModelConfig, build_section

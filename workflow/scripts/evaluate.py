@@ -1,5 +1,6 @@
 """Shim for rules evaluate_zeroshot and evaluate_finetuned: forensic_vlm.evaluate.evaluate_split."""
 
+import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 from pathlib import Path
 
 from forensic_vlm.config import EvaluateConfig, ModelConfig, build_classes, build_section

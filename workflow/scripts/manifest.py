@@ -1,5 +1,6 @@
 """Shim for rule manifest: forensic_vlm.manifest.build_manifest."""
 
+import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 from pathlib import Path
 
 from forensic_vlm.config import ManifestConfig, build_classes, build_section

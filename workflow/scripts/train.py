@@ -1,5 +1,6 @@
 """Shim for rule train: forensic_vlm.train.train_adapter."""
 
+import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 from pathlib import Path
 
 from forensic_vlm.config import ModelConfig, TrainConfig, build_classes, build_section

@@ -1,0 +1,242 @@
+"""Stage ``report``: one self-contained HTML page comparing zero-shot and fine-tuned.
+
+Everything is embedded (figures and thumbnails as data URIs, no script, no network), so the page
+can be archived with a case file. ``report.show_images: false`` leaves out every thumbnail for
+sensitive evidence. Every path and message from the evidence is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import html
+import io
+import json
+import platform
+import subprocess
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from scipy.stats import binomtest
+
+from forensic_vlm.config import ClassSpec, ReportConfig
+from forensic_vlm.figures import plot_learning_curves, plot_reliability
+from forensic_vlm.tables import decode_path, read_tsv, sha256_file
+
+KINDS = ("zeroshot", "finetuned")
+TITLES = {"zeroshot": "zero-shot (base model)", "finetuned": "fine-tuned (base + adapter)"}
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    manifest: Path
+    rejects: Path
+    split_summary: Path
+    lineage: Path
+    curves: Path
+    training_card: Path
+    evaluations: dict[str, Path]  # kind -> folder with metrics.json, predictions.tsv, confusion_matrix.png
+    raw_data: Path
+    config: dict
+
+
+def mcnemar(zeroshot: list[dict], finetuned: list[dict]) -> dict:
+    """Exact McNemar test on the images both scored: do the two models err on different images?"""
+    truth = {r["sha256"]: r["true"] for r in finetuned}
+    right_zs = {r["sha256"]: r["predicted"] == r["true"] for r in zeroshot if r["sha256"] in truth}
+    right_ft = {r["sha256"]: r["predicted"] == r["true"] for r in finetuned if r["sha256"] in right_zs}
+    only_ft = sum(1 for k in right_ft if right_ft[k] and not right_zs[k])
+    only_zs = sum(1 for k in right_ft if right_zs[k] and not right_ft[k])
+    discordant = only_ft + only_zs
+    p = binomtest(only_ft, discordant, 0.5).pvalue if discordant else 1.0
+    return {"paired_images": len(right_ft), "only_finetuned_right": only_ft, "only_zeroshot_right": only_zs,
+            "p_value": float(p)}  # fmt: skip
+
+
+def _png(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _thumbnail(path: Path, sha256: str, size: int) -> str:
+    from forensic_vlm.images import load_checked_image
+
+    image = load_checked_image(path, sha256)
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _interval(metrics: dict, key: str) -> str:
+    low, high = metrics["bootstrap_95"][key]
+    return f"{metrics[key]:.3f} <span class=ci>[{low:.3f}, {high:.3f}]</span>"
+
+
+def _table(header: list[str], rows: list[list[object]], raw: bool = False) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c if raw else _e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def provenance(inputs: ReportInputs, metrics: dict[str, dict]) -> list[list[object]]:
+    import importlib.metadata as metadata
+
+    versions = []
+    for package in ("forensic-vlm", "torch", "transformers", "peft", "pytorch-lightning", "snakemake"):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{package} (not installed here)")
+    config_hash = hashlib.sha256(json.dumps(inputs.config, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    card = json.loads(Path(inputs.training_card).read_text()) if Path(inputs.training_card).exists() else {}
+    return [
+        ["generated", dt.datetime.now(dt.UTC).isoformat(timespec="seconds") + f" on {platform.node()}"],
+        ["package versions", ", ".join(versions)],
+        ["configuration sha256", config_hash],
+        ["manifest.tsv sha256", sha256_file(inputs.manifest)],
+        ["training tables sha256", card.get("data_sha256", "")],
+        ["base model", card.get("base_model", inputs.config.get("model", {}).get("name_or_path", ""))],
+        ["git commit", _git_commit()],
+        *[[f"device ({TITLES[k]})", m.get("device", "")] for k, m in metrics.items()],
+        ["device (training)", card.get("validation", {}).get("device", "")],
+    ]
+
+
+def _git_commit() -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).parent)  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
+                               cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+        return result.stdout.strip() + (" (with uncommitted changes)" if dirty else "") if result.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def build_report(inputs: ReportInputs, classes: list[ClassSpec], config: ReportConfig, out_dir: Path) -> Path:
+    """Write ``out_dir/index.html`` (and its figures as PNG files beside it); returns the page."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {k: json.loads((inputs.evaluations[k] / "metrics.json").read_text()) for k in KINDS}
+    predictions = {k: read_tsv(inputs.evaluations[k] / "predictions.tsv") for k in KINDS}
+    plot_learning_curves(inputs.curves, out_dir / "learning_curves.png")
+    plot_reliability({TITLES[k]: metrics[k] for k in KINDS}, out_dir / "reliability.png")
+    test = mcnemar(predictions["zeroshot"], predictions["finetuned"])
+    by_id = {c.id: c for c in classes}
+
+    headline = _table(
+        ["", *[TITLES[k] for k in KINDS]],
+        [["accuracy [bootstrap 95 %]", *[_interval(metrics[k], "accuracy") for k in KINDS]],
+         ["macro-F1 [bootstrap 95 %]", *[_interval(metrics[k], "macro_f1") for k in KINDS]],
+         ["expected calibration error", *[_fmt(metrics[k].get("expected_calibration_error")) for k in KINDS]],
+         ["test images", *[metrics[k]["n"] for k in KINDS]],
+         ["decoding", *[_e(metrics[k]["decoding"]) for k in KINDS]],
+         ["throughput (images/s, device)", *[f"{metrics[k]['images_per_second']} ({_e(metrics[k]['device'])})" for k in KINDS]]],
+        raw=True,
+    )  # fmt: skip
+    per_class = _table(
+        ["class", "support", *[f"{TITLES[k]}: {m}" for k in KINDS for m in ("precision", "recall", "F1")]],
+        [[f"{c.id} {c.ko} / {c.en}", metrics["finetuned"]["per_class"][str(c.id)]["support"],
+          *[f"{metrics[k]['per_class'][str(c.id)][m]:.3f}" for k in KINDS for m in ("precision", "recall", "f1")]]
+         for c in classes],
+    )  # fmt: skip
+    verdict = (f"The two models err on different images (p = {test['p_value']:.3g})." if test["p_value"] < 0.05
+               else f"No significant difference at the 5 % level (p = {test['p_value']:.3g}).")  # fmt: skip
+    sections = [
+        f"<h1>{_e(config.title)}</h1>",
+        "<p class=note>All figures are on the same held-out test images. Intervals are percentile bootstrap "
+        f"95 % intervals over {metrics['finetuned'].get('bootstrap_samples', '?')} resamples of the images.</p>",
+        "<h2>Headline</h2>", headline,
+        "<h2>McNemar's test (paired, exact)</h2>",
+        _table(["images scored by both", "right only when fine-tuned", "right only zero-shot", "p-value"],
+               [[test["paired_images"], test["only_finetuned_right"], test["only_zeroshot_right"], f"{test['p_value']:.3g}"]]),
+        f"<p>{_e(verdict)}</p>",
+        "<h2>Per class</h2>", per_class,
+        "<h2>Confusion matrices</h2><div class=row>"
+        + "".join(f"<figure><img alt='confusion matrix, {TITLES[k]}' src='{_png(inputs.evaluations[k] / 'confusion_matrix.png')}'>"
+                  f"<figcaption>{_e(TITLES[k])}</figcaption></figure>" for k in KINDS) + "</div>",
+        "<h2>Learning curves</h2>",
+        f"<figure><img alt='learning curves' src='{_png(out_dir / 'learning_curves.png')}'></figure>",
+        "<h2>Calibration</h2>",
+        f"<figure><img alt='reliability diagram' src='{_png(out_dir / 'reliability.png')}'></figure>",
+        *_data_sections(inputs, classes),
+        *_gallery(predictions["finetuned"], inputs.raw_data, by_id, config),
+        "<h2>Provenance</h2>", _table(["what", "value"], provenance(inputs, metrics)),
+    ]  # fmt: skip
+    page = out_dir / "index.html"
+    page.write_text(_page(config.title, "\n".join(sections)), encoding="utf-8")
+    return page
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a (generated answers carry no probability)" if value is None else f"{value:.3f}"
+
+
+def _data_sections(inputs: ReportInputs, classes: list[ClassSpec]) -> list[str]:
+    summary = read_tsv(inputs.split_summary)
+    splits = ("train", "val", "test")
+    counts = {(r["label"], r["split"]): r for r in summary}
+    lineage = read_tsv(inputs.lineage)
+    children = Counter(r["label"] for r in lineage)
+    rows = [[f"{c.id} {c.ko} / {c.en}", *[counts[(str(c.id), s)]["n"] for s in splits], children.get(str(c.id), 0),
+             "; ".join(counts[(str(c.id), s)]["note"] for s in splits if counts[(str(c.id), s)]["note"])]
+            for c in classes]  # fmt: skip
+    manifest = read_tsv(inputs.manifest)
+    rejects = read_tsv(inputs.rejects)
+    reasons = Counter(r["reason"] for r in rejects)
+    flagged = [r for r in manifest if r["flags"]]
+    duplicates = [r for r in manifest if r["duplicate_of"]]
+    return [
+        "<h2>Data</h2>",
+        f"<p>{len(manifest) - len(duplicates)} usable images ({len(duplicates)} exact duplicates used once, "
+        f"{len(flagged)} flagged), {len(rejects)} rejected files, {len(lineage)} augmented training images.</p>",
+        _table(["class", *splits, "augmented (train)", "note"], rows),
+        "<h3>Rejected files</h3>",
+        _table(["reason", "files"], sorted(reasons.items())) if rejects else "<p>None.</p>",
+        _table(["path", "reason", "message"], [[r["path"], r["reason"], r["message"]] for r in rejects]) if rejects else "",
+        "<h3>Flagged files (kept)</h3>",
+        _table(["path", "flags", "notes"], [[r["path"], r["flags"], r["notes"]] for r in flagged]) if flagged else "<p>None.</p>",
+    ]  # fmt: skip
+
+
+def _gallery(rows: list[dict], raw_data: Path, by_id: dict[int, ClassSpec], config: ReportConfig) -> list[str]:
+    wrong = [r for r in rows if r["predicted"] != r["true"]]
+    wrong.sort(key=lambda r: -max((float(r[k]) for k in r if k.startswith("p") and k[1:].isdigit() and r[k]), default=0))
+    shown = wrong[: config.gallery_size]
+    head = [f"<h2>Misclassified by the fine-tuned model ({len(wrong)} of {len(rows)})</h2>"]
+    if not config.show_images:
+        head.append("<p class=note>Image content hidden (report.show_images: false).</p>")
+
+    def name(label: str) -> str:
+        spec = by_id.get(int(label))
+        return f"{label} {spec.ko} / {spec.en}" if spec else f"{label} (unparsed)"
+
+    cards = []
+    for r in shown:
+        confidence = max((float(r[k]) for k in r if k.startswith("p") and k[1:].isdigit() and r[k]), default=None)
+        caption = (f"{_e(r['path'])}<br>true {_e(name(r['true']))}<br>predicted {_e(name(r['predicted']))}"
+                   + (f" ({confidence:.2f})" if confidence is not None else ""))  # fmt: skip
+        image = ""
+        if config.show_images:
+            source = _thumbnail(Path(raw_data) / decode_path(r["path"], r.get("flags", "")), r["sha256"], config.thumbnail_px)
+            image = f"<img alt='{_e(r['path'])}' src='{source}'>"
+        cards.append(f"<figure class=card>{image}<figcaption>{caption}</figcaption></figure>")
+    return head + [f"<div class=gallery>{''.join(cards)}</div>" if cards else "<p>None.</p>"]
+
+
+def _page(title: str, body: str) -> str:
+    style = (
+        "body{font-family:'Noto Sans KR','NanumGothic',system-ui,sans-serif;margin:2rem auto;max-width:1200px;"
+        "color:#222;padding:0 1rem}table{border-collapse:collapse;margin:.5rem 0 1rem}th,td{border:1px solid #ccc;"
+        "padding:.3rem .6rem;text-align:left;vertical-align:top}th{background:#f3f3f3}.ci{color:#666;font-size:.9em}"
+        ".note{color:#555}.row{display:flex;flex-wrap:wrap;gap:1rem}figure{margin:.5rem 0}img{max-width:100%}"
+        ".gallery{display:flex;flex-wrap:wrap;gap:.8rem}.card{width:220px;font-size:.8em;word-break:break-all}"
+    )
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
+            f"<link rel=icon href='data:,'><style>{style}</style></head><body>{body}</body></html>\n")  # fmt: skip
