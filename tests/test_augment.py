@@ -85,3 +85,15 @@ def test_changed_evidence_stops_augmentation(raw_tree: Path, split_tree: Path, t
     write(raw_tree / row["path"], b"replaced after the manifest was built")
     with pytest.raises(EvidenceChangedError, match=row["path"]):
         augment_training_set(split_tree / "train.tsv", raw_tree, tmp_path / "a", AugmentConfig())
+
+
+def test_children_of_unchanged_parents_come_from_the_cache(raw_tree: Path, split_tree: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = augment_training_set(split_tree / "train.tsv", raw_tree, tmp_path / "a", AugmentConfig(), cache_dir=cache)
+    second = augment_training_set(split_tree / "train.tsv", raw_tree, tmp_path / "b", AugmentConfig(), cache_dir=cache)
+    a, b = read_tsv(tmp_path / "a" / "lineage.tsv"), read_tsv(tmp_path / "b" / "lineage.tsv")
+    assert first == second and {r["reused"] for r in a} == {"False"} and {r["reused"] for r in b} == {"True"}
+    assert [r["child_sha256"] for r in a] == [r["child_sha256"] for r in b]
+    assert [(r["seed"], r["transforms"]) for r in a] == [(r["seed"], r["transforms"]) for r in b]
+    augment_training_set(split_tree / "train.tsv", raw_tree, tmp_path / "c", AugmentConfig(seed=9), cache_dir=cache)
+    assert {r["reused"] for r in read_tsv(tmp_path / "c" / "lineage.tsv")} == {"False"}  # other settings, other key

@@ -154,6 +154,43 @@ def test_evaluation_outputs_and_probabilities(trained: dict, tiny_model: Path, t
     assert set(metrics["per_class"]) == {"0", "1", "2", "3"}
 
 
+def test_prediction_cache_scores_each_image_once_per_model(
+    trained: dict, tiny_model: Path, tiny_dataset, tmp_path: Path, monkeypatch
+) -> None:
+    import forensic_vlm.evaluate as evaluate_module
+
+    forward = {"images": 0}
+    original = evaluate_module.class_probabilities
+
+    def counting(model, inputs, class_ids):
+        forward["images"] += len(inputs["input_ids"])
+        return original(model, inputs, class_ids)
+
+    monkeypatch.setattr(evaluate_module, "class_probabilities", counting)
+    cache, config = tmp_path / "cache", EvaluateConfig(num_workers=0, bootstrap_samples=20)
+    rows = read_tsv(tiny_dataset["train"])
+    first_table, full_table = tmp_path / "first.tsv", tmp_path / "full.tsv"
+    from forensic_vlm.split import SPLIT_COLUMNS
+    from forensic_vlm.tables import write_tsv
+
+    write_tsv(first_table, SPLIT_COLUMNS, rows[:10])
+    write_tsv(full_table, SPLIT_COLUMNS, rows)
+
+    def run(table: Path, out: str, adapter: Path | None = None) -> dict:
+        return evaluate_split(table, tiny_dataset["raw_data"], list(DEFAULT_CLASSES), model_config(tiny_model),
+                              config, tmp_path / out, adapter, cache_dir=cache)  # fmt: skip
+
+    first = run(first_table, "a")
+    assert forward["images"] == 10 and first["images_scored"] == 10
+    again = run(first_table, "b")
+    assert forward["images"] == 10 and again["images_from_cache"] == 10  # nothing scored twice
+    assert (tmp_path / "a" / "predictions.tsv").read_bytes() == (tmp_path / "b" / "predictions.tsv").read_bytes()
+    grown = run(full_table, "c")
+    assert forward["images"] == len(rows) and grown["images_scored"] == len(rows) - 10
+    tuned = run(first_table, "d", trained["adapter"])  # another adapter is another model: scored anew
+    assert forward["images"] == len(rows) + 10 and tuned["images_scored"] == 10
+
+
 def test_generate_decoding_reproduces_the_reference_way(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
     config = EvaluateConfig(decoding="generate", num_workers=0, max_new_tokens_zeroshot=4, bootstrap_samples=20)
     metrics = evaluate_split(tiny_dataset["val"], tiny_dataset["raw_data"], list(DEFAULT_CLASSES),

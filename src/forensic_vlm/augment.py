@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 from dataclasses import dataclass
 from functools import partial
@@ -30,7 +31,9 @@ log = logging.getLogger(__name__)
 
 LINEAGE_COLUMNS = (
     "child", "child_sha256", "parent_sha256", "parent_path", "label", "width", "height", "seed", "transforms",
+    "reused",
 )  # fmt: skip
+PIPELINE_VERSION = "reference-1"  # bump when reference_pipeline changes, so cached children are redone
 TRAINING_COLUMNS = ("sha256", "path", "flags", "label", "width", "height", "source", "parent_sha256")
 
 
@@ -69,31 +72,52 @@ class _Job:
     count: int
 
 
-def _augment_one(job: _Job, raw_data: Path, images_dir: Path, config: AugmentConfig) -> list[dict]:
-    pixels = np.asarray(load_evidence_image(raw_data, job.row))
-    height, width = pixels.shape[:2]
+def cache_key(config: AugmentConfig) -> str:
+    """Children depend on the parent's bytes (its sha256, in the file name) and on these settings."""
+    settings = f"{PIPELINE_VERSION}:{config.seed}:{config.crop_size}:{A.__version__}"
+    return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def _augment_one(job: _Job, raw_data: Path, images_dir: Path, config: AugmentConfig, cache: Path | None) -> list[dict]:
+    pixels = None
     lineage = []
     for index in range(1, job.count + 1):
-        seed = child_seed(config.seed, job.row["sha256"], index)
-        result = reference_pipeline(height, width, seed, config.crop_size)(image=pixels)
-        buffer = io.BytesIO()
-        Image.fromarray(result["image"]).save(buffer, format="PNG")  # lossless, same bytes each run
         name = f"{job.row['sha256']}_{index}.png"
-        (images_dir / name).write_bytes(buffer.getvalue())
+        cached = cache / name if cache else None
+        if cached and cached.exists() and cached.with_suffix(".json").exists():
+            # A child of an unchanged parent under unchanged settings: reuse it, do not recompute.
+            data, record = cached.read_bytes(), json.loads(cached.with_suffix(".json").read_text())
+        else:
+            if pixels is None:
+                pixels = np.asarray(load_evidence_image(raw_data, job.row))
+            seed = child_seed(config.seed, job.row["sha256"], index)
+            result = reference_pipeline(*pixels.shape[:2], seed, config.crop_size)(image=pixels)
+            buffer = io.BytesIO()
+            Image.fromarray(result["image"]).save(buffer, format="PNG")  # lossless, same bytes each run
+            data = buffer.getvalue()
+            record = {"seed": seed, "width": result["image"].shape[1], "height": result["image"].shape[0],
+                      "transforms": ",".join(t for t, _ in result["applied_transforms"]), "reused": False}  # fmt: skip
+            if cache:
+                cache.mkdir(parents=True, exist_ok=True)
+                cached.write_bytes(data)
+                cached.with_suffix(".json").write_text(json.dumps({**record, "reused": True}))
+        (images_dir / name).write_bytes(data)
         lineage.append(
-            {"child": f"images/{name}", "child_sha256": sha256_bytes(buffer.getvalue()),
-             "parent_sha256": job.row["sha256"], "parent_path": job.row["path"],
-             "label": job.row["label"], "width": result["image"].shape[1], "height": result["image"].shape[0],
-             "seed": seed,
-             "transforms": ",".join(name for name, _ in result["applied_transforms"])}
+            {"child": f"images/{name}", "child_sha256": sha256_bytes(data), "parent_sha256": job.row["sha256"],
+             "parent_path": job.row["path"], "label": job.row["label"], **record}
         )  # fmt: skip
     return lineage
 
 
 def augment_training_set(
-    train_tsv: Path, raw_data: Path, out_dir: Path, config: AugmentConfig, workers: int = 1
-) -> int:
-    """Write augmented children of the configured classes' training images; returns their count."""
+    train_tsv: Path, raw_data: Path, out_dir: Path, config: AugmentConfig, workers: int = 1,
+    cache_dir: Path | None = None,
+) -> int:  # fmt: skip
+    """Write augmented children of the configured classes' training images; returns their count.
+
+    With ``cache_dir``, children already made for the same parent and settings are copied from
+    there instead of being computed again (the workflow keeps it under results/cache/augment).
+    """
     out_dir = Path(out_dir)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +125,8 @@ def augment_training_set(
     jobs = [_Job(r, config.per_image.get(int(r["label"]), 0)) for r in train]
     jobs = [j for j in jobs if j.count > 0]
     log.info("augment: %d training image(s) to augment, %s children per class", len(jobs), config.per_image)
-    work = partial(_augment_one, raw_data=Path(raw_data), images_dir=images_dir, config=config)
+    cache = Path(cache_dir) / cache_key(config) if cache_dir else None
+    work = partial(_augment_one, raw_data=Path(raw_data), images_dir=images_dir, config=config, cache=cache)
     lineage = [row for rows in ordered_map(work, jobs, workers, "augment") for row in rows]
     write_tsv(out_dir / "lineage.tsv", LINEAGE_COLUMNS, lineage)
     training = [
@@ -114,7 +139,9 @@ def augment_training_set(
         for c in lineage
     ]  # fmt: skip
     write_tsv(out_dir / "train_augmented.tsv", TRAINING_COLUMNS, training)
-    log.info("augment: %d children written; training table has %d rows", len(lineage), len(training))
+    reused = sum(1 for c in lineage if c["reused"])
+    log.info("augment: %d children written (%d reused from the cache, %d computed); training table has %d rows",
+             len(lineage), reused, len(lineage) - reused, len(training))  # fmt: skip
     return len(lineage)
 
 

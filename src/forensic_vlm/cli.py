@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--raw-data", type=Path, required=True)
     evaluate.add_argument("--out", type=Path, required=True)
     evaluate.add_argument("--adapter", type=Path, default=None, help="omit for zero-shot")
+    evaluate.add_argument("--cache-dir", type=Path, default=None, help="prediction cache (skip images scored before)")
     return parser
 
 
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             from forensic_vlm.evaluate import evaluate_split
 
-            evaluate_split(args.table, args.raw_data, list(config.classes), config.model, config.evaluate, args.out, args.adapter)
+            evaluate_split(args.table, args.raw_data, list(config.classes), config.model, config.evaluate, args.out,
+                           args.adapter, cache_dir=args.cache_dir)  # fmt: skip
     except (ConfigError, BadInputError, EvidenceChangedError, PreflightError, FileExistsError, FileNotFoundError) as error:
         logging.getLogger("forensic_vlm").error("%s", error)
         return 2

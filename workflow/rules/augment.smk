@@ -20,5 +20,7 @@ rule augment:
     params:
         raw_data=get_raw_data_folder,
         augment=config["augment"],
+        # Outside the outputs, so children of unchanged parents survive a rerun.
+        cache="results/cache/augment",
     script:
         "../scripts/augment.py"

@@ -26,6 +26,8 @@ rule evaluate_zeroshot:
         classes=config["classes"],
         model=config["model"],
         evaluate=config["evaluate"],
+        # Outside the outputs: an image scored before by the same model is not scored again.
+        cache="results/cache/predictions",
     script:
         "../scripts/evaluate.py"
 

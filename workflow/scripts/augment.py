@@ -14,4 +14,5 @@ augment_training_set(
     out_dir=Path(snakemake.output.lineage).parent,
     config=build_section(AugmentConfig, snakemake.params.augment, "augment"),
     workers=snakemake.threads,
+    cache_dir=Path(snakemake.params.cache),
 )

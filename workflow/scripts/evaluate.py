@@ -17,4 +17,5 @@ evaluate_split(
     out_dir=Path(snakemake.output.metrics).parent,
     adapter=Path(snakemake.input.adapter) if "adapter" in snakemake.input.keys() else None,
     threads=snakemake.threads,
+    cache_dir=Path(snakemake.params.cache),
 )
