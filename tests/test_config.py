@@ -100,3 +100,17 @@ def test_readme_configuration_reference_lists_every_key() -> None:
             keys.append(section)
     listed = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
     assert listed == set(keys)
+
+
+def test_nested_command_line_values_get_their_schema_types() -> None:
+    from forensic_vlm.config import coerce_strings
+
+    schema = yaml.safe_load(SCHEMA.read_text(encoding="utf-8"))
+    # What Snakemake hands over for --config train="{learning_rate: 2e-3, epochs: 3}" report=...
+    raw = {"train": {"learning_rate": "2e-3", "epochs": "3", "trainable": "[multi_modal_projector]"},
+           "report": {"show_images": "false", "title": "42"}, "augment": {"per_image": {"2": "4"}}}  # fmt: skip
+    typed = coerce_strings(raw, schema)
+    assert typed["train"] == {"learning_rate": 0.002, "epochs": 3, "trainable": ["multi_modal_projector"]}
+    assert typed["report"] == {"show_images": False, "title": "42"}  # a string field stays a string
+    assert typed["augment"]["per_image"] == {"2": 4}
+    assert coerce_strings({"train": {"epochs": "many"}}, schema)["train"]["epochs"] == "many"  # left for validation

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ from conftest import REPO, image_bytes, read_only_command, tree_hashes, write
 from forensic_vlm.tables import read_tsv
 
 DEMO_JOBS = {"demo_data", "demo_model", "manifest", "split", "augment", "train", "evaluate_zeroshot",
-             "evaluate_finetuned", "all"}  # fmt: skip
+             "evaluate_finetuned", "report", "all"}  # fmt: skip
 DATA_TARGETS = ("results/split/summary.tsv", "results/augment/train_augmented.tsv")
 PROFILE = ("--profile", str(REPO / "profiles" / "demo"))
 DEMO_CONFIG = (str(REPO / "config.yaml"), str(REPO / "profiles" / "demo" / "demo.yaml"))
@@ -91,13 +93,19 @@ def test_fail_policy_stops_the_workflow_naming_the_file(tmp_path: Path) -> None:
     assert "1_chat_history/broken.png" in log and "corrupt" in log
 
 
-@pytest.mark.slow
-def test_demo_workflow_runs_end_to_end_and_the_model_learns(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One complete run of the demo profile, shared by the tests that inspect or rerun it."""
+    workdir = tmp_path_factory.mktemp("demo_run")
     start = time.monotonic()
-    result = snakemake(tmp_path, demo=True)
-    seconds = time.monotonic() - start
+    result = snakemake(workdir, demo=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    results = tmp_path / "results"
+    return {"workdir": workdir, "seconds": time.monotonic() - start}
+
+
+@pytest.mark.slow
+def test_demo_workflow_runs_end_to_end_and_the_model_learns(demo_run: dict) -> None:
+    results = demo_run["workdir"] / "results"
     summary = read_tsv(results / "split" / "summary.tsv")
     manifest = read_tsv(results / "manifest" / "manifest.tsv")
     assert sum(int(r["n"]) for r in summary) == sum(1 for r in manifest if not r["duplicate_of"])
@@ -110,9 +118,91 @@ def test_demo_workflow_runs_end_to_end_and_the_model_learns(tmp_path: Path) -> N
     assert finetuned["n"] == zeroshot["n"] == test_size
     assert finetuned["accuracy"] >= 0.90, finetuned["accuracy"]
     assert finetuned["accuracy"] > zeroshot["accuracy"]
-    print(f"demo workflow: {seconds:.0f} s wall on this machine; fine-tuned accuracy {finetuned['accuracy']:.3f}, "
-          f"zero-shot {zeroshot['accuracy']:.3f} (n = {test_size})")  # fmt: skip
-    assert planned_jobs(snakemake(tmp_path, "-n", demo=True)) == set()
+    print(f"demo workflow: {demo_run['seconds']:.0f} s wall on this machine; fine-tuned accuracy "
+          f"{finetuned['accuracy']:.3f}, zero-shot {zeroshot['accuracy']:.3f} (n = {test_size})")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_only_stale_stages_rerun(demo_run: dict) -> None:
+    workdir = demo_run["workdir"]
+    assert planned_jobs(snakemake(workdir, "-n", demo=True)) == set()
+    changed_lr = snakemake(workdir, "-n", "--config", "train={'learning_rate': 0.002}", demo=True)
+    assert planned_jobs(changed_lr) == {"train", "evaluate_finetuned", "report", "all"}
+    report_only = snakemake(workdir, "-n", "--config", "report={'show_images': False}", demo=True)
+    assert planned_jobs(report_only) == {"report", "all"}
+
+
+@pytest.mark.slow
+def test_report_page_opens_in_chromium_with_every_figure(demo_run: dict, tmp_path: Path) -> None:
+    from report_screenshot import chromium, inspect_page
+
+    if chromium() is None:
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium is missing: .ci/run installs it")
+        pytest.skip("Debian's chromium is not installed")
+    page = demo_run["workdir"] / "results" / "report" / "index.html"
+    seen = inspect_page(page, tmp_path / "report.png")
+    assert seen["console_errors"] == []
+    assert len(seen["images"]) >= 5 and all(i["complete"] and i["width"] > 0 for i in seen["images"])
+    for heading in ("Headline", "McNemar", "Per class", "Confusion matrices", "Learning curves", "Calibration",
+                    "Data", "Misclassified", "Provenance"):  # fmt: skip
+        assert any(h.startswith(heading) for h in seen["headings"]), heading
+    assert (tmp_path / "report.png").stat().st_size > 50_000
+    text = page.read_text(encoding="utf-8")
+    assert "관련 없음" in text and "McNemar" in text and "data:image/jpeg;base64" in text
+
+
+@pytest.mark.slow
+def test_switch_hides_every_image_of_evidence(demo_run: dict) -> None:
+    workdir = demo_run["workdir"]
+    result = snakemake(workdir, "--config", "report={'show_images': False}", "--", "results/report/index.html", demo=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = (workdir / "results" / "report" / "index.html").read_text(encoding="utf-8")
+    assert "data:image/jpeg" not in text and "Image content hidden" in text
+    assert text.count("data:image/png") == 4  # the figures stay: two matrices, curves, calibration
+    snakemake(workdir, demo=True)  # back to the default page for the other tests
+
+
+@pytest.mark.slow
+def test_snakemake_report_builds(demo_run: dict) -> None:
+    result = snakemake(demo_run["workdir"], "--report", "results/report.html", demo=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (demo_run["workdir"] / "results" / "report.html").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_new_evidence_reuses_augmentations_and_predictions(demo_run: dict, tmp_path: Path) -> None:
+    """Real evidence outside results/: added images rerun the chain, but nothing done is redone."""
+    from forensic_vlm.config import DEFAULT_CLASSES, DemoConfig
+    from forensic_vlm.demo_data import generate_demo_data
+
+    evidence = tmp_path / "evidence"
+    generate_demo_data(evidence, tmp_path / "first.tsv", list(DEFAULT_CLASSES), DemoConfig(30, seed=11, bad_examples=False))
+    workdir = tmp_path / "work"
+    shutil.copytree(demo_run["workdir"] / "results" / "demo" / "model", workdir / "results" / "demo" / "model")
+    args = ("--config", f"raw_data={evidence}")
+    first = snakemake(workdir, *args, demo=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    old_children = read_tsv(workdir / "results" / "augment" / "lineage.tsv")
+    old_test = {r["sha256"] for r in read_tsv(workdir / "results" / "split" / "test.tsv")}
+
+    generate_demo_data(tmp_path / "more", tmp_path / "more.tsv", list(DEFAULT_CLASSES), DemoConfig(6, seed=12, bad_examples=False))
+    for image in (tmp_path / "more").rglob("*.*"):  # +20 %, under new names
+        shutil.copy(image, evidence / image.parent.name / f"new_{image.name}")
+    assert planned_jobs(snakemake(workdir, "-n", *args, demo=True)) == {
+        "manifest", "split", "augment", "train", "evaluate_zeroshot", "evaluate_finetuned", "report", "all"}
+    second = snakemake(workdir, *args, demo=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    children = read_tsv(workdir / "results" / "augment" / "lineage.tsv")
+    reused = {r["child_sha256"] for r in children if r["reused"] == "True"}
+    assert reused == {r["child_sha256"] for r in old_children}  # every old child reused, none recomputed
+    assert len(children) > len(old_children)
+    new_test = {r["sha256"] for r in read_tsv(workdir / "results" / "split" / "test.tsv")}
+    assert old_test <= new_test  # the stable split kept every old test image in test
+    zeroshot = json.loads((workdir / "results" / "evaluate" / "zeroshot" / "metrics.json").read_text())
+    assert zeroshot["images_from_cache"] == len(old_test)
+    assert zeroshot["images_scored"] == len(new_test - old_test) > 0
 
 
 def test_snakefmt_is_clean() -> None:

@@ -275,6 +275,41 @@ class Config:
             return cls.from_dict(yaml.safe_load(handle) or {})
 
 
+def coerce_strings(data: Any, schema: dict) -> Any:
+    """Typed values for strings where the schema wants a number, boolean, list or null.
+
+    Snakemake reads nested ``--config`` values (``train="{learning_rate: 2e-3}"``) with YAML's
+    BaseLoader, which leaves every scalar a string; this restores what the user meant.
+    """
+    if isinstance(data, dict):
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        return {
+            k: coerce_strings(v, properties.get(k, extra if isinstance(extra, dict) else {}))
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [coerce_strings(v, schema.get("items", {})) for v in data]
+    wanted = schema.get("type")
+    wanted = set(wanted) if isinstance(wanted, list) else {wanted}
+    if isinstance(data, str) and wanted & {"number", "integer", "boolean", "array", "null"}:
+        parsed = _number(data) if wanted & {"number", "integer"} else None
+        parsed = yaml.safe_load(data) if parsed is None else parsed  # YAML 1.1 reads "2e-3" as text
+        kinds = {"number": (int, float), "integer": (int,), "boolean": (bool,), "array": (list,), "null": (type(None),)}
+        if any(isinstance(parsed, kinds[k]) for k in wanted if k in kinds):
+            return coerce_strings(parsed, schema)
+    return data
+
+
+def _number(text: str) -> int | float | None:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return None
+
+
 def build_section(cls: type, data: Any, name: str) -> Any:
     """Build one section's dataclass (e.g. ``SplitConfig``) from its plain mapping."""
     return _build(cls, data, name)

@@ -73,6 +73,7 @@ def plot_learning_curves(curves_csv: Path, out: Path) -> None:
             right.plot(epochs, accuracy, marker="s", label="accuracy")
             right.legend()
         right.set(xlabel="epoch", ylabel="validation score", ylim=(0, 1.02), title="validation / 검증")
+        right.xaxis.get_major_locator().set_params(integer=True)
         figure.tight_layout()
         figure.savefig(out, dpi=110)
 

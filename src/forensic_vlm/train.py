@@ -147,7 +147,12 @@ class _EpochToSampler(pl.Callback):
 
 
 def run_fingerprint(model: ModelConfig, train: TrainConfig, data: TrainingData) -> str:
-    payload = json.dumps({"model": to_dict(model), "train": to_dict(train), "data": data.manifest_sha256}, sort_keys=True)
+    """What a checkpoint may be resumed under: same settings, same data, same training code."""
+    code = hashlib.sha256()
+    for module in ("train", "modeling", "batches", "prompting", "scoring"):
+        code.update((Path(__file__).parent / f"{module}.py").read_bytes())
+    payload = json.dumps({"model": to_dict(model), "train": to_dict(train), "data": data.manifest_sha256,
+                          "code": code.hexdigest()}, sort_keys=True)  # fmt: skip
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -198,7 +203,8 @@ def train_adapter(
         gradient_clip_val=config.gradient_clip_val,
         precision=precision,
         callbacks=[best, last, _EpochToSampler(), TQDMProgressBar(refresh_rate=max(1, len(train_loader) // 20))],
-        logger=CSVLogger(work_dir, name="logs", version=fingerprint),
+        # Flushed every step, so the curves of a run that crashes survive to be joined on resume.
+        logger=CSVLogger(work_dir, name="logs", version=fingerprint, flush_logs_every_n_steps=1),
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
@@ -206,6 +212,8 @@ def train_adapter(
     )
     checkpoints.mkdir(parents=True, exist_ok=True)
     (checkpoints / "run.json").write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    curves = work_dir / "logs" / fingerprint / "metrics.csv"
+    earlier = _read_rows(curves) if resume else []  # Lightning's CSV logger starts its file afresh
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(checkpoints / "last.ckpt") if resume else None)
 
     best_path = Path(best.best_model_path) if best.best_model_path else checkpoints / "best.ckpt"
@@ -215,13 +223,16 @@ def train_adapter(
         "best_epoch": int(state["epoch"]),
         "global_step": int(trainer.global_step),
         "val_macro_f1": float(best.best_model_score) if best.best_model_score is not None else None,
-        "val_accuracy": _logged(work_dir / "logs" / fingerprint / "metrics.csv", "val_accuracy", int(state["epoch"])),
+        "val_accuracy": _logged([*earlier, *_read_rows(curves)], "val_accuracy", int(state["epoch"])),
         "precision": precision,
         "device": device_name(device),
         "train_peak_memory_GiB": module.peak_memory_gib,
     }
     _save_adapter(model, processor, adapter_dir)
-    shutil.copyfile(work_dir / "logs" / fingerprint / "metrics.csv", work_dir / "metrics.csv")
+    _write_curves(earlier, _read_rows(curves), work_dir / "metrics.csv")
+    # Finished: a later run (new settings, or forced) trains afresh; only a crash is resumed.
+    for finished in (checkpoints / "last.ckpt", checkpoints / "run.json"):
+        finished.unlink(missing_ok=True)
     write_model_card(adapter_dir, model_config, config, classes, data, metrics)
     log.info("train: best epoch %d, validation macro-F1 %.4f; adapter in %s", metrics["best_epoch"], metrics["val_macro_f1"] or 0, adapter_dir)
     return metrics
@@ -239,11 +250,30 @@ def _resumable(checkpoints: Path, fingerprint: str) -> bool:
     return False
 
 
-def _logged(csv_path: Path, column: str, epoch: int) -> float | None:
+def _read_rows(csv_path: Path) -> list[dict[str, str]]:
     import csv
 
+    if not Path(csv_path).exists():
+        return []
     with open(csv_path, encoding="utf-8") as handle:
-        values = [row[column] for row in csv.DictReader(handle) if row.get(column) and int(row["epoch"]) == epoch]
+        return list(csv.DictReader(handle))
+
+
+def _write_curves(earlier: list[dict], later: list[dict], out: Path) -> None:
+    """The curves of a resumed run: rows before the resume point, then the new rows."""
+    import csv
+
+    resumed_at = min((int(r["step"]) for r in later), default=None)
+    rows = [r for r in earlier if resumed_at is None or int(r["step"]) < resumed_at] + later
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(out, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _logged(rows: list[dict[str, str]], column: str, epoch: int) -> float | None:
+    values = [row[column] for row in rows if row.get(column) and int(row["epoch"]) == epoch]
     return float(values[-1]) if values else None
 
 

@@ -2,13 +2,18 @@
 # validates the configuration and tells rules where things are.
 from pathlib import Path
 
+import yaml
 from snakemake.utils import validate
 
-from forensic_vlm.config import Config
+from forensic_vlm.config import Config, coerce_strings
 from forensic_vlm.manifest import fingerprint
 
 # Fills defaults for missing keys and stops with the offending key named on a wrong type or an
 # unknown key; the dataclasses then check combinations (e.g. augment classes that do not exist).
+with open(
+    workflow.source_path("../schemas/config.schema.yaml"), encoding="utf-8"
+) as schema_file:
+    config.update(coerce_strings(config, yaml.safe_load(schema_file)))
 validate(config, schema="../schemas/config.schema.yaml")
 SETTINGS = Config.from_dict(config)
 
