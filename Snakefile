@@ -19,6 +19,11 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
+# The target only gathers outputs: it runs on the submitting host, never as a cluster job.
+localrules:
+    all,
+
+
 rule all:
     default_target: True
     input:

@@ -7,6 +7,8 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -159,3 +161,45 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_tsv(root / "train.tsv", SPLIT_COLUMNS, rows)
     write_tsv(root / "val.tsv", SPLIT_COLUMNS, rows[::3])
     return {"raw_data": raw, "train": root / "train.tsv", "val": root / "val.tsv"}
+
+
+DEMO_JOBS = {"demo_data", "demo_model", "manifest", "split", "augment", "train", "evaluate_zeroshot",
+             "evaluate_finetuned", "report", "all"}  # fmt: skip
+DATA_TARGETS = ("results/split/summary.tsv", "results/augment/train_augmented.tsv")
+PROFILE = ("--profile", str(REPO / "profiles" / "demo"))
+DEMO_CONFIG = (str(REPO / "config.yaml"), str(REPO / "profiles" / "demo" / "demo.yaml"))
+
+
+def snakemake(workdir: Path, *args: str, read_only: Path | None = None, demo: bool = False) -> subprocess.CompletedProcess:
+    """Run the repository's workflow in ``workdir`` (the demo profile's config files are named
+    explicitly, since a profile's relative paths are read from the working directory)."""
+    configs = DEMO_CONFIG if demo else DEMO_CONFIG[:1]
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+               *(PROFILE if demo else ()), "--configfile", *configs, *args]  # fmt: skip
+    if read_only is not None:
+        command = read_only_command(read_only, command)
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
+    """Rule names from the 'Job stats' table of a dry run."""
+    lines = result.stdout.splitlines()
+    if "Nothing to be done" in result.stdout + result.stderr:
+        return set()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Job stats"))
+    jobs = set()
+    for line in lines[start + 3 :]:
+        if not line.strip() or line.startswith("total"):
+            break
+        jobs.add(line.split()[0])
+    return jobs
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One complete run of the demo profile, shared by the tests that inspect or rerun it."""
+    workdir = tmp_path_factory.mktemp("demo_run")
+    start = time.monotonic()
+    result = snakemake(workdir, demo=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"workdir": workdir, "seconds": time.monotonic() - start}

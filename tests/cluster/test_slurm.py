@@ -1,0 +1,109 @@
+"""The demo workflow submitted to a real one-node SLURM cluster (tests/cluster/start_slurm.sh).
+
+Skipped where no cluster answers, except in CI, where .ci/run starts one and a missing cluster
+fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DEMO_CONFIG, REPO
+from forensic_vlm.tables import read_tsv
+
+GPU_RULES = {"train", "evaluate_zeroshot", "evaluate_finetuned"}
+CLUSTER_RULES = {"demo_data", "demo_model", "manifest", "split", "augment", "report"} | GPU_RULES
+# The CI node has 2 CPUs and ~21 GB: the profile's real-cluster sizes are scaled down here only.
+SMALL_NODE = ("--default-resources", "slurm_partition=debug", "mem_mb=1500", "runtime=30",
+              "--set-resources", "train:mem_mb=3000", "evaluate_zeroshot:mem_mb=3000",
+              "evaluate_finetuned:mem_mb=3000", "manifest:mem_mb=2000", "augment:mem_mb=2000",
+              "report:mem_mb=2000", "--max-threads", "2")  # fmt: skip
+
+
+def cluster_answers() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    result = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    return result.returncode == 0 and bool(result.stdout.strip())
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm() -> None:
+    if not cluster_answers():
+        if os.environ.get("CI"):
+            pytest.fail("no SLURM cluster answers: .ci/run starts one with tests/cluster/start_slurm.sh")
+        pytest.skip("no SLURM cluster (start one with: sudo bash tests/cluster/start_slurm.sh)")
+
+
+def submit(workdir: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+               "--profile", str(REPO / "profiles" / "slurm"), "--configfile", *DEMO_CONFIG, *SMALL_NODE, *args]  # fmt: skip
+    start = time.monotonic()
+    # A guard against a hang, not a speed requirement: a stuck submission must end the test.
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1500)
+    return result, time.monotonic() - start
+
+
+def slurm_jobs(log: str) -> dict[str, str]:
+    """Rule -> SLURM job id, from Snakemake's submission lines."""
+    found = re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/rule_(\w+?)/", log)
+    return {rule: job for job, rule in found}
+
+
+def accounting(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    result = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,ReqTRES,Partition", "-j", ",".join(job_ids)],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    rows = [line.split("|") for line in result.stdout.splitlines() if line]
+    return {r[0]: {"state": r[1], "tres": r[2], "partition": r[3]} for r in rows}
+
+
+def test_demo_goes_through_slurm_and_matches_a_local_run(demo_run: dict, tmp_path: Path) -> None:
+    result, seconds = submit(tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = result.stdout + result.stderr
+    jobs = slurm_jobs(log)
+    assert set(jobs) == CLUSTER_RULES, jobs  # every rule but the local target went through SLURM
+    records = accounting(list(jobs.values()))
+    for rule, job in jobs.items():
+        assert records[job]["state"] == "COMPLETED", (rule, records[job])
+        assert ("gres/gpu=1" in records[job]["tres"]) == (rule in GPU_RULES), (rule, records[job]["tres"])
+    print(f"SLURM demo: {seconds:.0f} s end to end; jobs " + ", ".join(f"{r}={j}" for r, j in sorted(jobs.items())))
+
+    local, cluster = demo_run["workdir"] / "results", tmp_path / "results"
+    for table in ("train.tsv", "val.tsv", "test.tsv"):
+        assert (local / "split" / table).read_bytes() == (cluster / "split" / table).read_bytes()
+    for kind in ("zeroshot", "finetuned"):
+        a, b = read_tsv(local / "evaluate" / kind / "predictions.tsv"), read_tsv(cluster / "evaluate" / kind / "predictions.tsv")
+        assert [r["sha256"] for r in a] == [r["sha256"] for r in b]
+        columns = [c for c in a[0] if re.fullmatch(r"p\d+", c)]
+        difference = np.abs(np.array([[float(r[c]) for c in columns] for r in a])
+                            - np.array([[float(r[c]) for c in columns] for r in b])).max()  # fmt: skip
+        assert difference < 1e-4, (kind, difference)
+    assert (cluster / "report" / "index.html").exists()
+
+
+def test_a_failing_job_fails_the_run_with_its_slurm_state(tmp_path: Path) -> None:
+    evidence = tmp_path / "evidence"
+    (evidence / "0_irrelevant").mkdir(parents=True)
+    (evidence / "0_irrelevant" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    result, seconds = submit(tmp_path / "work", "--config", f"raw_data={evidence}", "manifest={on_bad_input: fail}",
+                             "--", "results/manifest/manifest.tsv")  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    jobs = slurm_jobs(log)
+    assert set(jobs) == {"manifest"}
+    assert accounting([jobs["manifest"]])[jobs["manifest"]]["state"] == "FAILED"
+    assert "FAILED" in log and "broken.png" in (tmp_path / "work" / "results" / "logs" / "manifest.log").read_text()
+    print(f"failing SLURM job reported after {seconds:.0f} s")
