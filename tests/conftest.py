@@ -203,3 +203,19 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     result = snakemake(workdir, demo=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return {"workdir": workdir, "seconds": time.monotonic() - start}
+
+
+_MEASURED: list[str] = []
+
+
+@pytest.fixture
+def measured():
+    """Record a measured figure; all of them are printed at the end of the run (and so in CI's log)."""
+    return _MEASURED.append
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _MEASURED:
+        terminalreporter.section("measured on this machine")
+        for line in _MEASURED:
+            terminalreporter.write_line(line)

@@ -61,7 +61,7 @@ def test_fail_policy_stops_the_workflow_naming_the_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_demo_workflow_runs_end_to_end_and_the_model_learns(demo_run: dict) -> None:
+def test_demo_workflow_runs_end_to_end_and_the_model_learns(demo_run: dict, measured) -> None:
     results = demo_run["workdir"] / "results"
     summary = read_tsv(results / "split" / "summary.tsv")
     manifest = read_tsv(results / "manifest" / "manifest.tsv")
@@ -75,7 +75,7 @@ def test_demo_workflow_runs_end_to_end_and_the_model_learns(demo_run: dict) -> N
     assert finetuned["n"] == zeroshot["n"] == test_size
     assert finetuned["accuracy"] >= 0.90, finetuned["accuracy"]
     assert finetuned["accuracy"] > zeroshot["accuracy"]
-    print(f"demo workflow: {demo_run['seconds']:.0f} s wall on this machine; fine-tuned accuracy "
+    measured(f"demo workflow: {demo_run['seconds']:.0f} s wall; fine-tuned test accuracy "
           f"{finetuned['accuracy']:.3f}, zero-shot {zeroshot['accuracy']:.3f} (n = {test_size})")  # fmt: skip
 
 

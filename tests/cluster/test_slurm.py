@@ -69,7 +69,7 @@ def accounting(job_ids: list[str]) -> dict[str, dict[str, str]]:
     return {r[0]: {"state": r[1], "tres": r[2], "partition": r[3]} for r in rows}
 
 
-def test_demo_goes_through_slurm_and_matches_a_local_run(demo_run: dict, tmp_path: Path) -> None:
+def test_demo_goes_through_slurm_and_matches_a_local_run(demo_run: dict, tmp_path: Path, measured) -> None:
     result, seconds = submit(tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     log = result.stdout + result.stderr
@@ -79,7 +79,7 @@ def test_demo_goes_through_slurm_and_matches_a_local_run(demo_run: dict, tmp_pat
     for rule, job in jobs.items():
         assert records[job]["state"] == "COMPLETED", (rule, records[job])
         assert ("gres/gpu=1" in records[job]["tres"]) == (rule in GPU_RULES), (rule, records[job]["tres"])
-    print(f"SLURM demo: {seconds:.0f} s end to end; jobs " + ", ".join(f"{r}={j}" for r, j in sorted(jobs.items())))
+    measured(f"SLURM demo: {seconds:.0f} s end to end; SLURM job ids " + ", ".join(f"{r}={j}" for r, j in sorted(jobs.items())))
 
     local, cluster = demo_run["workdir"] / "results", tmp_path / "results"
     for table in ("train.tsv", "val.tsv", "test.tsv"):
@@ -94,7 +94,7 @@ def test_demo_goes_through_slurm_and_matches_a_local_run(demo_run: dict, tmp_pat
     assert (cluster / "report" / "index.html").exists()
 
 
-def test_a_failing_job_fails_the_run_with_its_slurm_state(tmp_path: Path) -> None:
+def test_a_failing_job_fails_the_run_with_its_slurm_state(tmp_path: Path, measured) -> None:
     evidence = tmp_path / "evidence"
     (evidence / "0_irrelevant").mkdir(parents=True)
     (evidence / "0_irrelevant" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
@@ -106,4 +106,4 @@ def test_a_failing_job_fails_the_run_with_its_slurm_state(tmp_path: Path) -> Non
     assert set(jobs) == {"manifest"}
     assert accounting([jobs["manifest"]])[jobs["manifest"]]["state"] == "FAILED"
     assert "FAILED" in log and "broken.png" in (tmp_path / "work" / "results" / "logs" / "manifest.log").read_text()
-    print(f"failing SLURM job reported after {seconds:.0f} s")
+    measured(f"failing SLURM job {jobs['manifest']} reported FAILED; the run ended after {seconds:.0f} s")
