@@ -5,5 +5,10 @@ scancel --user=root >/dev/null 2>&1 || true
 for daemon in slurmd slurmctld slurmdbd; do pkill -x "$daemon" || true; done
 mariadb-admin shutdown >/dev/null 2>&1 || pkill -x mariadbd || true
 pkill -x munged || true
-for _ in $(seq 40); do pgrep -x 'slurmd|slurmctld|slurmdbd|mariadbd|munged' >/dev/null || exit 0; sleep 0.25; done
+for _ in $(seq 40); do
+  running=0
+  for daemon in slurmd slurmctld slurmdbd mariadbd munged; do pgrep -x "$daemon" >/dev/null && running=1; done
+  [ "$running" -eq 0 ] && exit 0
+  sleep 0.25
+done
 exit 0
