@@ -9,8 +9,6 @@ phone portrait ratios; a few files are saved as HEIC or carry an EXIF rotation, 
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import io
 import shutil
 import logging
@@ -23,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from forensic_vlm.config import ClassSpec, DemoConfig
+from forensic_vlm.fonts import korean_font_path
 from forensic_vlm.images import pillow_heif  # noqa: F401  (HEIC encoder registered)
 from forensic_vlm.tables import sha256_file, write_tsv
 
@@ -42,15 +41,6 @@ DOC_LINES = ("회의록 2025-03-14", "견적서 / Invoice", "주간 업무 보�
 def korean_font(size: int) -> ImageFont.FreeTypeFont:
     """NanumGothic, shipped inside the koreanize-matplotlib wheel (no system font needed)."""
     return ImageFont.truetype(str(korean_font_path()), size)
-
-
-@functools.cache
-def korean_font_path() -> Path:
-    # Located, not imported: importing koreanize_matplotlib reconfigures matplotlib globally.
-    spec = importlib.util.find_spec("koreanize_matplotlib")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("koreanize-matplotlib is not installed; it provides the Korean font")
-    return Path(spec.submodule_search_locations[0]) / "fonts" / "NanumGothic.ttf"
 
 
 def _color(rng: Rng, low: int, high: int) -> tuple[int, int, int]:

@@ -21,7 +21,7 @@ def korean_figure(width: float, height: float, columns: int = 1):
     from matplotlib import font_manager
     from matplotlib import pyplot as plt
 
-    from forensic_vlm.demo_data import korean_font_path
+    from forensic_vlm.fonts import korean_font_path
 
     font_manager.fontManager.addfont(str(korean_font_path()))
     with plt.rc_context({"font.family": "NanumGothic", "axes.unicode_minus": False}):

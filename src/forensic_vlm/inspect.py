@@ -10,7 +10,6 @@ import datetime as dt
 import io
 import os
 import stat
-import warnings
 from dataclasses import dataclass, field
 
 import imagehash
@@ -134,28 +133,24 @@ def _decode(result: Inspection, data: bytes, max_pixels: int, allowed: tuple[str
     previous_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                result.format = image.format or ""
-                if result.format not in allowed:
-                    return result.reject(
-                        "unsupported_format", f"format {result.format} is not in manifest.allowed_formats"
-                    )
-                width, height = image.size
-                if width * height > max_pixels:
-                    return _bomb(result, width, height, max_pixels)
-                for frame in ImageSequence.Iterator(image):
-                    frame.load()  # decode every byte of every frame: truncation shows here
-                image.seek(0)
-                orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-                if orientation in (5, 6, 7, 8):  # rotated by 90°: what a viewer shows is transposed
-                    width, height = height, width
-                result.width, result.height = width, height
-                upright = ImageOps.exif_transpose(image)
-                result.phash = str(imagehash.phash(upright if upright is not None else image))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        return result.reject("decompression_bomb", str(error))
+        with Image.open(io.BytesIO(data)) as image:
+            result.format = image.format or ""
+            if result.format not in allowed:
+                return result.reject(
+                    "unsupported_format", f"format {result.format} is not in manifest.allowed_formats"
+                )
+            width, height = image.size
+            if width * height > max_pixels:
+                return _bomb(result, width, height, max_pixels)
+            for frame in ImageSequence.Iterator(image):
+                frame.load()  # decode every byte of every frame: truncation shows here
+            image.seek(0)
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            if orientation in (5, 6, 7, 8):  # rotated by 90°: what a viewer shows is transposed
+                width, height = height, width
+            result.width, result.height = width, height
+            upright = ImageOps.exif_transpose(image)
+            result.phash = str(imagehash.phash(upright if upright is not None else image))
     except UnidentifiedImageError:
         if looks_like_image(data):
             return result.reject("corrupt", "starts like an image but no decoder could read its header")

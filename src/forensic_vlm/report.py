@@ -236,7 +236,7 @@ def _embedded_font(text: str) -> str:
     machine with no Korean font installed, for tens of kB instead of the font's 4.7 MB."""
     from fontTools import subset
 
-    from forensic_vlm.demo_data import korean_font_path
+    from forensic_vlm.fonts import korean_font_path
 
     logging.getLogger("fontTools").setLevel(logging.ERROR)  # it lists every table it drops
     options = subset.Options()
