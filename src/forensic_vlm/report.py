@@ -206,9 +206,14 @@ def _data_sections(inputs: ReportInputs, classes: list[ClassSpec]) -> list[str]:
     ]  # fmt: skip
 
 
+def _confidence(row: dict[str, str]) -> float | None:
+    """Top-class probability of a prediction row; None for generated answers, which have none."""
+    return max((float(row[k]) for k in row if k.startswith("p") and k[1:].isdigit() and row[k]), default=None)
+
+
 def _gallery(rows: list[dict], raw_data: Path, by_id: dict[int, ClassSpec], config: ReportConfig) -> list[str]:
     wrong = [r for r in rows if r["predicted"] != r["true"]]
-    wrong.sort(key=lambda r: -max((float(r[k]) for k in r if k.startswith("p") and k[1:].isdigit() and r[k]), default=0))
+    wrong.sort(key=lambda r: -(_confidence(r) or 0.0))
     shown = wrong[: config.gallery_size]
     head = [f"<h2>Misclassified by the fine-tuned model ({len(wrong)} of {len(rows)})</h2>"]
     if not config.show_images:
@@ -220,7 +225,7 @@ def _gallery(rows: list[dict], raw_data: Path, by_id: dict[int, ClassSpec], conf
 
     cards = []
     for r in shown:
-        confidence = max((float(r[k]) for k in r if k.startswith("p") and k[1:].isdigit() and r[k]), default=None)
+        confidence = _confidence(r)
         caption = (f"{_e(r['path'])}<br>true {_e(name(r['true']))}<br>predicted {_e(name(r['predicted']))}"
                    + (f" ({confidence:.2f})" if confidence is not None else ""))  # fmt: skip
         image = ""

@@ -216,6 +216,7 @@ def train_adapter(
     earlier = _read_rows(curves) if resume else []  # Lightning's CSV logger starts its file afresh
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(checkpoints / "last.ckpt") if resume else None)
 
+    joined = _join_curves(earlier, _read_rows(curves))
     best_path = Path(best.best_model_path) if best.best_model_path else checkpoints / "best.ckpt"
     state = torch.load(best_path, map_location="cpu", weights_only=False)
     module.load_state_dict(state["state_dict"], strict=False)
@@ -223,13 +224,13 @@ def train_adapter(
         "best_epoch": int(state["epoch"]),
         "global_step": int(trainer.global_step),
         "val_macro_f1": float(best.best_model_score) if best.best_model_score is not None else None,
-        "val_accuracy": _logged([*earlier, *_read_rows(curves)], "val_accuracy", int(state["epoch"])),
+        "val_accuracy": _logged(joined, "val_accuracy", int(state["epoch"])),
         "precision": precision,
         "device": device_name(device),
         "train_peak_memory_GiB": module.peak_memory_gib,
     }
     _save_adapter(model, processor, adapter_dir)
-    _write_curves(earlier, _read_rows(curves), work_dir / "metrics.csv")
+    _write_curves(joined, work_dir / "metrics.csv")
     # Finished: a later run (new settings, or forced) trains afresh; only a crash is resumed.
     for finished in (checkpoints / "last.ckpt", checkpoints / "run.json"):
         finished.unlink(missing_ok=True)
@@ -259,12 +260,15 @@ def _read_rows(csv_path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _write_curves(earlier: list[dict], later: list[dict], out: Path) -> None:
+def _join_curves(earlier: list[dict], later: list[dict]) -> list[dict]:
     """The curves of a resumed run: rows before the resume point, then the new rows."""
+    resumed_at = min((int(r["step"]) for r in later), default=None)
+    return [r for r in earlier if resumed_at is None or int(r["step"]) < resumed_at] + later
+
+
+def _write_curves(rows: list[dict], out: Path) -> None:
     import csv
 
-    resumed_at = min((int(r["step"]) for r in later), default=None)
-    rows = [r for r in earlier if resumed_at is None or int(r["step"]) < resumed_at] + later
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with open(out, "w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
