@@ -4,10 +4,18 @@ Random weights (no hub here), the real Mistral tokenizer and the real model's im
 (CLIP ViT-L/14 at 336 px, anyres pinpoints). Saves the random model with ``save_pretrained`` and
 then runs the project's own code on it through the same ``from_pretrained`` path as a real model:
 
-1. ``evaluate_split`` (one forward pass, class probabilities, token-grouped batches) in bf16 and nf4;
+1. ``evaluate_split`` (one forward pass, class probabilities, token-grouped batches) in bf16 and nf4,
+   and its speed options: batch 16, ``evaluate.compile``, ``model.max_tiles: 2``, and
+   ``evaluate.devices: 2`` where two GPUs are visible; a profile of where the bf16 run's GPU time goes;
 2. the reference way of evaluating: nf4, batch 4, right padding, ``USER: ... ASSISTANT:`` prompt,
    ``generate`` with 8 and with 50 new tokens, for comparison in the same run;
-3. ``train_adapter``: a QLoRA epoch at batch 1 with gradient checkpointing (nf4, bf16-mixed).
+3. ``train_adapter``: a QLoRA epoch at batch 1 with gradient checkpointing (nf4, bf16-mixed), and
+   the same through ``forensic-vlm train`` with ``train.devices`` 1 and 2 (DDP) where two GPUs are
+   visible;
+4. the card's own ceiling: an 8192^3 bf16 matrix product, the yardstick for model FLOP utilisation.
+
+Steps can be chosen with ``--steps`` (a device command may run 10 minutes at most); the random
+model is written once per work folder and reused.
 
 Images are phone-like: 1080x1920 portrait screenshots, 1920x1080 and 1280x960 photos, 800x800
 squares, JPEG. Prints a table and writes JSON. ``--tiny`` runs the same steps with the demo's
@@ -22,6 +30,9 @@ import argparse
 import gc
 import json
 import logging
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -73,6 +84,7 @@ def write_random_model(folder: Path, processor, tiny: bool) -> int:
     with torch.device(device):
         model = LlavaNextForConditionalGeneration(config).to(torch.bfloat16 if device == "cuda" else torch.float32)
     parameters = sum(p.numel() for p in model.parameters())
+    (folder.parent / "parameters.json").write_text(json.dumps(parameters))
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
     del model
@@ -120,17 +132,75 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def project_evaluation(table: Path, root: Path, model_dir: Path, quantization: str, batch: int, workers: int) -> dict:
+def project_evaluation(table: Path, root: Path, model_dir: Path, name: str, quantization: str = "none",
+                       batch: int = 8, workers: int = 8, devices: int = 1, compile: bool = False,
+                       max_tiles: int | None = None) -> dict:  # fmt: skip
     from forensic_vlm.evaluate import evaluate_split
 
     reset_peak()
-    model = ModelConfig(name_or_path=str(model_dir), quantization=quantization)
-    config = EvaluateConfig(batch_size=batch, num_workers=workers, bootstrap_samples=100)
-    out = root / f"eval_{quantization}"
-    metrics = evaluate_split(table, root / "raw_data", list(DEFAULT_CLASSES), model, config, out)
+    model = ModelConfig(name_or_path=str(model_dir), quantization=quantization, max_tiles=max_tiles)
+    config = EvaluateConfig(batch_size=batch, num_workers=workers, bootstrap_samples=100, devices=devices,
+                            compile=compile)  # fmt: skip
+    metrics = evaluate_split(table, root / "raw_data", list(DEFAULT_CLASSES), model, config, root / f"eval_{name}")
     return {"images_per_s": metrics["images_per_second_after_first_batch"],
             "images_per_s_whole_run": metrics["images_per_second"], "seconds": metrics["seconds"],
-            "n": metrics["n"], "peak_GiB": round(peak_gb(), 1), "batch": batch}  # fmt: skip
+            "n": metrics["n"], "peak_GiB": round(peak_gb(), 1), "batch": batch, "quantization": quantization,
+            "devices": devices, "compile": compile, "max_tiles": max_tiles}  # fmt: skip
+
+
+KERNEL_KINDS = (
+    ("matrix products", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|matmul|sm90_", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|efficient_attention", re.I)),
+    ("nf4 dequantize", re.compile(r"dequant|kDequant|bnb", re.I)),
+    ("copies", re.compile(r"memcpy|memset|copy", re.I)),
+)
+
+
+def profile_evaluation(table: Path, root: Path, model_dir: Path, workers: int) -> dict:
+    """Where the bf16 scoring's GPU time goes: kernel time by kind, and how busy the GPU was."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from forensic_vlm.evaluate import evaluate_split
+
+    config = EvaluateConfig(batch_size=8, num_workers=workers, bootstrap_samples=10)
+    model = ModelConfig(name_or_path=str(model_dir), quantization="none")
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as trace:
+        metrics = evaluate_split(table, root / "raw_data", list(DEFAULT_CLASSES), model, config, root / "eval_profile")
+    kernels: dict[str, float] = {}
+    for event in trace.key_averages():
+        microseconds = (event.self_device_time_total if cuda else event.self_cpu_time_total) or 0
+        if microseconds > 0:
+            kernels[event.key] = kernels.get(event.key, 0.0) + microseconds / 1e6
+    by_kind: dict[str, float] = {}
+    for name, seconds in kernels.items():
+        kind = next((k for k, pattern in KERNEL_KINDS if pattern.search(name)), "element-wise and other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
+    busy = sum(kernels.values())
+    top = sorted(kernels.items(), key=lambda item: -item[1])[:12]
+    return {"images": metrics["n"], "scoring_seconds": metrics["seconds"], "gpu_kernel_seconds": round(busy, 2),
+            "gpu_busy_share_of_scoring": round(busy / metrics["seconds"], 3),
+            "kernel_seconds_by_kind": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda i: -i[1])},
+            "top_kernels": [[name[:90], round(seconds, 3)] for name, seconds in top], "peak_GiB": round(peak_gb(), 1),
+            "note": "profiled run (tracing slows it); images/s is from the unprofiled runs"}  # fmt: skip
+
+
+def matmul_ceiling() -> dict:
+    """bf16 8192^3 matrix products on random data: the rate MFU is also measured against."""
+    if not torch.cuda.is_available():
+        return {"TFLOP_per_s": None, "peak_GiB": 0.0}
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return {"TFLOP_per_s": round(2 * 8192**3 / float(np.median(times)) / 1e12, 1), "peak_GiB": round(peak_gb(), 1)}
 
 
 def reference_evaluation(table: Path, root: Path, model_dir: Path, plan: list[tuple[int, int]]) -> dict:
@@ -188,6 +258,29 @@ def qlora_training(train_table: Path, val_table: Path, root: Path, model_dir: Pa
             "images_per_s": _median_logged(root / "train" / "metrics.csv", "train_images_per_s")}  # fmt: skip
 
 
+def cli_training(train_table: Path, val_table: Path, root: Path, model_dir: Path, workers: int, devices: int) -> dict:
+    """``forensic-vlm train`` with ``train.devices`` (DDP when > 1): Lightning reruns the command per rank."""
+    import yaml
+
+    folder = root / f"train_cli_{devices}"
+    config = folder / "config.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(model_dir), "quantization": "nf4"},
+        "train": {"epochs": 1, "batch_size": 1, "accumulate_grad_batches": 1, "gradient_checkpointing": True,
+                  "num_workers": workers, "devices": devices, "checkpoint_every_n_steps": 10_000},
+    }))  # fmt: skip
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "forensic_vlm", "--config", str(config), "--log", str(folder / "train.log"),
+                    "train", str(train_table), str(val_table), "--raw-data", str(root / "raw_data"),
+                    "--adapter", str(folder / "adapter")], check=True)  # fmt: skip
+    seconds = time.perf_counter() - start
+    card = json.loads((folder / "adapter" / "training.json").read_text())
+    return {"devices": devices, "seconds_incl_load_and_val": round(seconds, 1), "train_images": card["training_images"],
+            "optimizer_steps": card["validation"]["global_step"], "peak_GiB": card["validation"]["train_peak_memory_GiB"],
+            "images_per_s": _median_logged(folder / "metrics.csv", "train_images_per_s")}  # fmt: skip
+
+
 def _median_logged(csv_path: Path, column: str) -> float | None:
     """Median of a per-step value in the training log, leaving out the first two (warm-up) steps."""
     import csv
@@ -202,72 +295,111 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/forensic_vlm_bench"))
     parser.add_argument("--processor", type=Path, default=None, help="prebuilt full-size processor folder")
-    parser.add_argument("--eval-images", type=int, default=96)
-    parser.add_argument("--reference-images", type=int, default=32)
-    parser.add_argument("--train-images", type=int, default=24)
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--eval-images", type=int, default=256)
+    parser.add_argument("--reference-images", type=int, default=24)
+    parser.add_argument("--train-images", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=6)
     parser.add_argument("--tiny", action="store_true", help="the demo's tiny geometry, on the CPU")
-    parser.add_argument("--skip", nargs="*", default=[], help="steps to leave out, by name")
+    parser.add_argument("--steps", nargs="*", default=None, help=f"steps to run (default: all): {' '.join(STEPS)}")
+    parser.add_argument("--json-name", default="gpu_full_scale.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from forensic_vlm.demo_model import build_processor
+    from forensic_vlm.modeling import load_processor
 
     root, sizes = args.work_dir, (TINY_SIZES if args.tiny else FULL_SIZES)
     root.mkdir(parents=True, exist_ok=True)
-    from forensic_vlm.modeling import load_processor
-
     processor = load_processor(args.processor) if args.processor else build_processor(
         DemoModelConfig(image_size=56 if args.tiny else 336)
     )
     model_dir = root / "model"
-    start = time.perf_counter()
-    parameters = write_random_model(model_dir, processor, args.tiny)
-    log.info("random model: %.2f B parameters written in %.0f s", parameters / 1e9, time.perf_counter() - start)
+    if not (model_dir / "config.json").exists():
+        start = time.perf_counter()
+        write_random_model(model_dir, processor, args.tiny)
+        log.info("random model written in %.0f s", time.perf_counter() - start)
+    parameters = int(json.loads((root / "parameters.json").read_text())) if (root / "parameters.json").exists() else None
     eval_table = write_images(root, args.eval_images, sizes, seed=1)
     train_table = write_images(root, args.train_images, sizes, seed=2)
-    val_table = write_images(root, 4, sizes, seed=3)
+    val_table = write_images(root, 8, sizes, seed=3)
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    result = {"device": device, "parameters": parameters, "image_sizes": [list(s) for s in sizes], "runs": {}}
-    runs = result["runs"]
+    gpus = torch.cuda.device_count()
+    device = torch.cuda.get_device_name() if gpus else "CPU"
+    result = {"device": device, "gpus_visible": gpus, "parameters": parameters,
+              "image_sizes": [list(s) for s in sizes], "runs": {}}  # fmt: skip
+    runs, w = result["runs"], args.workers
+    evaluation = lambda name, **options: lambda: project_evaluation(eval_table, root, model_dir, name, workers=w, **options)  # noqa: E731
     steps = {
-        "project_bf16_scores": lambda: project_evaluation(eval_table, root, model_dir, "none", 8, args.workers),
-        "project_nf4_scores": lambda: project_evaluation(eval_table, root, model_dir, "nf4", 8, args.workers),
+        "matmul_ceiling": matmul_ceiling,
+        "project_bf16_scores": evaluation("bf16"),
+        "project_bf16_scores_batch16": evaluation("bf16_b16", batch=16),
+        "project_bf16_scores_compile": evaluation("bf16_compile", compile=True),
+        "project_bf16_scores_max_tiles2": evaluation("bf16_tiles2", max_tiles=2),
+        "project_nf4_scores": evaluation("nf4", quantization="nf4"),
+        "profile_bf16_scores": lambda: profile_evaluation(write_images(root, 64, sizes, seed=4), root, model_dir, w),
+        "project_bf16_scores_2gpus": evaluation("bf16_2gpus", devices=2) if gpus >= 2 else None,
         "reference": lambda: reference_evaluation(
             eval_table, root, model_dir, [(8, args.reference_images), (50, args.reference_images // 2)]
         ),
-        "qlora_train_batch1_checkpointing": lambda: qlora_training(train_table, val_table, root, model_dir, args.workers),
+        "qlora_train_batch1_checkpointing": lambda: qlora_training(train_table, val_table, root, model_dir, w),
+        "qlora_train_cli_1gpu": lambda: cli_training(train_table, val_table, root, model_dir, w, 1),
+        "qlora_train_cli_ddp_2gpus": (lambda: cli_training(train_table, val_table, root, model_dir, w, 2)) if gpus >= 2 else None,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    out = args.out_dir / args.json_name
     for name, step in steps.items():
-        if name in args.skip:
+        if step is None or (args.steps is not None and name not in args.steps):
             continue
-        outcome = step()
-        runs.update(outcome if name == "reference" else {name: outcome})
+        log.info("step %s", name)
+        try:
+            outcome = step()
+        except Exception as error:  # one failing option must not cost the other figures of the run
+            log.exception("step %s failed", name)
+            outcome = {"error": f"{type(error).__name__}: {error}"[:500]}
+        runs.update(outcome if name == "reference" and "error" not in outcome else {name: outcome})
         # Written after every step, so a run cut short by a time limit still reports what it did.
-        (args.out_dir / "gpu_full_scale.json").write_text(json.dumps(result, indent=2) + "\n")
-    _add_derived(result, processor, sizes)
-    (args.out_dir / "gpu_full_scale.json").write_text(json.dumps(result, indent=2) + "\n")
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    processor_folder = args.processor or root / "processor"
+    processor.save_pretrained(processor_folder) if not args.processor else None
+    _add_derived(result, sizes, processor_folder)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    print(f"\n{device}; random-weight LLaVA-1.6-Mistral-7B architecture ({parameters / 1e9:.2f} B parameters)")
-    print("| run | images/s | peak GiB |\n|---|---|---|")
+    print(f"\n{device} x{gpus}; random-weight LLaVA-1.6-Mistral-7B architecture")
+    print("| run | images/s | tokens/s | MFU (datasheet / measured) | peak GiB |\n|---|---|---|---|---|")
     for name, run in runs.items():
-        print(f"| {name} | {run.get('images_per_s', '')} | {run['peak_GiB']} |")
+        if "images_per_s" in run:
+            mfu = f"{run.get('mfu_vs_989_TFLOPs', '')} / {run.get('mfu_vs_measured', '')}"
+            print(f"| {name} | {run['images_per_s']} | {run.get('tokens_per_s', '')} | {mfu} | {run.get('peak_GiB', '')} |")
 
 
-def _add_derived(result: dict, processor, sizes) -> None:
-    """Tokens/s and model FLOP utilisation (2 x parameters x tokens per forward pass)."""
+STEPS = ("matmul_ceiling", "project_bf16_scores", "project_bf16_scores_batch16", "project_bf16_scores_compile",
+         "project_bf16_scores_max_tiles2", "project_nf4_scores", "profile_bf16_scores", "project_bf16_scores_2gpus",
+         "reference", "qlora_train_batch1_checkpointing", "qlora_train_cli_1gpu", "qlora_train_cli_ddp_2gpus")  # fmt: skip
+
+
+def _add_derived(result: dict, sizes, processor_source) -> None:
+    """Tokens/s and model FLOP utilisation: 2 x parameters x tokens per forward pass, against the
+    datasheet's dense bf16 rate and against the matrix product measured in this run."""
+    from forensic_vlm.modeling import load_processor
     from forensic_vlm.prompting import TokenCounter, answer_tokens, build_prompt
 
-    prompt = build_prompt(processor, REFERENCE_QUESTION)
-    counter = TokenCounter(processor, prompt, answer_tokens(processor.tokenizer, prompt, [0, 1, 2, 3]))
-    mean_tokens = float(np.mean([counter(*s) for s in sizes]))
-    result["mean_tokens_per_image"] = round(mean_tokens, 1)
+    measured = result["runs"].get("matmul_ceiling", {}).get("TFLOP_per_s")
+    means = {}
+    for cap in (None, 2):
+        processor = load_processor(processor_source, cap)
+        prompt = build_prompt(processor, REFERENCE_QUESTION)
+        counter = TokenCounter(processor, prompt, answer_tokens(processor.tokenizer, prompt, [0, 1, 2, 3]))
+        means[cap] = float(np.mean([counter(*s) for s in sizes]))
+    result["mean_tokens_per_image"] = {"all tiles": round(means[None], 1), "max_tiles 2": round(means[2], 1)}
+    parameters = result["parameters"]
     for name, run in result["runs"].items():
-        if name.startswith("project") and "images_per_s" in run:
-            tokens = run["images_per_s"] * mean_tokens
+        if name.startswith("project") and "images_per_s" in run and parameters:
+            tokens = run["images_per_s"] * means[run.get("max_tiles")]
             run["tokens_per_s"] = round(tokens)
-            run["mfu_vs_989_TFLOPs"] = round(2 * result["parameters"] * tokens / (H100_BF16_DENSE_TFLOPS * 1e12), 3)
+            run["mfu_vs_989_TFLOPs"] = round(2 * parameters * tokens / (H100_BF16_DENSE_TFLOPS * 1e12), 3)
+            if measured:
+                run["mfu_vs_measured"] = round(2 * parameters * tokens / (measured * 1e12 * run.get("devices", 1)), 3)
+            if run.get("devices", 1) > 1:
+                run["mfu_vs_989_TFLOPs"] = round(run["mfu_vs_989_TFLOPs"] / run["devices"], 3)
 
 
 if __name__ == "__main__":

@@ -63,11 +63,15 @@ class TokenGroupedBatches(Sampler[list[int]]):
     """Batches of indices with equal token counts (mixed only where a group's tail is short).
 
     Training shuffles the members of each group and the order of the batches, anew each epoch
-    (``set_epoch``); evaluation keeps a fixed order.
+    (``set_epoch``); evaluation keeps a fixed order. Under data parallelism (``replicas`` > 1) each
+    rank takes every replicas-th batch of the same order; the list is padded by repeating its
+    first batches, as DistributedSampler does, so every rank runs the same number of steps.
     """
 
-    def __init__(self, tokens: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0) -> None:
+    def __init__(self, tokens: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0,
+                 rank: int = 0, replicas: int = 1) -> None:  # fmt: skip
         self.tokens, self.batch_size, self.shuffle, self.seed, self.epoch = list(tokens), batch_size, shuffle, seed, 0
+        self.rank, self.replicas = rank, replicas
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -86,13 +90,18 @@ class TokenGroupedBatches(Sampler[list[int]]):
         batches = [ordered[i : i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
         if self.shuffle:
             rng.shuffle(batches)
+        if self.replicas > 1:
+            padded = (batches * self.replicas)[: len(self) * self.replicas]
+            return padded[self.rank :: self.replicas]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches())
 
     def __len__(self) -> int:
-        return -(-len(self.tokens) // self.batch_size)
+        """Batches per rank."""
+        batches = -(-len(self.tokens) // self.batch_size)
+        return -(-batches // self.replicas)
 
 
 class Collator:

@@ -62,10 +62,15 @@ class ModelConfig:
     """The fixed question put to the model for every image (the reference's)."""
     max_sequence_tokens: int = 4096
     """Preflight limit: an image whose prompt expands to more tokens stops the run, naming it."""
+    max_tiles: int | None = None
+    """Cap on anyres tiles (besides the overview tile): only grid shapes of at most this many tiles
+    are used, fewer tokens per image for speed. null: every shape the model knows (the reference)."""
 
     def __post_init__(self) -> None:
         if self.max_sequence_tokens < 16:
             raise ConfigError("model.max_sequence_tokens must be at least 16")
+        if self.max_tiles is not None and self.max_tiles < 1:
+            raise ConfigError("model.max_tiles must be at least 1, or null for no cap")
 
 
 @dataclass(frozen=True)
@@ -101,9 +106,15 @@ class TrainConfig:
     seed: int = 42
     """Seed of shuffling, dropout and LoRA initialisation."""
     num_workers: int = 2
-    """DataLoader worker processes that decode and preprocess images."""
+    """DataLoader worker processes that decode and preprocess images (per device)."""
+    devices: int = 1
+    """Data-parallel (DDP) processes on one machine: GPUs, or CPU processes without a GPU. Each
+    takes its own share of every epoch's batches; the effective batch is devices x batch_size x
+    accumulate_grad_batches."""
 
     def __post_init__(self) -> None:
+        if self.devices < 1:
+            raise ConfigError("train.devices must be at least 1")
         if self.learning_rate <= 0 or self.epochs < 1 or self.batch_size < 1 or self.accumulate_grad_batches < 1:
             raise ConfigError("train: learning_rate must be positive; epochs, batch_size, accumulate_grad_batches >= 1")
         if self.lora_r < 1 or not self.lora_target_modules:
@@ -125,13 +136,18 @@ class EvaluateConfig:
     calibration_bins: int = 10
     """Equal-width confidence bins of the expected calibration error."""
     num_workers: int = 2
-    """DataLoader worker processes that decode and preprocess images."""
+    """DataLoader worker processes that decode and preprocess images (per device)."""
+    devices: int = 1
+    """Devices that score shards of the images at once, one process each (GPUs; on the CPU, processes)."""
+    compile: bool = False
+    """torch.compile the language model's decoder layers (sequence length dynamic), fusing their
+    element-wise work; costs a compilation at the start of each run."""
     seed: int = 0
     """Seed of the bootstrap."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.bootstrap_samples < 1 or self.calibration_bins < 1:
-            raise ConfigError("evaluate: batch_size, bootstrap_samples and calibration_bins must be at least 1")
+        if self.batch_size < 1 or self.bootstrap_samples < 1 or self.calibration_bins < 1 or self.devices < 1:
+            raise ConfigError("evaluate: batch_size, bootstrap_samples, calibration_bins and devices must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -10,70 +10,187 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from forensic_vlm.batches import Collator, ImageDataset, LabelledCollator, TokenGroupedBatches, examples_from_table
+from forensic_vlm.batches import (
+    Collator,
+    Example,
+    ImageDataset,
+    LabelledCollator,
+    TokenGroupedBatches,
+    examples_from_table,
+)
 from forensic_vlm.config import ClassSpec, EvaluateConfig, ModelConfig
 from forensic_vlm.figures import plot_confusion_matrix
 from forensic_vlm.metrics import compute_metrics, report_text
 from forensic_vlm.modeling import compute_dtype, device_name, load_adapter, load_base_model, load_processor, resolve_device
 from forensic_vlm.prediction_cache import PredictionCache, adapter_fingerprint, model_fingerprint
-from forensic_vlm.prompting import TokenCounter, answer_tokens, build_prompt, preflight
+from forensic_vlm.prompting import AnswerTokens, TokenCounter, answer_tokens, build_prompt, preflight
 from forensic_vlm.scoring import class_probabilities, generate_answers, parse_finetuned, parse_zeroshot, to_device
 from forensic_vlm.tables import read_tsv, write_tsv
 
 log = logging.getLogger(__name__)
 
 
-def _score(todo, examples, tokens, cache, processor, prompt, answer, labels, model_config, config, adapter,
-           max_new, device, kind) -> tuple[float, float]:  # fmt: skip
-    """Run the model on the examples at ``todo``, adding each batch's results to the cache.
+@dataclass(frozen=True)
+class ScoringJob:
+    """What one scoring process needs; picklable, so it can be sent to a process per device."""
 
-    Returns (seconds, images/s after the first batch).
-    """
-    if not todo:
-        return 0.0, 0.0
-    model = load_base_model(model_config, device)
-    if adapter:
-        model = load_adapter(model, Path(adapter))
+    examples: list[Example]
+    batches: list[list[int]]  # indices into ``examples``, grouped by token count
+    model: ModelConfig
+    adapter: str | None
+    processor_source: str
+    prompt: str
+    answer: AnswerTokens
+    labels: list[int]
+    decoding: str
+    max_new_tokens: int
+    num_workers: int
+    compile: bool = False
+
+
+def _score_batches(job: ScoringJob, device: torch.device) -> Iterator[list[dict]]:
+    """Load the model on ``device`` and yield the prediction rows of each batch of ``job``."""
+    model = load_base_model(job.model, device)
+    if job.adapter:
+        model = load_adapter(model, Path(job.adapter))
     model.eval()
-    subset = [examples[i] for i in todo]
-    mode = "score" if config.decoding == "scores" else "generate"
+    if job.compile:
+        compile_decoder_layers(model)
+    processor = load_processor(job.processor_source, job.model.max_tiles)
+    mode = "score" if job.decoding == "scores" else "generate"
     loader = DataLoader(
-        ImageDataset(subset),
-        batch_sampler=TokenGroupedBatches([tokens[i] for i in todo], config.batch_size, shuffle=False),
-        collate_fn=LabelledCollator(Collator(processor, prompt, answer, labels, mode), subset),
-        num_workers=config.num_workers,
+        ImageDataset(job.examples),
+        batch_sampler=job.batches,
+        collate_fn=LabelledCollator(Collator(processor, job.prompt, job.answer, job.labels, mode), job.examples),
+        num_workers=job.num_workers,
         pin_memory=device.type == "cuda",
     )
-    parse = parse_finetuned if adapter else parse_zeroshot
-    start, done, first = time.perf_counter(), 0, None
+    parse = parse_finetuned if job.adapter else parse_zeroshot
     for batch in loader:
         index = batch["indices"].tolist()
         inputs = to_device(batch, device, compute_dtype(device))
         rows = []
         if mode == "score":
-            p = class_probabilities(model, inputs, answer.class_ids).cpu().numpy()
+            p = class_probabilities(model, inputs, job.answer.class_ids).cpu().numpy()
             for i, probs in zip(index, p):
-                rows.append({"sha256": subset[i].sha256, "predicted": labels[int(probs.argmax())], "answer": "",
-                             **{f"p{label}": f"{v:.6f}" for label, v in zip(labels, probs)}})  # fmt: skip
+                rows.append({"sha256": job.examples[i].sha256, "predicted": job.labels[int(probs.argmax())],
+                             "answer": "", **{f"p{label}": f"{v:.6f}" for label, v in zip(job.labels, probs)}})  # fmt: skip
         else:
-            for i, text in zip(index, generate_answers(model, inputs, processor.tokenizer, max_new)):
-                rows.append({"sha256": subset[i].sha256, "predicted": parse(text), "answer": text})
+            for i, text in zip(index, generate_answers(model, inputs, processor.tokenizer, job.max_new_tokens)):
+                rows.append({"sha256": job.examples[i].sha256, "predicted": parse(text), "answer": text})
+        yield rows
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile every decoder layer of the language model in place; returns how many.
+
+    All layers share one compiled graph (parameters are graph inputs); the sequence length is
+    dynamic, so new token counts do not recompile.
+    """
+    layers = [module for name, module in model.named_modules()
+              if "language_model" in name and type(module).__name__.endswith("DecoderLayer")]  # fmt: skip
+    for layer in layers:
+        layer.compile(dynamic=True)
+    log.info("compiled %d decoder layers", len(layers))
+    return len(layers)
+
+
+def shard_devices(count: int) -> list[torch.device]:
+    """``count`` devices for scoring shards: GPUs 0..count-1, or CPU processes without a GPU."""
+    if torch.cuda.is_available():
+        if count > torch.cuda.device_count():
+            raise RuntimeError(f"evaluate.devices is {count} but {torch.cuda.device_count()} GPUs are visible")
+        return [torch.device("cuda", i) for i in range(count)]
+    return [torch.device("cpu")] * count
+
+
+def _shard_worker(rank: int, job: ScoringJob, device: torch.device, threads: int, results) -> None:
+    """One scoring process: sends ("rows", rank, rows) per batch, then ("done", rank, None)."""
+    try:
+        torch.set_num_threads(threads)
+        for rows in _score_batches(job, device):
+            results.put(("rows", rank, rows))
+        results.put(("done", rank, None))
+    except BaseException:  # reported to the parent, which stops the run with it
+        results.put(("error", rank, traceback.format_exc()))
+
+
+def _score(jobs: list[ScoringJob], devices: list[torch.device], cache: PredictionCache, kind: str) -> tuple[float, float]:
+    """Score every job (one per device), adding each batch's rows to the cache as it arrives.
+
+    One job runs in this process; several run in one spawned process each, and only this process
+    writes the cache, so it stays one consistent append-only file. Returns (seconds, images/s
+    after every device has finished its first batch, so model loading is left out).
+    """
+    total = sum(len(batch) for job in jobs for batch in job.batches)
+    if not total:
+        return 0.0, 0.0
+    start, done, first = time.perf_counter(), 0, None
+
+    def account(rows: list[dict]) -> None:
+        nonlocal done
         cache.add(rows)
-        done += len(index)
+        done += len(rows)
         elapsed = time.perf_counter() - start
-        first = first or (done, elapsed)  # after the first batch: workers up, kernels chosen
-        log.info("%s: %d/%d images, %.1f images/s, ETA %.0f s", kind, done, len(subset), done / elapsed,
-                 elapsed / done * (len(subset) - done))  # fmt: skip
+        log.info("%s: %d/%d images, %.1f images/s, ETA %.0f s", kind, done, total, done / elapsed,
+                 elapsed / done * (total - done))  # fmt: skip
+
+    if len(jobs) == 1:
+        for rows in _score_batches(jobs[0], devices[0]):
+            account(rows)
+            first = first or (done, time.perf_counter() - start)
+    else:
+        context = torch.multiprocessing.get_context("spawn")
+        results = context.Queue()
+        threads = max(1, torch.get_num_threads() // len(jobs)) if devices[0].type == "cpu" else torch.get_num_threads()
+        workers = [context.Process(target=_shard_worker, args=(rank, job, device, threads, results))
+                   for rank, (job, device) in enumerate(zip(jobs, devices))]  # fmt: skip
+        for worker in workers:
+            worker.start()
+        started, finished = set(), set()
+        try:
+            while len(finished) < len(workers):
+                try:
+                    what, rank, payload = results.get(timeout=5)
+                except queue.Empty:
+                    dead = [r for r, w in enumerate(workers) if not w.is_alive() and r not in finished]
+                    if dead:
+                        raise RuntimeError(f"{kind}: scoring process {dead[0]} ended without finishing "
+                                           f"(exit code {workers[dead[0]].exitcode})") from None  # fmt: skip
+                    continue
+                if what == "error":
+                    raise RuntimeError(f"{kind}: scoring process {rank} on {devices[rank]} failed:\n{payload}")
+                if what == "done":
+                    finished.add(rank)
+                    continue
+                account(payload)
+                started.add(rank)
+                if first is None and len(started) == len(workers):
+                    first = (done, time.perf_counter() - start)
+        finally:
+            for worker in workers:
+                if worker.is_alive():
+                    worker.terminate()
+                worker.join()
     seconds = time.perf_counter() - start
-    steady = (done - first[0]) / (seconds - first[1]) if done > first[0] else done / seconds
+    steady = (done - first[0]) / (seconds - first[1]) if first and done > first[0] else done / seconds
     return seconds, steady
+
+
+def shard_batches(batches: list[list[int]], shards: int) -> list[list[list[int]]]:
+    """Deal token-grouped batches round-robin, so every shard gets long and short images alike."""
+    return [batches[rank::shards] for rank in range(shards)]
 
 
 def evaluate_split(
@@ -100,7 +217,7 @@ def evaluate_split(
     examples = examples_from_table(read_tsv(Path(table)), raw_data)
     device = resolve_device(model_config)
     # The adapter folder carries the processor it was trained with; the base model's otherwise.
-    processor = load_processor(adapter or model_config.name_or_path)
+    processor = load_processor(adapter or model_config.name_or_path, model_config.max_tiles)
     prompt = build_prompt(processor, model_config.question)
     labels = [c.id for c in classes]
     answer = answer_tokens(processor.tokenizer, prompt, labels)
@@ -111,14 +228,20 @@ def evaluate_split(
     cache = PredictionCache(cache_dir, {
         "model": model_fingerprint(model_config.name_or_path), "quantization": model_config.quantization,
         "adapter": adapter_fingerprint(Path(adapter) if adapter else None), "prompt": prompt,
-        "decoding": config.decoding, "max_new_tokens": max_new if config.decoding == "generate" else None,
+        "max_tiles": model_config.max_tiles, "decoding": config.decoding, "max_new_tokens": max_new if config.decoding == "generate" else None,
         "class_tokens": list(answer.class_ids),
     }, score_columns)  # fmt: skip
     todo = [i for i, e in enumerate(examples) if cache.get(e.sha256) is None]
     log.info("%s: %d images, %d already scored by this model (cache %s), %d to score", kind, len(examples),
              len(examples) - len(todo), cache.key, len(todo))  # fmt: skip
-    seconds, steady = _score(todo, examples, tokens, cache, processor, prompt, answer, labels, model_config,
-                             config, adapter, max_new, device, kind)  # fmt: skip
+    subset = [examples[i] for i in todo]
+    batches = TokenGroupedBatches([tokens[i] for i in todo], config.batch_size, shuffle=False).batches()
+    devices = shard_devices(config.devices) if config.devices > 1 else [device]
+    shards = [shard for shard in shard_batches(batches, len(devices)) if shard]
+    jobs = [ScoringJob(subset, shard, model_config, str(adapter) if adapter else None,
+                       str(adapter or model_config.name_or_path), prompt, answer, labels, config.decoding,
+                       max_new, config.num_workers, config.compile) for shard in shards]  # fmt: skip
+    seconds, steady = _score(jobs, devices[: len(jobs)], cache, kind)
     scores = [cache.get(e.sha256) for e in examples]
     predicted = np.array([int(s["predicted"]) for s in scores])
     probabilities = np.array([[float(s[f"p{label}"]) if s[f"p{label}"] else np.nan for label in labels] for s in scores])
@@ -134,7 +257,7 @@ def evaluate_split(
                     "seconds": round(seconds, 2),
                     "images_per_second": round(len(todo) / seconds, 2) if todo else None,
                     "images_per_second_after_first_batch": round(steady, 2) if todo else None,
-                    "device": device_name(device)})  # fmt: skip
+                    "devices": len(jobs) if todo else 0, "device": device_name(device)})  # fmt: skip
     rows = []
     for i, e in enumerate(examples):
         row = {"sha256": e.sha256, "path": e.name, "flags": e.flags, "true": e.label, "predicted": int(predicted[i])}

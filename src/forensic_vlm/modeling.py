@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from forensic_vlm.config import ModelConfig, TrainConfig
+from forensic_vlm.config import ConfigError, ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,32 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_processor(source: str | Path):
+def load_processor(source: str | Path, max_tiles: int | None = None):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(source), trust_remote_code=False)
     processor.tokenizer.padding_side = "left"  # decoder-only: the answer position is the last one
+    image_processor = processor.image_processor
+    image_processor.image_grid_pinpoints = capped_pinpoints(
+        image_processor.image_grid_pinpoints, image_processor.crop_size["height"], max_tiles
+    )
     return processor
+
+
+def capped_pinpoints(pinpoints: list[list[int]], tile: int, max_tiles: int | None) -> list[list[int]]:
+    """The anyres grid shapes of at most ``max_tiles`` tiles (``model.max_tiles``).
+
+    The processor (how an image is cut up and how many tokens it becomes) and the model (how the
+    features are put back together) must use the same list, so both are capped from this function.
+    The model was pretrained on every shape, so a cap stays within what it has seen.
+    """
+    if max_tiles is None:
+        return [list(p) for p in pinpoints]
+    kept = [list(p) for p in pinpoints if (p[0] // tile) * (p[1] // tile) <= max_tiles]
+    if not kept:
+        smallest = min((p[0] // tile) * (p[1] // tile) for p in pinpoints)
+        raise ConfigError(f"model.max_tiles {max_tiles} leaves no anyres grid; the smallest has {smallest} tiles")
+    return kept
 
 
 def load_base_model(config: ModelConfig, device: torch.device):
@@ -73,6 +93,8 @@ def load_base_model(config: ModelConfig, device: torch.device):
     model = LlavaNextForConditionalGeneration.from_pretrained(config.name_or_path, **kwargs)
     if config.quantization == "none":
         model.to(device)
+    tile = model.config.vision_config.image_size
+    model.config.image_grid_pinpoints = capped_pinpoints(model.config.image_grid_pinpoints, tile, config.max_tiles)
     log.info("loaded %s (%s, %s) on %s", config.name_or_path, config.quantization, dtype, device)
     return model
 

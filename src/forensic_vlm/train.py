@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class ClassifierModule(pl.LightningModule):
         self.strict_loading = False
         self._val_probabilities: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
+        self._val_indices: list[torch.Tensor] = []
 
     def _inputs(self, batch: dict) -> dict:
         inputs = {key: batch[key] for key in MODEL_INPUTS}
@@ -73,7 +75,9 @@ class ClassifierModule(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch: dict, batch_index: int) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # GPU work is asynchronous: time what was done, not what was queued
-        self.log("train_images_per_s", len(batch["indices"]) / (time.perf_counter() - self._step_start))
+        # All ranks together: each does the same number of steps at the same time.
+        images = len(batch["indices"]) * self.trainer.world_size
+        self.log("train_images_per_s", images / (time.perf_counter() - self._step_start))
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         loss = self.model(**self._inputs(batch), labels=batch["labels"]).loss
@@ -84,12 +88,24 @@ class ClassifierModule(pl.LightningModule):
         probabilities = class_probabilities(self.model, self._inputs(batch), self.answer.class_ids)
         self._val_probabilities.append(probabilities.cpu())
         self._val_targets.append(batch["targets"].cpu())
+        self._val_indices.append(batch["indices"].cpu())
+
+    def _gathered_validation(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every rank's validation results, each image once (padding batches repeat some)."""
+        local = list(zip(torch.cat(self._val_indices).tolist(), torch.cat(self._val_probabilities).numpy(),
+                         torch.cat(self._val_targets).tolist()))  # fmt: skip
+        if self.trainer.world_size > 1:
+            gathered: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, local)
+            local = [item for part in gathered for item in part]
+        unique = {index: (p, t) for index, p, t in local}
+        ordered = [unique[index] for index in sorted(unique)]
+        return np.stack([p for p, _ in ordered]), np.array([t for _, t in ordered])
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_targets:
             return
-        probabilities = torch.cat(self._val_probabilities).numpy()
-        targets = torch.cat(self._val_targets).numpy()
+        probabilities, targets = self._gathered_validation()
         predicted = probabilities.argmax(axis=1)
         positions = list(range(len(self.answer.class_ids)))
         self.log("val_macro_f1", float(f1_score(targets, predicted, labels=positions, average="macro", zero_division=0)), prog_bar=True)
@@ -98,6 +114,7 @@ class ClassifierModule(pl.LightningModule):
         self.log("val_loss", float(nll))
         self._val_probabilities.clear()
         self._val_targets.clear()
+        self._val_indices.clear()
 
     def configure_optimizers(self):
         parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -127,10 +144,10 @@ def load_training_data(
     )
 
 
-def _loader(examples, tokens, collator, batch_size, shuffle, seed, workers) -> DataLoader:
+def _loader(examples, tokens, collator, batch_size, shuffle, seed, workers, rank=0, replicas=1) -> DataLoader:
     return DataLoader(
         ImageDataset(examples),
-        batch_sampler=TokenGroupedBatches(tokens, batch_size, shuffle=shuffle, seed=seed),
+        batch_sampler=TokenGroupedBatches(tokens, batch_size, shuffle=shuffle, seed=seed, rank=rank, replicas=replicas),
         collate_fn=LabelledCollator(collator, examples),
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
@@ -172,10 +189,20 @@ def train_adapter(
     work_dir, adapter_dir = Path(work_dir), Path(adapter_dir)
     checkpoints = work_dir / "checkpoints"
     fingerprint = run_fingerprint(model_config, config, data)
-    resume = _resumable(checkpoints, fingerprint)
+    # Under DDP, Lightning starts ranks 1..N-1 by running this same command again with LOCAL_RANK
+    # set; they load the model on their own device and leave files to rank 0.
+    rank = int(os.environ.get("LOCAL_RANK", "0")) if config.devices > 1 else 0
+    resume = _resumable(checkpoints, fingerprint) if rank == 0 else (checkpoints / "last.ckpt").exists()
 
     device = resolve_device(model_config)
-    processor = load_processor(model_config.name_or_path)
+    if device.type == "cpu" and config.devices > 1:  # the cores are shared between the ranks
+        torch.set_num_threads(max(1, torch.get_num_threads() // config.devices))
+    if device.type == "cuda" and config.devices > 1:
+        if config.devices > torch.cuda.device_count():
+            raise RuntimeError(f"train.devices is {config.devices} but {torch.cuda.device_count()} GPUs are visible")
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    processor = load_processor(model_config.name_or_path, model_config.max_tiles)
     prompt = build_prompt(processor, model_config.question)
     labels = [c.id for c in classes]
     answer = answer_tokens(processor.tokenizer, prompt, labels)
@@ -187,17 +214,19 @@ def train_adapter(
 
     model = add_lora(load_base_model(model_config, device), config, quantized=model_config.quantization == "nf4")
     module = ClassifierModule(model, answer, config, compute_dtype(device))
+    shard = {"rank": rank, "replicas": config.devices}
     train_loader = _loader(data.train, train_tokens, Collator(processor, prompt, answer, labels, "train"),
-                           config.batch_size, True, config.seed, config.num_workers)  # fmt: skip
+                           config.batch_size, True, config.seed, config.num_workers, **shard)  # fmt: skip
     val_loader = _loader(data.val, val_tokens, Collator(processor, prompt, answer, labels, "score"),
-                         config.batch_size, False, config.seed, config.num_workers)  # fmt: skip
+                         config.batch_size, False, config.seed, config.num_workers, **shard)  # fmt: skip
 
     best = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val_macro_f1", mode="max", save_top_k=1)
     last = ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0, every_n_train_steps=config.checkpoint_every_n_steps)
     precision = config.precision if config.precision != "auto" else ("bf16-mixed" if device.type == "cuda" else "32-true")
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=[device.index] if device.type == "cuda" else 1,
+        devices=_trainer_devices(device, config.devices),
+        strategy=_strategy(config.devices),
         max_epochs=config.epochs,
         accumulate_grad_batches=config.accumulate_grad_batches,
         gradient_clip_val=config.gradient_clip_val,
@@ -210,11 +239,14 @@ def train_adapter(
         use_distributed_sampler=False,
         enable_model_summary=False,
     )
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    (checkpoints / "run.json").write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
     curves = work_dir / "logs" / fingerprint / "metrics.csv"
     earlier = _read_rows(curves) if resume else []  # Lightning's CSV logger starts its file afresh
+    if rank == 0:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / "run.json").write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(checkpoints / "last.ckpt") if resume else None)
+    if trainer.global_rank != 0:
+        return {"rank": trainer.global_rank}
 
     joined = _join_curves(earlier, _read_rows(curves))
     best_path = Path(best.best_model_path) if best.best_model_path else checkpoints / "best.ckpt"
@@ -226,10 +258,12 @@ def train_adapter(
         "val_macro_f1": float(best.best_model_score) if best.best_model_score is not None else None,
         "val_accuracy": _logged(joined, "val_accuracy", int(state["epoch"])),
         "precision": precision,
+        "devices": config.devices,
         "device": device_name(device),
         "train_peak_memory_GiB": module.peak_memory_gib,
     }
-    _save_adapter(model, processor, adapter_dir)
+    # The base model's processor, uncapped: model.max_tiles is applied again wherever it is loaded.
+    _save_adapter(model, load_processor(model_config.name_or_path), adapter_dir)
     _write_curves(joined, work_dir / "metrics.csv")
     # Finished: a later run (new settings, or forced) trains afresh; only a crash is resumed.
     for finished in (checkpoints / "last.ckpt", checkpoints / "run.json"):
@@ -237,6 +271,26 @@ def train_adapter(
     write_model_card(adapter_dir, model_config, config, classes, data, metrics)
     log.info("train: best epoch %d, validation macro-F1 %.4f; adapter in %s", metrics["best_epoch"], metrics["val_macro_f1"] or 0, adapter_dir)
     return metrics
+
+
+def _trainer_devices(device: torch.device, count: int):
+    if count > 1:
+        return count  # GPUs 0..count-1, or count CPU processes
+    return [device.index] if device.type == "cuda" else 1
+
+
+def _strategy(count: int):
+    """One process: Lightning's default. Several: DDP on this machine, whatever the scheduler.
+
+    LightningEnvironment makes Lightning start the other ranks itself even inside a SLURM job of
+    one task (SLURM's environment would expect srun to have started one task per device).
+    """
+    if count == 1:
+        return "auto"
+    from pytorch_lightning.plugins.environments import LightningEnvironment
+    from pytorch_lightning.strategies import DDPStrategy
+
+    return DDPStrategy(cluster_environment=LightningEnvironment(), find_unused_parameters=False)
 
 
 def _resumable(checkpoints: Path, fingerprint: str) -> bool:

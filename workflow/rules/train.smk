@@ -20,7 +20,7 @@ rule train:
         "../../envs/model.yaml"
     threads: 4
     resources:
-        gpu=1,
+        gpu=config["train"]["devices"],
     params:
         raw_data=get_raw_data_folder,
         classes=config["classes"],

@@ -7,15 +7,18 @@ from forensic_vlm.config import EvaluateConfig, ModelConfig, build_classes, buil
 from forensic_vlm.evaluate import evaluate_split
 from forensic_vlm.logs import setup_logging
 
-setup_logging(snakemake.log[0])
-evaluate_split(
-    table=Path(snakemake.input.test),
-    raw_data=Path(snakemake.params.raw_data),
-    classes=list(build_classes(snakemake.params.classes)),
-    model_config=build_section(ModelConfig, snakemake.params.model, "model"),
-    config=build_section(EvaluateConfig, snakemake.params.evaluate, "evaluate"),
-    out_dir=Path(snakemake.output.metrics).parent,
-    adapter=Path(snakemake.input.adapter) if "adapter" in snakemake.input.keys() else None,
-    threads=snakemake.threads,
-    cache_dir=Path(snakemake.params.cache),
-)
+# Guarded: the processes that score on further devices start by importing this file
+# (multiprocessing's spawn), and must not run the stage again.
+if __name__ == "__main__":
+    setup_logging(snakemake.log[0])
+    evaluate_split(
+        table=Path(snakemake.input.test),
+        raw_data=Path(snakemake.params.raw_data),
+        classes=list(build_classes(snakemake.params.classes)),
+        model_config=build_section(ModelConfig, snakemake.params.model, "model"),
+        config=build_section(EvaluateConfig, snakemake.params.evaluate, "evaluate"),
+        out_dir=Path(snakemake.output.metrics).parent,
+        adapter=Path(snakemake.input.adapter) if "adapter" in snakemake.input.keys() else None,
+        threads=snakemake.threads,
+        cache_dir=Path(snakemake.params.cache),
+    )
