@@ -148,9 +148,9 @@ def project_evaluation(table: Path, root: Path, model_dir: Path, name: str, quan
             "devices": devices, "compile": compile, "max_tiles": max_tiles}  # fmt: skip
 
 
-KERNEL_KINDS = (
-    ("matrix products", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|matmul|sm90_", re.I)),
+KERNEL_KINDS = (  # first match wins: cuDNN's attention kernels also carry "sm90" in their names
     ("attention", re.compile(r"flash|fmha|attention|sdpa|efficient_attention", re.I)),
+    ("matrix products", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|matmul|sm90_", re.I)),
     ("nf4 dequantize", re.compile(r"dequant|kDequant|bnb", re.I)),
     ("copies", re.compile(r"memcpy|memset|copy", re.I)),
 )

@@ -12,4 +12,4 @@ if [ "${1:-}" = "--tests" ]; then
   shift
   python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 fi
-python3 benchmarks/gpu_full_scale.py --out-dir "$OUT" --processor .bench/processor "$@" 2>&1 | grep -v "it/s\]$" | tee "$OUT/benchmark_log.txt" | tail -40
+python3 benchmarks/gpu_full_scale.py --out-dir "$OUT" --processor .bench/processor "$@" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/benchmark_log.txt" | tail -40

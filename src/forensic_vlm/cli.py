@@ -11,9 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from forensic_vlm.augment import augment_training_set
 from forensic_vlm.config import Config, ConfigError
-from forensic_vlm.demo_data import generate_demo_data
 from forensic_vlm.images import EvidenceChangedError
 from forensic_vlm.logs import setup_logging
 from forensic_vlm.manifest import BadInputError, build_manifest
@@ -71,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log)
     try:
         config = Config.from_yaml(args.config) if args.config else Config()
+        # Stage modules are imported by their command: training needs neither Albumentations nor
+        # the demo's drawing code, and model commands import torch only when run.
         if args.command == "demo-data":
+            from forensic_vlm.demo_data import generate_demo_data
+
             listing = args.listing or args.out_dir.with_suffix(".tsv")
             generate_demo_data(args.out_dir, listing, list(config.classes), config.demo)
         elif args.command == "manifest":
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "split":
             split_dataset(args.manifest, args.out, config.classes, config.split)
         elif args.command == "augment":
+            from forensic_vlm.augment import augment_training_set
+
             augment_training_set(args.train, args.raw_data, args.out, config.augment, workers=args.workers)
         elif args.command == "demo-model":
             from forensic_vlm.demo_model import build_demo_model

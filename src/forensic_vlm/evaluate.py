@@ -13,7 +13,7 @@ import logging
 import queue
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +59,11 @@ class ScoringJob:
     compile: bool = False
 
 
-def _score_batches(job: ScoringJob, device: torch.device) -> Iterator[list[dict]]:
-    """Load the model on ``device`` and yield the prediction rows of each batch of ``job``."""
+def _score_batches(job: ScoringJob, device: torch.device, ready: Callable[[], None] | None = None) -> Iterator[list[dict]]:
+    """Load the model on ``device`` and yield the prediction rows of each batch of ``job``.
+
+    ``ready`` is called once the model is loaded, before the first batch.
+    """
     model = load_base_model(job.model, device)
     if job.adapter:
         model = load_adapter(model, Path(job.adapter))
@@ -76,8 +79,13 @@ def _score_batches(job: ScoringJob, device: torch.device) -> Iterator[list[dict]
         num_workers=job.num_workers,
         pin_memory=device.type == "cuda",
     )
+    if ready:
+        ready()
     parse = parse_finetuned if job.adapter else parse_zeroshot
-    for batch in loader:
+    waiting = time.perf_counter()
+    for number, batch in enumerate(loader):
+        if number == 0:  # start-up costs (worker processes, first kernels) show in the log
+            log.info("%s: first batch decoded after %.1f s", device, time.perf_counter() - waiting)
         index = batch["indices"].tolist()
         inputs = to_device(batch, device, compute_dtype(device))
         rows = []
@@ -89,6 +97,8 @@ def _score_batches(job: ScoringJob, device: torch.device) -> Iterator[list[dict]
         else:
             for i, text in zip(index, generate_answers(model, inputs, processor.tokenizer, job.max_new_tokens)):
                 rows.append({"sha256": job.examples[i].sha256, "predicted": parse(text), "answer": text})
+        if number == 0:
+            log.info("%s: first batch scored after %.1f s", device, time.perf_counter() - waiting)
         yield rows
 
 
@@ -115,11 +125,22 @@ def shard_devices(count: int) -> list[torch.device]:
     return [torch.device("cpu")] * count
 
 
-def _shard_worker(rank: int, job: ScoringJob, device: torch.device, threads: int, results) -> None:
-    """One scoring process: sends ("rows", rank, rows) per batch, then ("done", rank, None)."""
+def _shard_worker(rank: int, job: ScoringJob, device: torch.device, threads: int, results, barrier) -> None:
+    """One scoring process: sends ("rows", rank, rows) per batch, then ("done", rank, None).
+
+    Every process waits at ``barrier`` with its model loaded, so all devices start scoring
+    together and finish together (the shards are equal).
+    """
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [scorer {rank}] %(name)s: %(message)s")
     try:
+        begun = time.perf_counter()
         torch.set_num_threads(threads)
-        for rows in _score_batches(job, device):
+
+        def ready() -> None:
+            log.info("%s: model loaded in %.1f s; waiting for the other devices", device, time.perf_counter() - begun)
+            barrier.wait()
+
+        for rows in _score_batches(job, device, ready):
             results.put(("rows", rank, rows))
         results.put(("done", rank, None))
     except BaseException:  # reported to the parent, which stops the run with it
@@ -151,10 +172,11 @@ def _score(jobs: list[ScoringJob], devices: list[torch.device], cache: Predictio
             account(rows)
             first = first or (done, time.perf_counter() - start)
     else:
+        # spawn, not fork: CUDA cannot be used in a forked child of a process that touched it.
         context = torch.multiprocessing.get_context("spawn")
-        results = context.Queue()
-        threads = max(1, torch.get_num_threads() // len(jobs)) if devices[0].type == "cpu" else torch.get_num_threads()
-        workers = [context.Process(target=_shard_worker, args=(rank, job, device, threads, results))
+        results, barrier = context.Queue(), context.Barrier(len(jobs))
+        threads = max(1, torch.get_num_threads() // len(jobs))  # the cores are shared between the processes
+        workers = [context.Process(target=_shard_worker, args=(rank, job, device, threads, results, barrier))
                    for rank, (job, device) in enumerate(zip(jobs, devices))]  # fmt: skip
         for worker in workers:
             worker.start()
@@ -166,6 +188,7 @@ def _score(jobs: list[ScoringJob], devices: list[torch.device], cache: Predictio
                 except queue.Empty:
                     dead = [r for r, w in enumerate(workers) if not w.is_alive() and r not in finished]
                     if dead:
+                        barrier.abort()  # the others may be waiting for it
                         raise RuntimeError(f"{kind}: scoring process {dead[0]} ended without finishing "
                                            f"(exit code {workers[dead[0]].exitcode})") from None  # fmt: skip
                     continue
