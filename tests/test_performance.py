@@ -73,7 +73,7 @@ def test_evaluation_sharded_over_processes_gives_the_same_predictions(tiny_model
     model = ModelConfig(name_or_path=str(tiny_model), quantization="none", device="cpu")
     results = {}
     for devices in (1, 2):
-        config = EvaluateConfig(batch_size=2, num_workers=0, bootstrap_samples=50, devices=devices)
+        config = EvaluateConfig(batch_size=2, num_workers=1, bootstrap_samples=50, devices=devices)
         out = tmp_path / f"devices{devices}"
         metrics = evaluate_split(tiny_dataset["train"], tiny_dataset["raw_data"], list(DEFAULT_CLASSES), model,
                                  config, out)  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -78,6 +79,10 @@ def _score_batches(job: ScoringJob, device: torch.device, ready: Callable[[], No
         collate_fn=LabelledCollator(Collator(processor, job.prompt, job.answer, job.labels, mode), job.examples),
         num_workers=job.num_workers,
         pin_memory=device.type == "cuda",
+        # A scorer is itself a spawned process, whose workers would otherwise be spawned too, each
+        # importing everything again: measured on 2 H100s, 73 s before the first batch. Forked
+        # workers start at once; they never touch CUDA (pinning happens in this process).
+        multiprocessing_context="fork" if job.num_workers and sys.platform == "linux" else None,
     )
     if ready:
         ready()
