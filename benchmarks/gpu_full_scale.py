@@ -127,6 +127,7 @@ def peak_gb() -> float:
 
 
 def reset_peak() -> None:
+    gc.collect()  # the last step's model, or its peak would be counted again
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -144,7 +145,9 @@ def project_evaluation(table: Path, root: Path, model_dir: Path, name: str, quan
     metrics = evaluate_split(table, root / "raw_data", list(DEFAULT_CLASSES), model, config, root / f"eval_{name}")
     return {"images_per_s": metrics["images_per_second_after_first_batch"],
             "images_per_s_whole_run": metrics["images_per_second"], "seconds": metrics["seconds"],
-            "n": metrics["n"], "peak_GiB": round(peak_gb(), 1), "batch": batch, "quantization": quantization,
+            # Several devices: the scoring processes' memory is not visible from here.
+            "n": metrics["n"], "peak_GiB": round(peak_gb(), 1) if devices == 1 else None, "batch": batch,
+            "quantization": quantization,
             "devices": devices, "compile": compile, "max_tiles": max_tiles}  # fmt: skip
 
 
