@@ -17,6 +17,7 @@ include: "workflow/rules/augment.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/classify.smk"
 
 
 # The target only gathers outputs: it runs on the submitting host, never as a cluster job.

@@ -163,8 +163,8 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"raw_data": raw, "train": root / "train.tsv", "val": root / "val.tsv"}
 
 
-DEMO_JOBS = {"demo_data", "demo_model", "manifest", "split", "augment", "train", "evaluate_zeroshot",
-             "evaluate_finetuned", "report", "all"}  # fmt: skip
+DEMO_JOBS = {"demo_data", "demo_model", "demo_extraction", "manifest", "split", "augment", "train",
+             "evaluate_zeroshot", "evaluate_finetuned", "report", "classify", "all"}  # fmt: skip
 DATA_TARGETS = ("results/split/summary.tsv", "results/augment/train_augmented.tsv")
 PROFILE = ("--profile", str(REPO / "profiles" / "demo"))
 DEMO_CONFIG = (str(REPO / "config.yaml"), str(REPO / "profiles" / "demo" / "demo.yaml"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from scipy.stats import binomtest
 
-from forensic_vlm.report import _table, mcnemar
+from forensic_vlm.report import html_table, mcnemar
 
 
 def rows(pairs: list[tuple[int, int, int]]) -> tuple[list[dict], list[dict]]:
@@ -23,5 +23,5 @@ def test_mcnemar_counts_discordant_pairs_and_tests_them_exactly() -> None:
 
 
 def test_tables_escape_evidence_names() -> None:
-    html = _table(["path"], [["<script>alert(1)</script>&.jpg"]])
+    html = html_table(["path"], [["<script>alert(1)</script>&.jpg"]])
     assert "<script>" not in html and "&lt;script&gt;" in html and "&amp;.jpg" in html

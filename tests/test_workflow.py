@@ -84,9 +84,12 @@ def test_only_stale_stages_rerun(demo_run: dict) -> None:
     workdir = demo_run["workdir"]
     assert planned_jobs(snakemake(workdir, "-n", demo=True)) == set()
     changed_lr = snakemake(workdir, "-n", "--config", "train={'learning_rate': 0.002}", demo=True)
-    assert planned_jobs(changed_lr) == {"train", "evaluate_finetuned", "report", "all"}
+    assert planned_jobs(changed_lr) == {"train", "evaluate_finetuned", "report", "classify", "all"}
+    # The triage page has thumbnails too, behind the same switch.
     report_only = snakemake(workdir, "-n", "--config", "report={'show_images': False}", demo=True)
-    assert planned_jobs(report_only) == {"report", "all"}
+    assert planned_jobs(report_only) == {"report", "classify", "all"}
+    title_only = snakemake(workdir, "-n", "--config", "report={'title': 'x'}", demo=True)
+    assert planned_jobs(title_only) == {"report", "all"}
 
 
 @pytest.mark.slow
@@ -147,7 +150,8 @@ def test_new_evidence_reuses_augmentations_and_predictions(demo_run: dict, tmp_p
     for image in (tmp_path / "more").rglob("*.*"):  # +20 %, under new names
         shutil.copy(image, evidence / image.parent.name / f"new_{image.name}")
     assert planned_jobs(snakemake(workdir, "-n", *args, demo=True)) == {
-        "manifest", "split", "augment", "train", "evaluate_zeroshot", "evaluate_finetuned", "report", "all"}
+        "manifest", "split", "augment", "train", "evaluate_zeroshot", "evaluate_finetuned", "report", "classify",
+        "all"}  # fmt: skip
     second = snakemake(workdir, *args, demo=True)
     assert second.returncode == 0, second.stderr[-3000:]
 

@@ -61,6 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, required=True)
     evaluate.add_argument("--adapter", type=Path, default=None, help="omit for zero-shot")
     evaluate.add_argument("--cache-dir", type=Path, default=None, help="prediction cache (skip images scored before)")
+
+    classify = commands.add_parser("classify", help="triage an unlabeled folder: triage.tsv, triage.html, custody.json")
+    classify.add_argument("input_dir", type=Path, help="folder of images to triage (read only, recursively)")
+    classify.add_argument("--model", default=None, help="base model folder or hub id (default: model.name_or_path)")
+    classify.add_argument("--adapter", type=Path, default=None, help="fine-tuned adapter folder; omit for zero-shot")
+    classify.add_argument("--case", default=None, help="case name (default: classify.case)")
+    classify.add_argument("--out", type=Path, default=None, help="output folder (default: results/classify/<case>)")
+    classify.add_argument("--cache-dir", type=Path, default=Path("results/cache/predictions"),
+                          help="prediction cache: what an interrupted run already scored is not scored again")  # fmt: skip
+    classify.add_argument("--workers", type=int, default=1, help="processes that read and check the files")
     return parser
 
 
@@ -99,10 +109,24 @@ def main(argv: list[str] | None = None) -> int:
 
             evaluate_split(args.table, args.raw_data, list(config.classes), config.model, config.evaluate, args.out,
                            args.adapter, cache_dir=args.cache_dir)  # fmt: skip
+        elif args.command == "classify":
+            _classify(args, config)
     except (ConfigError, BadInputError, EvidenceChangedError, PreflightError, FileExistsError, FileNotFoundError) as error:
         logging.getLogger("forensic_vlm").error("%s", error)
         return 2
     return 0
+
+
+def _classify(args: argparse.Namespace, config: Config) -> None:
+    import dataclasses
+
+    from forensic_vlm.classify import classify_folder
+
+    model = dataclasses.replace(config.model, name_or_path=args.model) if args.model else config.model
+    settings = dataclasses.replace(config.classify, case=args.case) if args.case else config.classify
+    classify_folder(args.input_dir, args.out or Path("results/classify") / settings.case, list(config.classes), model,
+                    config.evaluate, settings, config.manifest, config.report, args.adapter, args.cache_dir,
+                    workers=args.workers)  # fmt: skip
 
 
 if __name__ == "__main__":

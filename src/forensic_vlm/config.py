@@ -9,6 +9,7 @@ error, naming the key. ``tests/test_config.py`` keeps the schema and the datacla
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -112,9 +113,15 @@ class TrainConfig:
     takes its own share of every epoch's batches; the effective batch is devices x batch_size x
     accumulate_grad_batches."""
 
+    review_precision: float = 0.95
+    """Target precision of the per-class review thresholds chosen on the validation set and saved
+    with the adapter (review_thresholds.json); classify marks predictions below them needs_review."""
+
     def __post_init__(self) -> None:
         if self.devices < 1:
             raise ConfigError("train.devices must be at least 1")
+        if not 0 < self.review_precision <= 1:
+            raise ConfigError("train.review_precision must be in (0, 1]")
         if self.learning_rate <= 0 or self.epochs < 1 or self.batch_size < 1 or self.accumulate_grad_batches < 1:
             raise ConfigError("train: learning_rate must be positive; epochs, batch_size, accumulate_grad_batches >= 1")
         if self.lora_r < 1 or not self.lora_target_modules:
@@ -224,10 +231,12 @@ class DemoConfig:
     """Seed of the generator; the same seed gives the same bytes."""
     bad_examples: bool = True
     """Add a few deliberately unusable files so the demo shows rejects and flags."""
+    extraction_images: int = 48
+    """Images in the demo's unlabeled phone extraction (results/demo/extraction), for classify."""
 
     def __post_init__(self) -> None:
-        if self.images_per_class < 1:
-            raise ConfigError("demo.images_per_class must be at least 1")
+        if self.images_per_class < 1 or self.extraction_images < 1:
+            raise ConfigError("demo.images_per_class and demo.extraction_images must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -244,6 +253,28 @@ class ReportConfig:
     def __post_init__(self) -> None:
         if self.gallery_size < 0 or self.thumbnail_px < 16:
             raise ConfigError("report.gallery_size must be >= 0 and report.thumbnail_px >= 16")
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    input_dir: str | None = None
+    """Folder of unlabeled images to triage (a phone extraction), read recursively and read-only;
+    null: no classify stage."""
+    case: str = "case"
+    """Case name: outputs go to results/classify/<case>/ (letters, digits, '.', '_' and '-')."""
+    use_adapter: bool = True
+    """Score with the fine-tuned adapter (results/train/adapter) and its validated review
+    thresholds; false: the base model zero-shot, where every image needs review."""
+    irrelevant_class: int = 0
+    """The class that is not drug-related: it is listed after the drug classes."""
+    thumbnails: int = 200
+    """Thumbnails on the triage page, for its first rows in review order (report.show_images false: none)."""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.case):
+            raise ConfigError(f"classify.case {self.case!r}: use letters, digits, '.', '_' and '-' only")
+        if self.thumbnails < 0:
+            raise ConfigError("classify.thumbnails must be >= 0")
 
 
 DEFAULT_CLASSES = (
@@ -268,11 +299,14 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     demo_model: DemoModelConfig = field(default_factory=DemoModelConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
 
     def __post_init__(self) -> None:
         ids = [c.id for c in self.classes]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"classes: duplicate class ids {ids}")
+        if self.classify.irrelevant_class not in ids:
+            raise ConfigError(f"classify.irrelevant_class {self.classify.irrelevant_class} is not a class id {ids}")
         unknown = set(self.augment.per_image) - set(ids)
         if unknown:
             raise ConfigError(f"augment.per_image names classes that do not exist: {sorted(unknown)}")

@@ -223,6 +223,59 @@ def generate_demo_data(
     return written
 
 
+#: Where a phone keeps each class's pictures, roughly: (folder, file name pattern).
+EXTRACTION_PLACES = {
+    0: (("DCIM/Camera", "IMG_2026{:04d}.jpg"), ("Pictures/Screenshots", "Screenshot_2026{:04d}.png")),
+    1: (("Pictures/Screenshots", "Screenshot_2026{:04d}.png"), ("Telegram/Telegram Images", "{:04d}_telegram.jpg")),
+    2: (("DCIM/Camera", "IMG_2026{:04d}.jpg"), ("Download", "map_{:04d}.png")),
+    3: (("DCIM/Camera", "IMG_2026{:04d}.jpg"), ("Telegram/Telegram Images", "{:04d}_telegram.jpg")),
+}
+
+
+def generate_demo_extraction(
+    out_dir: Path, listing: Path, classes: list[ClassSpec], config: DemoConfig, replace: bool = False
+) -> int:
+    """An unlabeled folder laid out like a phone extraction, for classify; returns files written.
+
+    The true class of each image is written only to ``listing`` (path, size, sha256, true_class),
+    outside the folder, so the demo can say how the triage did. With ``bad_examples``, the folder
+    also holds files that cannot be scored (empty, truncated, not an image) and an exact duplicate.
+    """
+    out_dir, listing = Path(out_dir), Path(listing)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not replace:
+            raise FileExistsError(f"{out_dir} exists and is not empty; demo data goes into a new folder")
+        shutil.rmtree(out_dir)
+    truth: dict[str, int] = {}
+    for index in range(config.extraction_images):
+        rng = np.random.default_rng([config.seed, 7, index])
+        spec = classes[int(rng.integers(len(classes)))]
+        folder, pattern = EXTRACTION_PLACES[spec.id % len(EXTRACTION_PLACES)][int(rng.integers(2))]
+        path = out_dir / folder / pattern.format(index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = SIZES[int(rng.integers(len(SIZES)))]
+        path.write_bytes(_encode(DRAWERS[spec.id % len(DRAWERS)](rng, size), "png" if path.suffix == ".png" else "jpeg"))
+        truth[str(path.relative_to(out_dir))] = spec.id
+    if config.bad_examples:
+        first = out_dir / next(iter(truth))
+        bad = {
+            "Download/empty.jpg": b"",
+            "Download/chat_export.txt": "not an image: exported chat log\n".encode(),
+            "Telegram/Telegram Images/partial_download.jpg": first.read_bytes()[: first.stat().st_size // 2],
+            "DCIM/Camera/copy_of_" + first.name: first.read_bytes(),  # an exact duplicate, scored once
+        }
+        for relative, data in bad.items():
+            (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+            (out_dir / relative).write_bytes(data)
+        truth["DCIM/Camera/copy_of_" + first.name] = truth[str(first.relative_to(out_dir))]
+    rows = [{"path": str(p.relative_to(out_dir)), "size_bytes": p.stat().st_size, "sha256": sha256_file(p),
+             "true_class": truth.get(str(p.relative_to(out_dir)), "")}
+            for p in sorted(out_dir.rglob("*")) if p.is_file()]  # fmt: skip
+    write_tsv(listing, ("path", "size_bytes", "sha256", "true_class"), rows)
+    log.info("demo extraction: %d files under %s", len(rows), out_dir)
+    return len(rows)
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

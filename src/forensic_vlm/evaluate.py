@@ -26,7 +26,6 @@ from forensic_vlm.batches import (
     Collator,
     Example,
     ImageDataset,
-    LabelledCollator,
     TokenGroupedBatches,
     examples_from_table,
 )
@@ -76,7 +75,7 @@ def _score_batches(job: ScoringJob, device: torch.device, ready: Callable[[], No
     loader = DataLoader(
         ImageDataset(job.examples),
         batch_sampler=job.batches,
-        collate_fn=LabelledCollator(Collator(processor, job.prompt, job.answer, job.labels, mode), job.examples),
+        collate_fn=Collator(processor, job.prompt, job.answer, job.labels, mode),
         num_workers=job.num_workers,
         pin_memory=device.type == "cuda",
         # A scorer is itself a spawned process, whose workers would otherwise be spawned too, each
@@ -163,14 +162,18 @@ def _score(jobs: list[ScoringJob], devices: list[torch.device], cache: Predictio
     if not total:
         return 0.0, 0.0
     start, done, first = time.perf_counter(), 0, None
+    logged = {"done": 0, "at": 0.0}
 
     def account(rows: list[dict]) -> None:
         nonlocal done
         cache.add(rows)
         done += len(rows)
         elapsed = time.perf_counter() - start
-        log.info("%s: %d/%d images, %.1f images/s, ETA %.0f s", kind, done, total, done / elapsed,
-                 elapsed / done * (total - done))  # fmt: skip
+        # Progress about every 1 % (and at least every 30 s): enough to watch, not a line a batch.
+        if done * 100 // total > logged["done"] * 100 // total or elapsed - logged["at"] > 30 or done == total:
+            log.info("%s: %d/%d images, %.1f images/s, ETA %.0f s", kind, done, total, done / elapsed,
+                     elapsed / done * (total - done))  # fmt: skip
+            logged.update(done=done, at=elapsed)
 
     if len(jobs) == 1:
         for rows in _score_batches(jobs[0], devices[0]):
@@ -221,6 +224,78 @@ def shard_batches(batches: list[list[int]], shards: int) -> list[list[list[int]]
     return [batches[rank::shards] for rank in range(shards)]
 
 
+@dataclass(frozen=True)
+class Scores:
+    """The cached prediction row of every example, in the examples' order, and how they came."""
+
+    rows: list[dict[str, str]]
+    images_scored: int
+    images_from_cache: int
+    seconds: float
+    steady_images_per_second: float
+    devices: int
+    device: str
+    cache_key: str
+
+    def run_facts(self) -> dict:
+        """The figures a stage records about its scoring run."""
+        scored = self.images_scored
+        return {"images_scored": scored, "images_from_cache": self.images_from_cache, "seconds": round(self.seconds, 2),
+                "images_per_second": round(scored / self.seconds, 2) if scored else None,
+                "images_per_second_after_first_batch": round(self.steady_images_per_second, 2) if scored else None,
+                "devices": self.devices, "device": self.device}  # fmt: skip
+
+
+def score_examples(
+    examples: list[Example],
+    labels: list[int],
+    model_config: ModelConfig,
+    config: EvaluateConfig,
+    adapter: Path | None,
+    cache_dir: Path | None,
+    kind: str,
+) -> Scores:
+    """Score examples not already in the prediction cache; return every example's row.
+
+    Rows are appended to the cache after every batch, so a run that is interrupted goes on where
+    it stopped. Identical images (same sha256) are scored once.
+    """
+    device = resolve_device(model_config)
+    # The adapter folder carries the processor it was trained with; the base model's otherwise.
+    processor = load_processor(adapter or model_config.name_or_path, model_config.max_tiles)
+    prompt = build_prompt(processor, model_config.question)
+    answer = answer_tokens(processor.tokenizer, prompt, labels)
+    max_new = config.max_new_tokens_finetuned if adapter else config.max_new_tokens_zeroshot
+    score_columns = ["sha256", "predicted", *[f"p{label}" for label in labels], "answer"]
+    cache = PredictionCache(cache_dir, {
+        "model": model_fingerprint(model_config.name_or_path), "quantization": model_config.quantization,
+        "adapter": adapter_fingerprint(Path(adapter) if adapter else None), "prompt": prompt,
+        "max_tiles": model_config.max_tiles, "decoding": config.decoding, "max_new_tokens": max_new if config.decoding == "generate" else None,
+        "class_tokens": list(answer.class_ids),
+    }, score_columns)  # fmt: skip
+    todo, queued = [], set()
+    for i, e in enumerate(examples):
+        if cache.get(e.sha256) is None and e.sha256 not in queued:
+            todo.append(i)
+            queued.add(e.sha256)
+    distinct = len({e.sha256 for e in examples})
+    log.info("%s: %d images (%d distinct), %d already scored by this model (cache %s), %d to score", kind,
+             len(examples), distinct, distinct - len(todo), cache.key, len(todo))  # fmt: skip
+    subset = [examples[i] for i in todo]
+    tokens = preflight(TokenCounter(processor, prompt, answer), [(e.name, e.width, e.height) for e in subset],
+                       model_config.max_sequence_tokens)  # fmt: skip
+    batches = TokenGroupedBatches(tokens, config.batch_size, shuffle=False).batches()
+    devices = shard_devices(config.devices) if config.devices > 1 else [device]
+    shards = [shard for shard in shard_batches(batches, len(devices)) if shard]
+    jobs = [ScoringJob(subset, shard, model_config, str(adapter) if adapter else None,
+                       str(adapter or model_config.name_or_path), prompt, answer, labels, config.decoding,
+                       max_new, config.num_workers, config.compile) for shard in shards]  # fmt: skip
+    seconds, steady = _score(jobs, devices[: len(jobs)], cache, kind)
+    return Scores(rows=[cache.get(e.sha256) for e in examples], images_scored=len(todo),
+                  images_from_cache=len(examples) - len(todo), seconds=seconds, steady_images_per_second=steady,
+                  devices=len(jobs), device=device_name(device), cache_key=cache.key)  # fmt: skip
+
+
 def evaluate_split(
     table: Path,
     raw_data: Path,
@@ -243,34 +318,9 @@ def evaluate_split(
     out_dir.mkdir(parents=True, exist_ok=True)
     kind = "finetuned" if adapter else "zeroshot"
     examples = examples_from_table(read_tsv(Path(table)), raw_data)
-    device = resolve_device(model_config)
-    # The adapter folder carries the processor it was trained with; the base model's otherwise.
-    processor = load_processor(adapter or model_config.name_or_path, model_config.max_tiles)
-    prompt = build_prompt(processor, model_config.question)
     labels = [c.id for c in classes]
-    answer = answer_tokens(processor.tokenizer, prompt, labels)
-    tokens = preflight(TokenCounter(processor, prompt, answer), [(e.name, e.width, e.height) for e in examples],
-                       model_config.max_sequence_tokens)  # fmt: skip
-    max_new = config.max_new_tokens_finetuned if adapter else config.max_new_tokens_zeroshot
-    score_columns = ["sha256", "predicted", *[f"p{label}" for label in labels], "answer"]
-    cache = PredictionCache(cache_dir, {
-        "model": model_fingerprint(model_config.name_or_path), "quantization": model_config.quantization,
-        "adapter": adapter_fingerprint(Path(adapter) if adapter else None), "prompt": prompt,
-        "max_tiles": model_config.max_tiles, "decoding": config.decoding, "max_new_tokens": max_new if config.decoding == "generate" else None,
-        "class_tokens": list(answer.class_ids),
-    }, score_columns)  # fmt: skip
-    todo = [i for i, e in enumerate(examples) if cache.get(e.sha256) is None]
-    log.info("%s: %d images, %d already scored by this model (cache %s), %d to score", kind, len(examples),
-             len(examples) - len(todo), cache.key, len(todo))  # fmt: skip
-    subset = [examples[i] for i in todo]
-    batches = TokenGroupedBatches([tokens[i] for i in todo], config.batch_size, shuffle=False).batches()
-    devices = shard_devices(config.devices) if config.devices > 1 else [device]
-    shards = [shard for shard in shard_batches(batches, len(devices)) if shard]
-    jobs = [ScoringJob(subset, shard, model_config, str(adapter) if adapter else None,
-                       str(adapter or model_config.name_or_path), prompt, answer, labels, config.decoding,
-                       max_new, config.num_workers, config.compile) for shard in shards]  # fmt: skip
-    seconds, steady = _score(jobs, devices[: len(jobs)], cache, kind)
-    scores = [cache.get(e.sha256) for e in examples]
+    result = score_examples(examples, labels, model_config, config, adapter, cache_dir, kind)
+    scores = result.rows
     predicted = np.array([int(s["predicted"]) for s in scores])
     probabilities = np.array([[float(s[f"p{label}"]) if s[f"p{label}"] else np.nan for label in labels] for s in scores])
     answers = [s["answer"] for s in scores]
@@ -281,11 +331,7 @@ def evaluate_split(
                               config.calibration_bins, config.seed)  # fmt: skip
     metrics.update({"kind": kind, "decoding": config.decoding, "model": model_config.name_or_path,
                     "quantization": model_config.quantization, "adapter": str(adapter) if adapter else None,
-                    "images_scored": len(todo), "images_from_cache": len(examples) - len(todo),
-                    "seconds": round(seconds, 2),
-                    "images_per_second": round(len(todo) / seconds, 2) if todo else None,
-                    "images_per_second_after_first_batch": round(steady, 2) if todo else None,
-                    "devices": len(jobs) if todo else 0, "device": device_name(device)})  # fmt: skip
+                    **result.run_facts()})  # fmt: skip
     rows = []
     for i, e in enumerate(examples):
         row = {"sha256": e.sha256, "path": e.name, "flags": e.flags, "true": e.label, "predicted": int(predicted[i])}

@@ -48,10 +48,12 @@ class ManifestSummary:
     flagged: int
 
 
-def walk(root: Path) -> Iterator[str]:
+def walk(root: Path, skip_documentation: bool = True) -> Iterator[str]:
     """Relative paths of every entry under ``root`` that is not a directory, sorted.
 
-    Symbolic links to directories are yielded (and later rejected), never followed.
+    Symbolic links to directories are yielded (and later rejected), never followed. The folder's
+    own README.md is left out unless ``skip_documentation`` is false (an extraction, where every
+    file is evidence).
     """
     for directory, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
@@ -59,7 +61,7 @@ def walk(root: Path) -> Iterator[str]:
         links = [d for d in dirnames if os.path.islink(os.path.join(directory, d))]
         for name in sorted(filenames + links):
             relative = name if base == "." else os.path.join(base, name)
-            if base == "." and name in DOCUMENTATION_FILES:
+            if skip_documentation and base == "." and name in DOCUMENTATION_FILES:
                 log.info("not evidence, left out: %s (documentation of the folder)", relative)
                 continue
             yield relative
@@ -187,7 +189,7 @@ def _resolve_conflicts(
     return accepted, rejected
 
 
-def fingerprint(raw_data: Path) -> str:
+def fingerprint(raw_data: Path, skip_documentation: bool = True) -> str:
     """Cheap digest of the folder's listing (names, sizes, modification times), no content read.
 
     The workflow passes it as a parameter of rule ``manifest`` so added, removed or replaced
@@ -197,7 +199,7 @@ def fingerprint(raw_data: Path) -> str:
     root = Path(raw_data)
     if not root.is_dir():
         return "absent"
-    for relative in walk(root):
+    for relative in walk(root, skip_documentation):
         info = os.lstat(root / relative)
         digest.update(os.fsencode(relative) + f"\0{info.st_size}\0{info.st_mtime_ns}\0".encode())
     return digest.hexdigest()[:16]

@@ -60,7 +60,7 @@ def _png(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def _thumbnail(path: Path, sha256: str, size: int) -> str:
+def thumbnail(path: Path, sha256: str, size: int) -> str:
     from forensic_vlm.images import load_checked_image
 
     image = load_checked_image(path, sha256)
@@ -70,7 +70,7 @@ def _thumbnail(path: Path, sha256: str, size: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _e(value: object) -> str:
+def escape(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
@@ -79,21 +79,27 @@ def _interval(metrics: dict, key: str) -> str:
     return f"{metrics[key]:.3f} <span class=ci>[{low:.3f}, {high:.3f}]</span>"
 
 
-def _table(header: list[str], rows: list[list[object]], raw: bool = False) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c if raw else _e(c)}</td>" for c in row) + "</tr>" for row in rows)
+def html_table(header: list[str], rows: list[list[object]], raw: bool = False) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c if raw else escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def provenance(inputs: ReportInputs, metrics: dict[str, dict]) -> list[list[object]]:
+def package_versions() -> dict[str, str]:
+    """Versions of the packages a result depends on, as installed where it was made."""
     import importlib.metadata as metadata
 
-    versions = []
-    for package in ("forensic-vlm", "torch", "transformers", "peft", "pytorch-lightning", "snakemake"):
+    versions = {}
+    for package in ("forensic-vlm", "torch", "transformers", "peft", "bitsandbytes", "pytorch-lightning", "snakemake"):
         try:
-            versions.append(f"{package} {metadata.version(package)}")
+            versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
-            versions.append(f"{package} (not installed here)")
+            versions[package] = "(not installed here)"
+    return versions
+
+
+def provenance(inputs: ReportInputs, metrics: dict[str, dict]) -> list[list[object]]:
+    versions = [f"{package} {version}" for package, version in package_versions().items()]
     config_hash = hashlib.sha256(json.dumps(inputs.config, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     card = json.loads(Path(inputs.training_card).read_text()) if Path(inputs.training_card).exists() else {}
     return [
@@ -103,13 +109,13 @@ def provenance(inputs: ReportInputs, metrics: dict[str, dict]) -> list[list[obje
         ["manifest.tsv sha256", sha256_file(inputs.manifest)],
         ["training tables sha256", card.get("data_sha256", "")],
         ["base model", card.get("base_model", inputs.config.get("model", {}).get("name_or_path", ""))],
-        ["git commit", _git_commit()],
+        ["git commit", git_commit()],
         *[[f"device ({TITLES[k]})", m.get("device", "")] for k, m in metrics.items()],
         ["device (training)", card.get("validation", {}).get("device", "")],
     ]
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                                 cwd=Path(__file__).parent)  # fmt: skip
@@ -131,17 +137,17 @@ def build_report(inputs: ReportInputs, classes: list[ClassSpec], config: ReportC
     test = mcnemar(predictions["zeroshot"], predictions["finetuned"])
     by_id = {c.id: c for c in classes}
 
-    headline = _table(
+    headline = html_table(
         ["", *[TITLES[k] for k in KINDS]],
         [["accuracy [bootstrap 95 %]", *[_interval(metrics[k], "accuracy") for k in KINDS]],
          ["macro-F1 [bootstrap 95 %]", *[_interval(metrics[k], "macro_f1") for k in KINDS]],
          ["expected calibration error", *[_fmt(metrics[k].get("expected_calibration_error")) for k in KINDS]],
          ["test images", *[metrics[k]["n"] for k in KINDS]],
-         ["decoding", *[_e(metrics[k]["decoding"]) for k in KINDS]],
-         ["throughput (images/s, device)", *[f"{metrics[k]['images_per_second']} ({_e(metrics[k]['device'])})" for k in KINDS]]],
+         ["decoding", *[escape(metrics[k]["decoding"]) for k in KINDS]],
+         ["throughput (images/s, device)", *[f"{metrics[k]['images_per_second']} ({escape(metrics[k]['device'])})" for k in KINDS]]],
         raw=True,
     )  # fmt: skip
-    per_class = _table(
+    per_class = html_table(
         ["class", "support", *[f"{TITLES[k]}: {m}" for k in KINDS for m in ("precision", "recall", "F1")]],
         [[f"{c.id} {c.ko} / {c.en}", metrics["finetuned"]["per_class"][str(c.id)]["support"],
           *[f"{metrics[k]['per_class'][str(c.id)][m]:.3f}" for k in KINDS for m in ("precision", "recall", "f1")]]
@@ -150,28 +156,28 @@ def build_report(inputs: ReportInputs, classes: list[ClassSpec], config: ReportC
     verdict = (f"The two models err on different images (p = {test['p_value']:.3g})." if test["p_value"] < 0.05
                else f"No significant difference at the 5 % level (p = {test['p_value']:.3g}).")  # fmt: skip
     sections = [
-        f"<h1>{_e(config.title)}</h1>",
+        f"<h1>{escape(config.title)}</h1>",
         "<p class=note>All figures are on the same held-out test images. Intervals are percentile bootstrap "
         f"95 % intervals over {metrics['finetuned'].get('bootstrap_samples', '?')} resamples of the images.</p>",
         "<h2>Headline</h2>", headline,
         "<h2>McNemar's test (paired, exact)</h2>",
-        _table(["images scored by both", "right only when fine-tuned", "right only zero-shot", "p-value"],
+        html_table(["images scored by both", "right only when fine-tuned", "right only zero-shot", "p-value"],
                [[test["paired_images"], test["only_finetuned_right"], test["only_zeroshot_right"], f"{test['p_value']:.3g}"]]),
-        f"<p>{_e(verdict)}</p>",
+        f"<p>{escape(verdict)}</p>",
         "<h2>Per class</h2>", per_class,
         "<h2>Confusion matrices</h2><div class=row>"
         + "".join(f"<figure><img alt='confusion matrix, {TITLES[k]}' src='{_png(inputs.evaluations[k] / 'confusion_matrix.png')}'>"
-                  f"<figcaption>{_e(TITLES[k])}</figcaption></figure>" for k in KINDS) + "</div>",
+                  f"<figcaption>{escape(TITLES[k])}</figcaption></figure>" for k in KINDS) + "</div>",
         "<h2>Learning curves</h2>",
         f"<figure><img alt='learning curves' src='{_png(out_dir / 'learning_curves.png')}'></figure>",
         "<h2>Calibration</h2>",
         f"<figure><img alt='reliability diagram' src='{_png(out_dir / 'reliability.png')}'></figure>",
         *_data_sections(inputs, classes),
         *_gallery(predictions["finetuned"], inputs.raw_data, by_id, config),
-        "<h2>Provenance</h2>", _table(["what", "value"], provenance(inputs, metrics)),
+        "<h2>Provenance</h2>", html_table(["what", "value"], provenance(inputs, metrics)),
     ]  # fmt: skip
     page = out_dir / "index.html"
-    page.write_text(_page(config.title, "\n".join(sections)), encoding="utf-8")
+    page.write_text(html_page(config.title, "\n".join(sections)), encoding="utf-8")
     return page
 
 
@@ -197,12 +203,12 @@ def _data_sections(inputs: ReportInputs, classes: list[ClassSpec]) -> list[str]:
         "<h2>Data</h2>",
         f"<p>{len(manifest) - len(duplicates)} usable images ({len(duplicates)} exact duplicates used once, "
         f"{len(flagged)} flagged), {len(rejects)} rejected files, {len(lineage)} augmented training images.</p>",
-        _table(["class", *splits, "augmented (train)", "note"], rows),
+        html_table(["class", *splits, "augmented (train)", "note"], rows),
         "<h3>Rejected files</h3>",
-        _table(["reason", "files"], sorted(reasons.items())) if rejects else "<p>None.</p>",
-        _table(["path", "reason", "message"], [[r["path"], r["reason"], r["message"]] for r in rejects]) if rejects else "",
+        html_table(["reason", "files"], sorted(reasons.items())) if rejects else "<p>None.</p>",
+        html_table(["path", "reason", "message"], [[r["path"], r["reason"], r["message"]] for r in rejects]) if rejects else "",
         "<h3>Flagged files (kept)</h3>",
-        _table(["path", "flags", "notes"], [[r["path"], r["flags"], r["notes"]] for r in flagged]) if flagged else "<p>None.</p>",
+        html_table(["path", "flags", "notes"], [[r["path"], r["flags"], r["notes"]] for r in flagged]) if flagged else "<p>None.</p>",
     ]  # fmt: skip
 
 
@@ -226,12 +232,12 @@ def _gallery(rows: list[dict], raw_data: Path, by_id: dict[int, ClassSpec], conf
     cards = []
     for r in shown:
         confidence = _confidence(r)
-        caption = (f"{_e(r['path'])}<br>true {_e(name(r['true']))}<br>predicted {_e(name(r['predicted']))}"
+        caption = (f"{escape(r['path'])}<br>true {escape(name(r['true']))}<br>predicted {escape(name(r['predicted']))}"
                    + (f" ({confidence:.2f})" if confidence is not None else ""))  # fmt: skip
         image = ""
         if config.show_images:
-            source = _thumbnail(Path(raw_data) / decode_path(r["path"], r.get("flags", "")), r["sha256"], config.thumbnail_px)
-            image = f"<img alt='{_e(r['path'])}' src='{source}'>"
+            source = thumbnail(Path(raw_data) / decode_path(r["path"], r.get("flags", "")), r["sha256"], config.thumbnail_px)
+            image = f"<img alt='{escape(r['path'])}' src='{source}'>"
         cards.append(f"<figure class=card>{image}<figcaption>{caption}</figcaption></figure>")
     return head + [f"<div class=gallery>{''.join(cards)}</div>" if cards else "<p>None.</p>"]
 
@@ -255,7 +261,7 @@ def _embedded_font(text: str) -> str:
     return f"@font-face{{font-family:'NanumGothicEmbedded';src:url(data:font/ttf;base64,{data}) format('truetype')}}"
 
 
-def _page(title: str, body: str) -> str:
+def html_page(title: str, body: str) -> str:
     style = _embedded_font(html.unescape(title + body)) + (
         "body{font-family:'NanumGothicEmbedded',system-ui,sans-serif;margin:2rem auto;max-width:1200px;"
         "color:#222;padding:0 1rem}table{border-collapse:collapse;margin:.5rem 0 1rem}th,td{border:1px solid #ccc;"
@@ -263,5 +269,5 @@ def _page(title: str, body: str) -> str:
         ".note{color:#555}.row{display:flex;flex-wrap:wrap;gap:1rem}figure{margin:.5rem 0}img{max-width:100%}"
         ".gallery{display:flex;flex-wrap:wrap;gap:.8rem}.card{width:220px;font-size:.8em;word-break:break-all}"
     )
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{escape(title)}</title>"
             f"<link rel=icon href='data:,'><style>{style}</style></head><body>{body}</body></html>\n")  # fmt: skip

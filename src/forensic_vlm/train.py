@@ -37,7 +37,8 @@ from forensic_vlm.batches import (
 from forensic_vlm.config import ClassSpec, ModelConfig, TrainConfig, to_dict
 from forensic_vlm.modeling import add_lora, compute_dtype, device_name, load_base_model, load_processor, resolve_device
 from forensic_vlm.prompting import AnswerTokens, TokenCounter, answer_tokens, build_prompt, preflight
-from forensic_vlm.scoring import MODEL_INPUTS, class_probabilities
+from forensic_vlm.scoring import MODEL_INPUTS, class_probabilities, to_device
+from forensic_vlm.thresholds import choose_thresholds, write_thresholds
 from forensic_vlm.tables import read_tsv
 
 log = logging.getLogger(__name__)
@@ -264,6 +265,12 @@ def train_adapter(
     }
     # The base model's processor, uncapped: model.max_tiles is applied again wherever it is loaded.
     _save_adapter(model, load_processor(model_config.name_or_path), adapter_dir)
+    # On the whole validation set (under DDP this rank saw only its share) with the best weights.
+    full_val = _loader(data.val, val_tokens, Collator(processor, prompt, answer, labels, "score"),
+                       config.batch_size, False, config.seed, 0)  # fmt: skip
+    thresholds = review_thresholds(module, full_val, labels, config.review_precision, device, precision == "bf16-mixed")
+    write_thresholds(adapter_dir, thresholds)
+    metrics["review_thresholds"] = {label: c["threshold"] for label, c in thresholds["classes"].items()}
     _write_curves(joined, work_dir / "metrics.csv")
     # Finished: a later run (new settings, or forced) trains afresh; only a crash is resumed.
     for finished in (checkpoints / "last.ckpt", checkpoints / "run.json"):
@@ -271,6 +278,20 @@ def train_adapter(
     write_model_card(adapter_dir, model_config, config, classes, data, metrics)
     log.info("train: best epoch %d, validation macro-F1 %.4f; adapter in %s", metrics["best_epoch"], metrics["val_macro_f1"] or 0, adapter_dir)
     return metrics
+
+
+@torch.no_grad()
+def review_thresholds(module: ClassifierModule, loader: DataLoader, labels: list[int], precision: float,
+                      device: torch.device, bf16: bool) -> dict:  # fmt: skip
+    """Per-class thresholds for ``precision`` from the module's validation probabilities."""
+    module.eval().to(device)
+    probabilities, targets = [], []
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # as validation ran
+        for batch in loader:
+            inputs = to_device(batch, device, module.pixel_dtype)
+            probabilities.append(class_probabilities(module.model, inputs, module.answer.class_ids).cpu())
+            targets.extend(labels[int(t)] for t in batch["targets"])
+    return choose_thresholds(torch.cat(probabilities).numpy(), targets, labels, precision)
 
 
 def _trainer_devices(device: torch.device, count: int):

@@ -20,6 +20,8 @@ SETTINGS = Config.from_dict(config)
 DEMO_RAW_DATA = "results/demo/raw_data"
 DEMO_LISTING = "results/demo/raw_data.tsv"
 DEMO_MODEL = "results/demo/model"
+DEMO_EXTRACTION = "results/demo/extraction"
+DEMO_EXTRACTION_LISTING = "results/demo/extraction.tsv"
 
 
 def uses_demo_data():
@@ -63,5 +65,41 @@ def get_model_input():
     return []
 
 
+def get_demo_extraction_folder(wildcards, output):
+    return output.listing.removesuffix(".tsv")
+
+
+def get_classify_input():
+    """What the triage depends on: the demo extraction's listing, or the folder itself."""
+    folder = SETTINGS.classify.input_dir
+    if folder is None:  # no triage asked for: the rule is never scheduled
+        return []
+    return DEMO_EXTRACTION_LISTING if Path(folder) == Path(DEMO_EXTRACTION) else folder
+
+
+def get_classify_folder(wildcards, input):
+    return (
+        input.folder.removesuffix(".tsv")
+        if input.folder == DEMO_EXTRACTION_LISTING
+        else input.folder
+    )
+
+
+def get_classify_adapter():
+    return "results/train/adapter" if SETTINGS.classify.use_adapter else []
+
+
+def get_classify_fingerprint(wildcards):
+    """Listing digest of the folder, so added, removed or replaced files rerun the triage."""
+    folder = SETTINGS.classify.input_dir
+    if Path(folder) == Path(DEMO_EXTRACTION):
+        return "demo"
+    return fingerprint(Path(folder), skip_documentation=False)
+
+
 def get_final_outputs():
-    return ["results/report/index.html"]
+    outputs = ["results/report/index.html"]
+    if SETTINGS.classify.input_dir:
+        case = f"results/classify/{SETTINGS.classify.case}"
+        outputs += [f"{case}/triage.tsv", f"{case}/triage.html", f"{case}/custody.json"]
+    return outputs

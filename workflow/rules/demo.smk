@@ -26,3 +26,19 @@ rule demo_model:
         demo_model=config["demo_model"],
     script:
         "../scripts/demo_model.py"
+
+
+# The demo's unlabeled phone extraction for rule classify; its true classes are only in the listing.
+rule demo_extraction:
+    output:
+        listing="results/demo/extraction.tsv",
+    log:
+        "results/logs/demo_extraction.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        folder=get_demo_extraction_folder,
+        classes=config["classes"],
+        demo=config["demo"],
+    script:
+        "../scripts/demo_extraction.py"

@@ -1,0 +1,17 @@
+"""Shim for rule demo_extraction: forensic_vlm.demo_data.generate_demo_extraction."""
+
+import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
+from pathlib import Path
+
+from forensic_vlm.config import DemoConfig, build_classes, build_section
+from forensic_vlm.demo_data import generate_demo_extraction
+from forensic_vlm.logs import setup_logging
+
+setup_logging(snakemake.log[0])
+generate_demo_extraction(
+    out_dir=Path(snakemake.params.folder),
+    listing=Path(snakemake.output.listing),
+    classes=list(build_classes(snakemake.params.classes)),
+    config=build_section(DemoConfig, snakemake.params.demo, "demo"),
+    replace=True,  # the folder is this rule's own output under results/demo
+)
