@@ -185,6 +185,15 @@ def _encode(image: Image.Image, kind: str) -> bytes:
     return buffer.getvalue()
 
 
+def _empty_folder(out_dir: Path, replace: bool) -> None:
+    """An existing non-empty folder is deleted only with ``replace`` (the workflow's own folder
+    under results/demo); otherwise it is an error, so no other folder is ever touched."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not replace:
+            raise FileExistsError(f"{out_dir} exists and is not empty; demo data goes into a new folder")
+        shutil.rmtree(out_dir)
+
+
 def generate_demo_data(
     out_dir: Path, listing: Path, classes: list[ClassSpec], config: DemoConfig, replace: bool = False
 ) -> int:
@@ -195,10 +204,7 @@ def generate_demo_data(
     Returns the number of files written.
     """
     out_dir, listing = Path(out_dir), Path(listing)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not replace:
-            raise FileExistsError(f"{out_dir} exists and is not empty; demo data goes into a new folder")
-        shutil.rmtree(out_dir)
+    _empty_folder(out_dir, replace)
     written = 0
     for spec in classes:
         folder = out_dir / spec.folder
@@ -242,10 +248,7 @@ def generate_demo_extraction(
     also holds files that cannot be scored (empty, truncated, not an image) and an exact duplicate.
     """
     out_dir, listing = Path(out_dir), Path(listing)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not replace:
-            raise FileExistsError(f"{out_dir} exists and is not empty; demo data goes into a new folder")
-        shutil.rmtree(out_dir)
+    _empty_folder(out_dir, replace)
     truth: dict[str, int] = {}
     for index in range(config.extraction_images):
         rng = np.random.default_rng([config.seed, 7, index])
