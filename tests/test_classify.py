@@ -180,3 +180,20 @@ def test_zero_shot_triage_marks_every_image_for_review(demo_run: dict, tmp_path:
     assert len(rows) == 6 and all(r["needs_review"] == "true" and r["threshold"] == "" for r in rows)
     custody = json.loads((tmp_path / "out" / "custody.json").read_text())
     assert custody["adapter"] is None and "zero-shot" in custody["review_thresholds"]
+
+
+@pytest.mark.slow
+def test_triage_page_opens_in_chromium_with_its_thumbnails(demo_run: dict, tmp_path: Path) -> None:
+    from report_screenshot import chromium, inspect_page
+
+    if chromium() is None:
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium is missing: .ci/run installs it")
+        pytest.skip("Debian's chromium is not installed")
+    out, _ = demo_paths(demo_run)
+    seen = inspect_page(out / "triage.html", tmp_path / "triage.png")
+    assert seen["console_errors"] == []
+    scored = sum(r["status"] == "scored" for r in read_tsv(out / "triage.tsv"))
+    assert len(seen["images"]) == scored and all(i["complete"] and i["width"] > 0 for i in seen["images"])
+    for heading in ("Order", "Review thresholds", "Counts", "Files in review order"):
+        assert any(h.startswith(heading) for h in seen["headings"]), heading
