@@ -20,8 +20,8 @@ import pytest
 from conftest import DEMO_CONFIG, REPO
 from forensic_vlm.tables import read_tsv
 
-GPU_RULES = {"train", "evaluate_zeroshot", "evaluate_finetuned"}
-CLUSTER_RULES = {"demo_data", "demo_model", "manifest", "split", "augment", "report"} | GPU_RULES
+GPU_RULES = {"train", "evaluate_zeroshot", "evaluate_finetuned", "classify"}
+CLUSTER_RULES = {"demo_data", "demo_model", "demo_extraction", "manifest", "split", "augment", "report"} | GPU_RULES
 # The CI node has 2 CPUs and ~21 GB: the profile's real-cluster sizes are scaled down here only.
 SMALL_NODE = ("--default-resources", "slurm_partition=debug", "mem_mb=1500", "runtime=30",
               "--set-resources", "train:mem_mb=3000", "evaluate_zeroshot:mem_mb=3000",
@@ -92,6 +92,9 @@ def test_demo_goes_through_slurm_and_matches_a_local_run(demo_run: dict, tmp_pat
                             - np.array([[float(r[c]) for c in columns] for r in b])).max()  # fmt: skip
         assert difference < 1e-4, (kind, difference)
     assert (cluster / "report" / "index.html").exists()
+    triage = [read_tsv(root / "classify" / "demo" / "triage.tsv") for root in (local, cluster)]
+    assert [{(r["path"], r["status"], r["predicted"]) for r in rows} for rows in triage][0] == {
+        (r["path"], r["status"], r["predicted"]) for r in triage[1]}  # fmt: skip
 
 
 def test_a_failing_job_fails_the_run_with_its_slurm_state(tmp_path: Path, measured) -> None:
