@@ -92,9 +92,11 @@ def test_demo_goes_through_slurm_and_matches_a_local_run(demo_run: dict, tmp_pat
                             - np.array([[float(r[c]) for c in columns] for r in b])).max()  # fmt: skip
         assert difference < 1e-4, (kind, difference)
     assert (cluster / "report" / "index.html").exists()
-    triage = [read_tsv(root / "classify" / "demo" / "triage.tsv") for root in (local, cluster)]
-    assert [{(r["path"], r["status"], r["predicted"]) for r in rows} for rows in triage][0] == {
-        (r["path"], r["status"], r["predicted"]) for r in triage[1]}  # fmt: skip
+    local_triage, cluster_triage = (
+        {(r["path"], r["status"], r["predicted"]) for r in read_tsv(root / "classify" / "demo" / "triage.tsv")}
+        for root in (local, cluster)
+    )
+    assert local_triage == cluster_triage
 
 
 def test_a_failing_job_fails_the_run_with_its_slurm_state(tmp_path: Path, measured) -> None:
