@@ -19,6 +19,18 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def require_chromium() -> None:
+    """For a test: skip without Debian's chromium, except on CI, where .ci/run installs it."""
+    import os
+
+    import pytest
+
+    if chromium() is None:
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium is missing: .ci/run installs it")
+        pytest.skip("Debian's chromium is not installed")
+
+
 def inspect_page(page_file: Path, screenshot: Path) -> dict:
     from playwright.sync_api import sync_playwright
 

@@ -184,12 +184,9 @@ def test_zero_shot_triage_marks_every_image_for_review(demo_run: dict, tmp_path:
 
 @pytest.mark.slow
 def test_triage_page_opens_in_chromium_with_its_thumbnails(demo_run: dict, tmp_path: Path) -> None:
-    from report_screenshot import chromium, inspect_page
+    from report_screenshot import inspect_page, require_chromium
 
-    if chromium() is None:
-        if os.environ.get("CI"):
-            pytest.fail("Debian's chromium is missing: .ci/run installs it")
-        pytest.skip("Debian's chromium is not installed")
+    require_chromium()
     out, _ = demo_paths(demo_run)
     seen = inspect_page(out / "triage.html", tmp_path / "triage.png")
     assert seen["console_errors"] == []

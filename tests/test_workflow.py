@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -94,12 +93,9 @@ def test_only_stale_stages_rerun(demo_run: dict) -> None:
 
 @pytest.mark.slow
 def test_report_page_opens_in_chromium_with_every_figure(demo_run: dict, tmp_path: Path) -> None:
-    from report_screenshot import chromium, inspect_page
+    from report_screenshot import inspect_page, require_chromium
 
-    if chromium() is None:
-        if os.environ.get("CI"):
-            pytest.fail("Debian's chromium is missing: .ci/run installs it")
-        pytest.skip("Debian's chromium is not installed")
+    require_chromium()
     page = demo_run["workdir"] / "results" / "report" / "index.html"
     seen = inspect_page(page, tmp_path / "report.png")
     assert seen["console_errors"] == []

@@ -24,7 +24,6 @@ import logging
 import os
 import platform
 from collections import Counter
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,11 +39,11 @@ from forensic_vlm.config import (
     to_dict,
 )
 from forensic_vlm.evaluate import score_examples
-from forensic_vlm.inspect import Inspection, inspect_file
-from forensic_vlm.manifest import BadInputError, walk
+from forensic_vlm.inspect import Inspection
+from forensic_vlm.manifest import bad_input_error, inspector, table_path, walk
 from forensic_vlm.parallel import ordered_map
 from forensic_vlm.report import git_commit, package_versions
-from forensic_vlm.tables import NON_UTF8_FLAG, encode_path, sha256_file, write_tsv
+from forensic_vlm.tables import encode_path, sha256_file, write_tsv
 from forensic_vlm.thresholds import needs_review, read_thresholds
 from forensic_vlm.triage_page import write_triage_page
 
@@ -65,9 +64,7 @@ def inspect_folder(root: Path, manifest: ManifestConfig, workers: int) -> list[I
     """Every file under ``root`` (none left out), each read once and fully decoded."""
     paths = list(walk(root, skip_documentation=False))
     log.info("classify: %d files under %s, %d worker(s)", len(paths), root, workers)
-    inspect = partial(inspect_file, str(root), max_image_pixels=manifest.max_image_pixels,
-                      allowed_formats=tuple(manifest.allowed_formats))  # fmt: skip
-    return list(ordered_map(inspect, paths, workers, "classify: inspect"))
+    return list(ordered_map(inspector(root, manifest), paths, workers, "classify: inspect"))
 
 
 def review_order(row: dict, irrelevant: int) -> tuple:
@@ -106,9 +103,7 @@ def classify_folder(
     rejected = [r for r in inspections if not r.usable]
     if manifest_config.on_bad_input == "fail" and rejected:
         first = rejected[0]
-        raise BadInputError(f"{root / first.path}: {first.reason}: {first.message}"
-                            + (f" (and {len(rejected) - 1} more unusable file(s))" if len(rejected) > 1 else "")
-                            + "; set manifest.on_bad_input: report to list them and go on")  # fmt: skip
+        raise bad_input_error(root / first.path, first.reason, first.message, len(rejected))
     usable = [r for r in inspections if r.usable]
     # label -1: unknown. The examples only carry images to the model; no label is ever written.
     examples = [Example(root / r.path, r.sha256, -1, int(r.width), int(r.height), encode_path(r.path)[0])
@@ -158,9 +153,8 @@ def _yes_no(value: bool) -> str:
 
 
 def _file_columns(inspection: Inspection) -> dict:
-    path, escaped = encode_path(inspection.path)
-    flags = inspection.flags + ([NON_UTF8_FLAG] if escaped else [])
-    return {"path": path, "flags": ",".join(flags), "sha256": inspection.sha256,
+    path, flags = table_path(inspection)
+    return {"path": path, "flags": flags, "sha256": inspection.sha256,
             "size_bytes": inspection.size_bytes if inspection.size_bytes is not None else "",
             "mtime_utc": inspection.mtime_utc}  # fmt: skip
 

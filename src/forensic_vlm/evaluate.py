@@ -32,7 +32,15 @@ from forensic_vlm.batches import (
 from forensic_vlm.config import ClassSpec, EvaluateConfig, ModelConfig
 from forensic_vlm.figures import plot_confusion_matrix
 from forensic_vlm.metrics import compute_metrics, report_text
-from forensic_vlm.modeling import compute_dtype, device_name, load_adapter, load_base_model, load_processor, resolve_device
+from forensic_vlm.modeling import (
+    compute_dtype,
+    device_name,
+    load_adapter,
+    load_base_model,
+    load_processor,
+    require_gpus,
+    resolve_device,
+)
 from forensic_vlm.prediction_cache import PredictionCache, adapter_fingerprint, model_fingerprint
 from forensic_vlm.prompting import AnswerTokens, TokenCounter, answer_tokens, build_prompt, preflight
 from forensic_vlm.scoring import class_probabilities, generate_answers, parse_finetuned, parse_zeroshot, to_device
@@ -123,8 +131,7 @@ def compile_decoder_layers(model) -> int:
 def shard_devices(count: int) -> list[torch.device]:
     """``count`` devices for scoring shards: GPUs 0..count-1, or CPU processes without a GPU."""
     if torch.cuda.is_available():
-        if count > torch.cuda.device_count():
-            raise RuntimeError(f"evaluate.devices is {count} but {torch.cuda.device_count()} GPUs are visible")
+        require_gpus(count, "evaluate.devices")
         return [torch.device("cuda", i) for i in range(count)]
     return [torch.device("cpu")] * count
 

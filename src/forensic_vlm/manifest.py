@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -83,6 +83,26 @@ def class_of(relative: str, classes: dict[int, ClassSpec]) -> tuple[int | None, 
     return label, folder, ""
 
 
+def inspector(root: Path, config: ManifestConfig) -> Callable[[str], Inspection]:
+    """The per-file check of everything read from an evidence folder (picklable, for workers)."""
+    return partial(inspect_file, str(root), max_image_pixels=config.max_image_pixels,
+                   allowed_formats=tuple(config.allowed_formats))  # fmt: skip
+
+
+def bad_input_error(path: Path, reason: str, message: str, count: int) -> BadInputError:
+    """The error of ``on_bad_input: fail``: the first unusable file, and how many there are."""
+    return BadInputError(f"{path}: {reason}: {message}"
+                         + (f" (and {count - 1} more unusable file(s))" if count > 1 else "")
+                         + "; set manifest.on_bad_input: report to list them and go on")  # fmt: skip
+
+
+def table_path(result: Inspection) -> tuple[str, str]:
+    """How a file is written in a table: its path as text and its flags (non_utf8_name added
+    where the name had to be percent-encoded)."""
+    text, escaped = encode_path(result.path)
+    return text, ",".join(result.flags + ([NON_UTF8_FLAG] if escaped else []))
+
+
 def build_manifest(
     raw_data: Path,
     out_dir: Path,
@@ -114,24 +134,15 @@ def build_manifest(
         else:
             to_inspect.append((relative, label, folder))
 
-    inspect = partial(
-        inspect_file,
-        str(raw_data),
-        max_image_pixels=config.max_image_pixels,
-        allowed_formats=tuple(config.allowed_formats),
-    )
     relatives = [p for p, _, _ in to_inspect]
+    inspect = inspector(raw_data, config)
     for (_, label, folder), result in zip(to_inspect, ordered_map(inspect, relatives, workers, "manifest")):
         labelled.append((result, label, folder))
 
     accepted, rejected = _resolve_conflicts(labelled)
     if config.on_bad_input == "fail" and rejected:
         first = rejected[0]
-        raise BadInputError(
-            f"{raw_data / first['path']}: {first['reason']}: {first['message']}"
-            + (f" (and {len(rejected) - 1} more unusable file(s))" if len(rejected) > 1 else "")
-            + "; set manifest.on_bad_input: report to list them and go on"
-        )
+        raise bad_input_error(raw_data / first["path"], first["reason"], first["message"], len(rejected))
     out_dir = Path(out_dir)
     write_tsv(out_dir / "manifest.tsv", MANIFEST_COLUMNS, accepted)
     write_tsv(out_dir / "rejects.tsv", REJECT_COLUMNS, rejected)
@@ -170,8 +181,7 @@ def _resolve_conflicts(
 
     accepted, rejected, canonical = [], [], {}
     for result, label, folder in sorted(labelled, key=lambda item: item[0].path):
-        text, escaped = encode_path(result.path)
-        flags = result.flags + ([NON_UTF8_FLAG] if escaped else [])
+        text, flags = table_path(result)
         if not result.usable:
             rejected.append(
                 {"path": text, "label": label, "class_folder": folder, "sha256": result.sha256,
@@ -183,7 +193,7 @@ def _resolve_conflicts(
             {"path": text, "label": label, "class_folder": folder, "sha256": result.sha256,
              "size_bytes": result.size_bytes, "format": result.format, "width": result.width,
              "height": result.height, "phash": result.phash, "mtime_utc": result.mtime_utc,
-             "flags": ",".join(flags), "notes": "; ".join(result.notes),
+             "flags": flags, "notes": "; ".join(result.notes),
              "duplicate_of": "" if duplicate_of == text else duplicate_of}
         )  # fmt: skip
     return accepted, rejected

@@ -29,6 +29,12 @@ def resolve_device(config: ModelConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def require_gpus(count: int, setting: str) -> None:
+    """Stop, naming the setting, when it asks for more GPUs than are visible."""
+    if count > torch.cuda.device_count():
+        raise RuntimeError(f"{setting} is {count} but {torch.cuda.device_count()} GPUs are visible")
+
+
 def device_name(device: torch.device) -> str:
     """What a reported figure was measured on."""
     if device.type == "cuda":

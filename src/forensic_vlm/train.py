@@ -35,7 +35,15 @@ from forensic_vlm.batches import (
     examples_from_table,
 )
 from forensic_vlm.config import ClassSpec, ModelConfig, TrainConfig, to_dict
-from forensic_vlm.modeling import add_lora, compute_dtype, device_name, load_base_model, load_processor, resolve_device
+from forensic_vlm.modeling import (
+    add_lora,
+    compute_dtype,
+    device_name,
+    load_base_model,
+    load_processor,
+    require_gpus,
+    resolve_device,
+)
 from forensic_vlm.prompting import AnswerTokens, TokenCounter, answer_tokens, build_prompt, preflight
 from forensic_vlm.scoring import MODEL_INPUTS, class_probabilities, to_device
 from forensic_vlm.thresholds import choose_thresholds, write_thresholds
@@ -199,8 +207,7 @@ def train_adapter(
     if device.type == "cpu" and config.devices > 1:  # the cores are shared between the ranks
         torch.set_num_threads(max(1, torch.get_num_threads() // config.devices))
     if device.type == "cuda" and config.devices > 1:
-        if config.devices > torch.cuda.device_count():
-            raise RuntimeError(f"train.devices is {config.devices} but {torch.cuda.device_count()} GPUs are visible")
+        require_gpus(config.devices, "train.devices")
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
     processor = load_processor(model_config.name_or_path, model_config.max_tiles)
