@@ -75,22 +75,50 @@ def main() -> None:
     print(f"wrote {args.images} images ({size / 2**20:.0f} MB) in {time.perf_counter() - start:.0f} s", flush=True)
     model = build_demo_model(work / "model", DemoModelConfig())
     config = work / "config.yaml"
-    config.write_text(yaml.safe_dump({"model": {"name_or_path": str(model), "quantization": "none", "device": "cpu"},
-                                      "evaluate": {"batch_size": 8, "num_workers": 1},
-                                      "report": {"show_images": True}}))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(model), "quantization": "none", "device": "cpu"},
+                "evaluate": {"batch_size": 8, "num_workers": 1},
+                "report": {"show_images": True},
+            }
+        )
+    )
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
-    command = [sys.executable, "-m", "forensic_vlm", "--config", str(config), "--log", str(work / "classify.log"),
-               "classify", str(folder), "--case", "bench", "--out", str(work / "out"), "--cache-dir", str(cache),
-               "--workers", str(args.workers)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "forensic_vlm",
+        "--config",
+        str(config),
+        "--log",
+        str(work / "classify.log"),
+        "classify",
+        str(folder),
+        "--case",
+        "bench",
+        "--out",
+        str(work / "out"),
+        "--cache-dir",
+        str(cache),
+        "--workers",
+        str(args.workers),
+    ]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     watched = psutil.Process(process.pid)
     samples = []
     while process.poll() is None:
         main_mb, tree_mb = tree_rss(watched)
-        samples.append({"seconds": round(time.perf_counter() - start, 1), "scored": cached(cache),
-                        "rss_main_MB": round(main_mb, 1), "rss_tree_MB": round(tree_mb, 1)})  # fmt: skip
+        samples.append(
+            {
+                "seconds": round(time.perf_counter() - start, 1),
+                "scored": cached(cache),
+                "rss_main_MB": round(main_mb, 1),
+                "rss_tree_MB": round(tree_mb, 1),
+            }
+        )
         time.sleep(0.5)
     seconds = time.perf_counter() - start
     if process.returncode:
@@ -104,21 +132,25 @@ def main() -> None:
 
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} logical cores, "
-                   f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-        "images": args.images, "image_sizes": [list(s) for s in SIZES], "folder_MB": round(size / 2**20, 1),
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "images": args.images,
+        "image_sizes": [list(s) for s in SIZES],
+        "folder_MB": round(size / 2**20, 1),
         "model": "the demo's tiny random LLaVA-NeXT (zero-shot), CPU, batch 8",
         "seconds_total": round(seconds, 1),
         "images_per_second_total": round(args.images / seconds, 1),
         "scoring": custody["scoring"],
         "peak_rss_main_MB_by_share_of_images_scored": {
-            "0-25 %": peak_between(0.0, 0.25), "25-50 %": peak_between(0.25, 0.5),
-            "50-75 %": peak_between(0.5, 0.75), "75-100 %": peak_between(0.75, 1.01),
+            "0-25 %": peak_between(0.0, 0.25),
+            "25-50 %": peak_between(0.25, 0.5),
+            "50-75 %": peak_between(0.5, 0.75),
+            "75-100 %": peak_between(0.75, 1.01),
         },
         "peak_rss_main_MB_whole_run": max(s["rss_main_MB"] for s in samples),
         "peak_rss_tree_MB_whole_run": max(s["rss_tree_MB"] for s in samples),
         "triage_rows": custody["counts"]["files"],
         "samples": samples[:: max(1, len(samples) // 200)],
-    }  # fmt: skip
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))

@@ -65,14 +65,38 @@ def full_size_config(tiny: bool):
         from forensic_vlm.demo_model import build_model
 
         return build_model(DemoModelConfig(), vocab_size=32064).config
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")  # fmt: skip
-    text = MistralConfig(vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-                         rope_theta=1_000_000.0, rms_norm_eps=1e-5, pad_token_id=32001, tie_word_embeddings=False)  # fmt: skip
-    return LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=32000,
-                           image_grid_pinpoints=grid_pinpoints(336), vision_feature_layer=-2,
-                           vision_feature_select_strategy="default", tie_word_embeddings=False)  # fmt: skip
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    text = MistralConfig(
+        vocab_size=32064,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-5,
+        pad_token_id=32001,
+        tie_word_embeddings=False,
+    )
+    return LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=32000,
+        image_grid_pinpoints=grid_pinpoints(336),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
 
 
 def write_random_model(folder: Path, processor, tiny: bool) -> int:
@@ -100,7 +124,9 @@ def phone_like(seed: int, size: tuple[int, int]) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for _ in range(30):
         x, y = int(rng.integers(0, size[0] - 10)), int(rng.integers(0, size[1] - 10))
-        draw.rectangle((x, y, x + int(rng.integers(5, size[0] // 4)), y + 8), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        draw.rectangle(
+            (x, y, x + int(rng.integers(5, size[0] // 4)), y + 8), fill=tuple(int(v) for v in rng.integers(0, 256, 3))
+        )
     return image
 
 
@@ -114,9 +140,19 @@ def write_images(root: Path, count: int, sizes, seed: int) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         phone_like(seed * 100_000 + i, size).save(path, quality=90)
         sha = sha256_file(path)
-        rows.append({"sha256": sha, "path": str(path.relative_to(root / "raw_data")), "label": spec.id,
-                     "class_folder": spec.folder, "group": sha, "flags": "", "format": "JPEG",
-                     "width": size[0], "height": size[1]})  # fmt: skip
+        rows.append(
+            {
+                "sha256": sha,
+                "path": str(path.relative_to(root / "raw_data")),
+                "label": spec.id,
+                "class_folder": spec.folder,
+                "group": sha,
+                "flags": "",
+                "format": "JPEG",
+                "width": size[0],
+                "height": size[1],
+            }
+        )
     table = root / f"table_{seed}.tsv"
     write_tsv(table, SPLIT_COLUMNS, rows)
     return table
@@ -133,22 +169,47 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def project_evaluation(table: Path, root: Path, model_dir: Path, name: str, quantization: str = "none",
-                       batch: int = 8, workers: int = 8, devices: int = 1, compile: bool = False,
-                       max_tiles: int | None = None) -> dict:  # fmt: skip
+def project_evaluation(
+    table: Path,
+    root: Path,
+    model_dir: Path,
+    name: str,
+    *,
+    quantization: str = "none",
+    batch: int = 8,
+    workers: int = 8,
+    devices: int = 1,
+    compile: bool = False,
+    max_tiles: int | None = None,
+) -> dict:
     from forensic_vlm.evaluate import evaluate_split
 
     reset_peak()
     model = ModelConfig(name_or_path=str(model_dir), quantization=quantization, max_tiles=max_tiles)
-    config = EvaluateConfig(batch_size=batch, num_workers=workers, bootstrap_samples=100, devices=devices,
-                            compile=compile)  # fmt: skip
-    metrics = evaluate_split(table, root / "raw_data", list(DEFAULT_CLASSES), model, config, root / f"eval_{name}")
-    return {"images_per_s": metrics["images_per_second_after_first_batch"],
-            "images_per_s_whole_run": metrics["images_per_second"], "seconds": metrics["seconds"],
-            # Several devices: the scoring processes' memory is not visible from here.
-            "n": metrics["n"], "peak_GiB": round(peak_gb(), 1) if devices == 1 else None, "batch": batch,
-            "quantization": quantization,
-            "devices": devices, "compile": compile, "max_tiles": max_tiles}  # fmt: skip
+    config = EvaluateConfig(
+        batch_size=batch, num_workers=workers, bootstrap_samples=100, devices=devices, compile=compile
+    )
+    metrics = evaluate_split(
+        table,
+        root / "raw_data",
+        classes=list(DEFAULT_CLASSES),
+        model_config=model,
+        config=config,
+        out_dir=root / f"eval_{name}",
+    )
+    return {
+        "images_per_s": metrics["images_per_second_after_first_batch"],
+        "images_per_s_whole_run": metrics["images_per_second"],
+        "seconds": metrics["seconds"],
+        # Several devices: the scoring processes' memory is not visible from here.
+        "n": metrics["n"],
+        "peak_GiB": round(peak_gb(), 1) if devices == 1 else None,
+        "batch": batch,
+        "quantization": quantization,
+        "devices": devices,
+        "compile": compile,
+        "max_tiles": max_tiles,
+    }
 
 
 KERNEL_KINDS = (  # first match wins: cuDNN's attention kernels also carry "sm90" in their names
@@ -169,7 +230,14 @@ def profile_evaluation(table: Path, root: Path, model_dir: Path, workers: int) -
     model = ModelConfig(name_or_path=str(model_dir), quantization="none")
     cuda = torch.cuda.is_available()
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as trace:
-        metrics = evaluate_split(table, root / "raw_data", list(DEFAULT_CLASSES), model, config, root / "eval_profile")
+        metrics = evaluate_split(
+            table,
+            root / "raw_data",
+            classes=list(DEFAULT_CLASSES),
+            model_config=model,
+            config=config,
+            out_dir=root / "eval_profile",
+        )
     kernels: dict[str, float] = {}
     for event in trace.key_averages():
         microseconds = (event.self_device_time_total if cuda else event.self_cpu_time_total) or 0
@@ -181,11 +249,16 @@ def profile_evaluation(table: Path, root: Path, model_dir: Path, workers: int) -
         by_kind[kind] = by_kind.get(kind, 0.0) + seconds
     busy = sum(kernels.values())
     top = sorted(kernels.items(), key=lambda item: -item[1])[:12]
-    return {"images": metrics["n"], "scoring_seconds": metrics["seconds"], "gpu_kernel_seconds": round(busy, 2),
-            "gpu_busy_share_of_scoring": round(busy / metrics["seconds"], 3),
-            "kernel_seconds_by_kind": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda i: -i[1])},
-            "top_kernels": [[name[:90], round(seconds, 3)] for name, seconds in top], "peak_GiB": round(peak_gb(), 1),
-            "note": "profiled run (tracing slows it); images/s is from the unprofiled runs"}  # fmt: skip
+    return {
+        "images": metrics["n"],
+        "scoring_seconds": metrics["seconds"],
+        "gpu_kernel_seconds": round(busy, 2),
+        "gpu_busy_share_of_scoring": round(busy / metrics["seconds"], 3),
+        "kernel_seconds_by_kind": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda i: -i[1])},
+        "top_kernels": [[name[:90], round(seconds, 3)] for name, seconds in top],
+        "peak_GiB": round(peak_gb(), 1),
+        "note": "profiled run (tracing slows it); images/s is from the unprofiled runs",
+    }
 
 
 def matmul_ceiling() -> dict:
@@ -230,58 +303,118 @@ def reference_evaluation(table: Path, root: Path, model_dir: Path, plan: list[tu
             inputs = processor(text=[prompt] * len(images), images=images, padding=True, return_tensors="pt").to(device)
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             with torch.no_grad():
-                model.generate(**inputs, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
-                               pad_token_id=processor.tokenizer.pad_token_id)  # fmt: skip
+                model.generate(
+                    **inputs,
+                    max_new_tokens=max_new,
+                    min_new_tokens=max_new,
+                    do_sample=False,
+                    pad_token_id=processor.tokenizer.pad_token_id,
+                )
             done += len(images)
         torch.cuda.synchronize() if torch.cuda.is_available() else None
         seconds = time.perf_counter() - start
         results[f"reference_nf4_generate_{max_new}"] = {
-            "images_per_s": round(done / seconds, 2), "seconds": round(seconds, 2), "n": done,
-            "new_tokens": max_new, "peak_GiB": round(peak_gb(), 1), "batch": 4,
-        }  # fmt: skip
+            "images_per_s": round(done / seconds, 2),
+            "seconds": round(seconds, 2),
+            "n": done,
+            "new_tokens": max_new,
+            "peak_GiB": round(peak_gb(), 1),
+            "batch": 4,
+        }
     del model
     gc.collect()
     return results
 
 
-def qlora_training(train_table: Path, val_table: Path, root: Path, model_dir: Path, workers: int) -> dict:
+def qlora_training(train_table: Path, val_table: Path, root: Path, model_dir: Path, *, workers: int) -> dict:
     from forensic_vlm.train import load_training_data, train_adapter
 
     reset_peak()
     data = load_training_data(train_table, val_table, root / "raw_data", None)
-    config = TrainConfig(epochs=1, batch_size=1, accumulate_grad_batches=1, gradient_checkpointing=True,
-                         num_workers=workers, checkpoint_every_n_steps=10_000)  # fmt: skip
+    config = TrainConfig(
+        epochs=1,
+        batch_size=1,
+        accumulate_grad_batches=1,
+        gradient_checkpointing=True,
+        num_workers=workers,
+        checkpoint_every_n_steps=10_000,
+    )
     start = time.perf_counter()
-    metrics = train_adapter(data, list(DEFAULT_CLASSES), ModelConfig(name_or_path=str(model_dir), quantization="nf4"),
-                            config, root / "adapter", root / "train")  # fmt: skip
+    metrics = train_adapter(
+        data,
+        list(DEFAULT_CLASSES),
+        model_config=ModelConfig(name_or_path=str(model_dir), quantization="nf4"),
+        config=config,
+        adapter_dir=root / "adapter",
+        work_dir=root / "train",
+    )
     seconds = time.perf_counter() - start
-    return {"seconds_incl_load_and_val": round(seconds, 1), "train_images": len(data.train),
-            "val_images": len(data.val), "peak_GiB": metrics["train_peak_memory_GiB"],
-            "peak_GiB_incl_loading": round(peak_gb(), 1), "precision": metrics["precision"],
-            "images_per_s": _median_logged(root / "train" / "metrics.csv", "train_images_per_s")}  # fmt: skip
+    return {
+        "seconds_incl_load_and_val": round(seconds, 1),
+        "train_images": len(data.train),
+        "val_images": len(data.val),
+        "peak_GiB": metrics["train_peak_memory_GiB"],
+        "peak_GiB_incl_loading": round(peak_gb(), 1),
+        "precision": metrics["precision"],
+        "images_per_s": _median_logged(root / "train" / "metrics.csv", "train_images_per_s"),
+    }
 
 
-def cli_training(train_table: Path, val_table: Path, root: Path, model_dir: Path, workers: int, devices: int) -> dict:
+def cli_training(
+    train_table: Path, val_table: Path, root: Path, model_dir: Path, *, workers: int, devices: int
+) -> dict:
     """``forensic-vlm train`` with ``train.devices`` (DDP when > 1): Lightning reruns the command per rank."""
     import yaml
 
     folder = root / f"train_cli_{devices}"
     config = folder / "config.yaml"
     folder.mkdir(parents=True, exist_ok=True)
-    config.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(model_dir), "quantization": "nf4"},
-        "train": {"epochs": 1, "batch_size": 1, "accumulate_grad_batches": 1, "gradient_checkpointing": True,
-                  "num_workers": workers, "devices": devices, "checkpoint_every_n_steps": 10_000},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(model_dir), "quantization": "nf4"},
+                "train": {
+                    "epochs": 1,
+                    "batch_size": 1,
+                    "accumulate_grad_batches": 1,
+                    "gradient_checkpointing": True,
+                    "num_workers": workers,
+                    "devices": devices,
+                    "checkpoint_every_n_steps": 10_000,
+                },
+            }
+        )
+    )
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "forensic_vlm", "--config", str(config), "--log", str(folder / "train.log"),
-                    "train", str(train_table), str(val_table), "--raw-data", str(root / "raw_data"),
-                    "--adapter", str(folder / "adapter")], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "forensic_vlm",
+            "--config",
+            str(config),
+            "--log",
+            str(folder / "train.log"),
+            "train",
+            str(train_table),
+            str(val_table),
+            "--raw-data",
+            str(root / "raw_data"),
+            "--adapter",
+            str(folder / "adapter"),
+        ],
+        check=True,
+    )
     seconds = time.perf_counter() - start
     card = json.loads((folder / "adapter" / "training.json").read_text())
-    return {"devices": devices, "seconds_incl_load_and_val": round(seconds, 1), "train_images": card["training_images"],
-            "optimizer_steps": card["validation"]["global_step"], "peak_GiB": card["validation"]["train_peak_memory_GiB"],
-            "images_per_s": _median_logged(folder / "metrics.csv", "train_images_per_s")}  # fmt: skip
+    return {
+        "devices": devices,
+        "seconds_incl_load_and_val": round(seconds, 1),
+        "train_images": card["training_images"],
+        "optimizer_steps": card["validation"]["global_step"],
+        "peak_GiB": card["validation"]["train_peak_memory_GiB"],
+        "images_per_s": _median_logged(folder / "metrics.csv", "train_images_per_s"),
+    }
 
 
 def _median_logged(csv_path: Path, column: str) -> float | None:
@@ -312,25 +445,37 @@ def main() -> None:
 
     root, sizes = args.work_dir, (TINY_SIZES if args.tiny else FULL_SIZES)
     root.mkdir(parents=True, exist_ok=True)
-    processor = load_processor(args.processor) if args.processor else build_processor(
-        DemoModelConfig(image_size=56 if args.tiny else 336)
+    processor = (
+        load_processor(args.processor)
+        if args.processor
+        else build_processor(DemoModelConfig(image_size=56 if args.tiny else 336))
     )
     model_dir = root / "model"
     if not (model_dir / "config.json").exists():
         start = time.perf_counter()
         write_random_model(model_dir, processor, args.tiny)
         log.info("random model written in %.0f s", time.perf_counter() - start)
-    parameters = int(json.loads((root / "parameters.json").read_text())) if (root / "parameters.json").exists() else None
+    parameters = (
+        int(json.loads((root / "parameters.json").read_text())) if (root / "parameters.json").exists() else None
+    )
     eval_table = write_images(root, args.eval_images, sizes, seed=1)
     train_table = write_images(root, args.train_images, sizes, seed=2)
     val_table = write_images(root, 8, sizes, seed=3)
 
     gpus = torch.cuda.device_count()
     device = torch.cuda.get_device_name() if gpus else "CPU"
-    result = {"device": device, "gpus_visible": gpus, "parameters": parameters,
-              "image_sizes": [list(s) for s in sizes], "runs": {}}  # fmt: skip
+    result = {
+        "device": device,
+        "gpus_visible": gpus,
+        "parameters": parameters,
+        "image_sizes": [list(s) for s in sizes],
+        "runs": {},
+    }
     runs, w = result["runs"], args.workers
-    evaluation = lambda name, **options: lambda: project_evaluation(eval_table, root, model_dir, name, workers=w, **options)  # noqa: E731
+
+    def evaluation(name: str, **options):
+        return lambda: project_evaluation(eval_table, root, model_dir, name, workers=w, **options)
+
     steps = {
         "matmul_ceiling": matmul_ceiling,
         "project_bf16_scores": evaluation("bf16"),
@@ -343,9 +488,13 @@ def main() -> None:
         "reference": lambda: reference_evaluation(
             eval_table, root, model_dir, [(8, args.reference_images), (50, args.reference_images // 2)]
         ),
-        "qlora_train_batch1_checkpointing": lambda: qlora_training(train_table, val_table, root, model_dir, w),
-        "qlora_train_cli_1gpu": lambda: cli_training(train_table, val_table, root, model_dir, w, 1),
-        "qlora_train_cli_ddp_2gpus": (lambda: cli_training(train_table, val_table, root, model_dir, w, 2)) if gpus >= 2 else None,
+        "qlora_train_batch1_checkpointing": lambda: qlora_training(train_table, val_table, root, model_dir, workers=w),
+        "qlora_train_cli_1gpu": lambda: cli_training(train_table, val_table, root, model_dir, workers=w, devices=1),
+        "qlora_train_cli_ddp_2gpus": (
+            lambda: cli_training(train_table, val_table, root, model_dir, workers=w, devices=2)
+        )
+        if gpus >= 2
+        else None,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / args.json_name
@@ -371,12 +520,25 @@ def main() -> None:
     for name, run in runs.items():
         if "images_per_s" in run:
             mfu = f"{run.get('mfu_vs_989_TFLOPs', '')} / {run.get('mfu_vs_measured', '')}"
-            print(f"| {name} | {run['images_per_s']} | {run.get('tokens_per_s', '')} | {mfu} | {run.get('peak_GiB', '')} |")
+            print(
+                f"| {name} | {run['images_per_s']} | {run.get('tokens_per_s', '')} | {mfu} | {run.get('peak_GiB', '')} |"
+            )
 
 
-STEPS = ("matmul_ceiling", "project_bf16_scores", "project_bf16_scores_batch16", "project_bf16_scores_compile",
-         "project_bf16_scores_max_tiles2", "project_nf4_scores", "profile_bf16_scores", "project_bf16_scores_2gpus",
-         "reference", "qlora_train_batch1_checkpointing", "qlora_train_cli_1gpu", "qlora_train_cli_ddp_2gpus")  # fmt: skip
+STEPS = (
+    "matmul_ceiling",
+    "project_bf16_scores",
+    "project_bf16_scores_batch16",
+    "project_bf16_scores_compile",
+    "project_bf16_scores_max_tiles2",
+    "project_nf4_scores",
+    "profile_bf16_scores",
+    "project_bf16_scores_2gpus",
+    "reference",
+    "qlora_train_batch1_checkpointing",
+    "qlora_train_cli_1gpu",
+    "qlora_train_cli_ddp_2gpus",
+)
 
 
 def _add_derived(result: dict, sizes, processor_source) -> None:

@@ -34,7 +34,9 @@ def phone_like_jpeg(seed: int, size: tuple[int, int]) -> bytes:
     draw = ImageDraw.Draw(image)
     for _ in range(40):  # edges and text-like detail, which make JPEGs realistically large
         x, y = int(rng.integers(0, size[0] - 200)), int(rng.integers(0, size[1] - 40))
-        draw.rectangle((x, y, x + int(rng.integers(20, 200)), y + 30), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        draw.rectangle(
+            (x, y, x + int(rng.integers(20, 200)), y + 30), fill=tuple(int(v) for v in rng.integers(0, 256, 3))
+        )
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
@@ -71,10 +73,15 @@ def main() -> None:
             start = time.perf_counter()
             build_manifest(raw, Path(tmp) / f"out{workers}", DEFAULT_CLASSES, ManifestConfig(), workers=workers)
             seconds = time.perf_counter() - start
-            runs.append({"workers": workers, "seconds": round(seconds, 2),
-                         "MB_per_s": round(total_bytes / 1e6 / seconds, 1),
-                         "images_per_s": round(args.images / seconds, 1),
-                         "megapixels_per_s": round(pixels / 1e6 / seconds, 1)})  # fmt: skip
+            runs.append(
+                {
+                    "workers": workers,
+                    "seconds": round(seconds, 2),
+                    "MB_per_s": round(total_bytes / 1e6 / seconds, 1),
+                    "images_per_s": round(args.images / seconds, 1),
+                    "megapixels_per_s": round(pixels / 1e6 / seconds, 1),
+                }
+            )
     result = {
         "machine": f"{cpu_name()}, {os.cpu_count()} logical cores, {platform.system()}",
         "images": args.images,
@@ -85,7 +92,9 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     print("\n| workers | seconds | MB/s | images/s | Mpixel/s |\n|---|---|---|---|---|")
     for run in runs:
-        print(f"| {run['workers']} | {run['seconds']} | {run['MB_per_s']} | {run['images_per_s']} | {run['megapixels_per_s']} |")
+        print(
+            f"| {run['workers']} | {run['seconds']} | {run['MB_per_s']} | {run['images_per_s']} | {run['megapixels_per_s']} |"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -57,7 +57,7 @@ def tree_hashes(root: Path) -> dict[str, tuple[str, int]]:
 
 def make_read_only(root: Path) -> None:
     """Remove write permission everywhere under root (stops every user but root)."""
-    for directory, dirnames, filenames in os.walk(root):
+    for directory, _dirnames, filenames in os.walk(root):
         for name in filenames:
             path = Path(directory, name)
             if not path.is_symlink() and path.is_file():
@@ -163,19 +163,44 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"raw_data": raw, "train": root / "train.tsv", "val": root / "val.tsv"}
 
 
-DEMO_JOBS = {"demo_data", "demo_model", "demo_extraction", "manifest", "split", "augment", "train",
-             "evaluate_zeroshot", "evaluate_finetuned", "report", "classify", "all"}  # fmt: skip
+DEMO_JOBS = {
+    "demo_data",
+    "demo_model",
+    "demo_extraction",
+    "manifest",
+    "split",
+    "augment",
+    "train",
+    "evaluate_zeroshot",
+    "evaluate_finetuned",
+    "report",
+    "classify",
+    "all",
+}
 DATA_TARGETS = ("results/split/summary.tsv", "results/augment/train_augmented.tsv")
 PROFILE = ("--profile", str(REPO / "profiles" / "demo"))
 DEMO_CONFIG = (str(REPO / "config.yaml"), str(REPO / "profiles" / "demo" / "demo.yaml"))
 
 
-def snakemake(workdir: Path, *args: str, read_only: Path | None = None, demo: bool = False) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, read_only: Path | None = None, demo: bool = False
+) -> subprocess.CompletedProcess:
     """Run the repository's workflow in ``workdir`` (the demo profile's config files are named
     explicitly, since a profile's relative paths are read from the working directory)."""
     configs = DEMO_CONFIG if demo else DEMO_CONFIG[:1]
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-               *(PROFILE if demo else ()), "--configfile", *configs, *args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(workdir),
+        *(PROFILE if demo else ()),
+        "--configfile",
+        *configs,
+        *args,
+    ]
     if read_only is not None:
         command = read_only_command(read_only, command)
     return subprocess.run(command, capture_output=True, text=True)

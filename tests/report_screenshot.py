@@ -11,8 +11,15 @@ import shutil
 import sys
 from pathlib import Path
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def chromium() -> str | None:
@@ -42,7 +49,8 @@ def inspect_page(page_file: Path, screenshot: Path) -> dict:
         page.on("pageerror", lambda error: errors.append(str(error)))
         page.goto(Path(page_file).resolve().as_uri(), wait_until="load")
         images = page.eval_on_selector_all(
-            "img", "els => els.map(e => ({alt: e.alt, width: e.naturalWidth, height: e.naturalHeight, complete: e.complete}))"
+            "img",
+            "els => els.map(e => ({alt: e.alt, width: e.naturalWidth, height: e.naturalHeight, complete: e.complete}))",
         )
         headings = page.eval_on_selector_all("h2", "els => els.map(e => e.textContent)")
         page.screenshot(path=str(screenshot), full_page=True)

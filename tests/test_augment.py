@@ -63,7 +63,9 @@ def test_a_different_seed_or_count_changes_the_children(raw_tree: Path, split_tr
     first = [r["child_sha256"] for r in read_tsv(tmp_path / "a" / "lineage.tsv")]
     other = [r["child_sha256"] for r in read_tsv(tmp_path / "b" / "lineage.tsv")]
     assert first != other
-    more = augment_training_set(split_tree / "train.tsv", raw_tree, tmp_path / "c", AugmentConfig(per_image={0: 1, 2: 2}))
+    more = augment_training_set(
+        split_tree / "train.tsv", raw_tree, tmp_path / "c", AugmentConfig(per_image={0: 1, 2: 2})
+    )
     labels = [r["label"] for r in read_tsv(split_tree / "train.tsv")]
     assert more == labels.count("0") + 2 * labels.count("2") and base == 4 * labels.count("2")
 

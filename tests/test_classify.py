@@ -54,7 +54,7 @@ def test_review_order_puts_drug_classes_first_then_doubtful_irrelevant_then_reje
 
 
 def test_case_names_cannot_leave_the_results_folder() -> None:
-    with pytest.raises(ConfigError, match="classify.case"):
+    with pytest.raises(ConfigError, match=r"classify\.case"):
         ClassifyConfig(case="../elsewhere")
 
 
@@ -69,8 +69,11 @@ def test_demo_triage_lists_every_file_in_review_order(demo_run: dict) -> None:
     files = read_tsv(listing)
     assert sorted(r["path"] for r in rows) == sorted(f["path"] for f in files)  # every file, once
     rejected = {r["path"]: r["reason"] for r in rows if r["status"] == "rejected"}
-    assert rejected == {"Download/empty.jpg": "empty_file", "Download/chat_export.txt": "unsupported_format",
-                        "Telegram/Telegram Images/partial_download.jpg": "truncated"}  # fmt: skip
+    assert rejected == {
+        "Download/empty.jpg": "empty_file",
+        "Download/chat_export.txt": "unsupported_format",
+        "Telegram/Telegram Images/partial_download.jpg": "truncated",
+    }
     scored = [r for r in rows if r["status"] == "scored"]
     for row in scored:
         assert abs(sum(float(row[f"p{c}"]) for c in LABELS) - 1) < 1e-4
@@ -96,7 +99,9 @@ def test_demo_review_thresholds_come_from_the_adapter_and_are_stated(demo_run: d
         if row["status"] == "scored":
             expected = thresholds["classes"][row["predicted"]]["threshold"]
             assert row["threshold"] == ("" if expected is None else str(expected))
-            assert row["needs_review"] == ("true" if expected is None or float(row["confidence"]) < expected else "false")
+            assert row["needs_review"] == (
+                "true" if expected is None or float(row["confidence"]) < expected else "false"
+            )
         else:
             assert row["needs_review"] == "true"
     page = (out / "triage.html").read_text(encoding="utf-8")
@@ -124,12 +129,29 @@ def test_demo_custody_record_names_what_was_used(demo_run: dict) -> None:
 def _classify_command(demo_run: dict, folder: Path, tmp_path: Path, adapter: bool = True) -> list[str]:
     workdir = demo_run["workdir"]
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(workdir / "results" / "demo" / "model"), "quantization": "none"},
-        "evaluate": {"batch_size": 2, "num_workers": 0},
-    }))  # fmt: skip
-    command = [sys.executable, "-m", "forensic_vlm", "--config", str(config), "classify", str(folder),
-               "--case", "resume", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(workdir / "results" / "demo" / "model"), "quantization": "none"},
+                "evaluate": {"batch_size": 2, "num_workers": 0},
+            }
+        )
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "forensic_vlm",
+        "--config",
+        str(config),
+        "classify",
+        str(folder),
+        "--case",
+        "resume",
+        "--out",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     return command + (["--adapter", str(workdir / "results" / "train" / "adapter")] if adapter else [])
 
 
@@ -138,7 +160,9 @@ def test_interrupted_triage_resumes_without_scoring_again_and_never_writes_the_i
     demo_run: dict, tmp_path: Path
 ) -> None:
     folder = tmp_path / "extraction"
-    generate_demo_extraction(folder, tmp_path / "listing.tsv", list(DEFAULT_CLASSES), DemoConfig(extraction_images=90, seed=5))
+    generate_demo_extraction(
+        folder, tmp_path / "listing.tsv", list(DEFAULT_CLASSES), DemoConfig(extraction_images=90, seed=5)
+    )
     before = tree_hashes(folder)
     command = _classify_command(demo_run, folder, tmp_path)
     with evidence_unchanged(folder):
@@ -173,8 +197,12 @@ def _cached_rows(cache: Path) -> int:
 @pytest.mark.slow
 def test_zero_shot_triage_marks_every_image_for_review(demo_run: dict, tmp_path: Path) -> None:
     folder = tmp_path / "extraction"
-    generate_demo_extraction(folder, tmp_path / "listing.tsv", list(DEFAULT_CLASSES),
-                             DemoConfig(extraction_images=6, seed=9, bad_examples=False))  # fmt: skip
+    generate_demo_extraction(
+        folder,
+        tmp_path / "listing.tsv",
+        list(DEFAULT_CLASSES),
+        DemoConfig(extraction_images=6, seed=9, bad_examples=False),
+    )
     subprocess.run(_classify_command(demo_run, folder, tmp_path, adapter=False), check=True, capture_output=True)
     rows = read_tsv(tmp_path / "out" / "triage.tsv")
     assert len(rows) == 6 and all(r["needs_review"] == "true" and r["threshold"] == "" for r in rows)

@@ -14,8 +14,19 @@ def test_stages_chain_from_the_command_line(raw_tree: Path, tmp_path: Path) -> N
     with evidence_unchanged(raw_tree):
         assert main(["manifest", str(raw_tree), "--out", str(out / "manifest"), "--workers", "2"]) == 0
         assert main(["split", str(out / "manifest" / "manifest.tsv"), "--out", str(out / "split")]) == 0
-        assert main(["augment", str(out / "split" / "train.tsv"), "--raw-data", str(raw_tree),
-                     "--out", str(out / "augment")]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "augment",
+                    str(out / "split" / "train.tsv"),
+                    "--raw-data",
+                    str(raw_tree),
+                    "--out",
+                    str(out / "augment"),
+                ]
+            )
+            == 0
+        )
     assert len(read_tsv(out / "manifest" / "manifest.tsv")) == 20
     assert (out / "augment" / "lineage.tsv").exists()
 

@@ -69,7 +69,7 @@ def test_wrong_type_or_unknown_key_is_named(change: dict, named: str) -> None:
 
 
 def test_inconsistent_settings_are_rejected_by_the_dataclasses() -> None:
-    with pytest.raises(ConfigError, match="augment.per_image"):
+    with pytest.raises(ConfigError, match=r"augment\.per_image"):
         Config.from_dict({"augment": {"per_image": {"9": 2}}})
     with pytest.raises(ConfigError, match="test_fraction"):
         Config.from_dict({"split": {"test_fraction": 1.0}})
@@ -79,13 +79,25 @@ def test_inconsistent_settings_are_rejected_by_the_dataclasses() -> None:
 
 def test_workflow_stops_on_a_bad_config_key_naming_it(tmp_path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n",
-         "--configfile", str(REPO / "config.yaml"), "--config", "split={'method': 'shuffle'}"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "-d",
+            str(tmp_path),
+            "-n",
+            "--configfile",
+            str(REPO / "config.yaml"),
+            "--config",
+            "split={'method': 'shuffle'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     assert "method" in result.stdout + result.stderr and "shuffle" in result.stdout + result.stderr
-
 
 
 def test_readme_configuration_reference_lists_every_key() -> None:
@@ -107,8 +119,11 @@ def test_nested_command_line_values_get_their_schema_types() -> None:
 
     schema = yaml.safe_load(SCHEMA.read_text(encoding="utf-8"))
     # What Snakemake hands over for --config train="{learning_rate: 2e-3, epochs: 3}" report=...
-    raw = {"train": {"learning_rate": "2e-3", "epochs": "3", "trainable": "[multi_modal_projector]"},
-           "report": {"show_images": "false", "title": "42"}, "augment": {"per_image": {"2": "4"}}}  # fmt: skip
+    raw = {
+        "train": {"learning_rate": "2e-3", "epochs": "3", "trainable": "[multi_modal_projector]"},
+        "report": {"show_images": "false", "title": "42"},
+        "augment": {"per_image": {"2": "4"}},
+    }
     typed = coerce_strings(raw, schema)
     assert typed["train"] == {"learning_rate": 0.002, "epochs": 3, "trainable": ["multi_modal_projector"]}
     assert typed["report"] == {"show_images": False, "title": "42"}  # a string field stays a string

@@ -33,8 +33,15 @@ def test_at_least_60_usable_images_per_class_with_varied_sizes(demo: Path) -> No
 
 def test_bad_examples_show_up_as_rejects_and_flags(demo: Path) -> None:
     reasons = {r["reason"] for r in read_tsv(demo / "manifest" / "rejects.tsv")}
-    assert reasons == {"empty_file", "truncated", "corrupt", "unsupported_format", "decompression_bomb",
-                       "label_conflict", "unlabeled"}  # fmt: skip
+    assert reasons == {
+        "empty_file",
+        "truncated",
+        "corrupt",
+        "unsupported_format",
+        "decompression_bomb",
+        "label_conflict",
+        "unlabeled",
+    }
     manifest = read_tsv(demo / "manifest" / "manifest.tsv")
     assert any("extension_mismatch" in r["flags"] for r in manifest)
     assert any(r["duplicate_of"] for r in manifest)
@@ -44,7 +51,9 @@ def test_same_seed_same_bytes_other_seed_other_bytes(demo: Path, tmp_path: Path)
     small = DemoConfig(images_per_class=3, bad_examples=False)
     generate_demo_data(tmp_path / "a", tmp_path / "a.tsv", list(DEFAULT_CLASSES), small)
     generate_demo_data(tmp_path / "b", tmp_path / "b.tsv", list(DEFAULT_CLASSES), small)
-    generate_demo_data(tmp_path / "c", tmp_path / "c.tsv", list(DEFAULT_CLASSES), DemoConfig(3, seed=1, bad_examples=False))
+    generate_demo_data(
+        tmp_path / "c", tmp_path / "c.tsv", list(DEFAULT_CLASSES), DemoConfig(3, seed=1, bad_examples=False)
+    )
     assert (tmp_path / "a.tsv").read_bytes() == (tmp_path / "b.tsv").read_bytes()
     assert (tmp_path / "a.tsv").read_bytes() != (tmp_path / "c.tsv").read_bytes()
     assert len(read_tsv(tmp_path / "a.tsv")) == 12

@@ -30,7 +30,9 @@ def test_env_files_parse_and_agree_with_pyproject() -> None:
         pip_lists = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
         assert len(pip_lists) == 1, env_file.name
         for name, version in pins(pip_lists[0]).items():
-            assert declared.get(name) == version, f"{env_file.name}: {name}=={version} vs pyproject {declared.get(name)}"
+            assert declared.get(name) == version, (
+                f"{env_file.name}: {name}=={version} vs pyproject {declared.get(name)}"
+            )
 
 
 def test_every_rule_names_an_existing_env() -> None:

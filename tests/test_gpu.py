@@ -40,11 +40,25 @@ def test_qlora_training_and_scoring_on_cuda(tiny_model: Path, tiny_dataset, tmp_
     data = load_training_data(tiny_dataset["train"], tiny_dataset["val"], tiny_dataset["raw_data"], None)
     model = ModelConfig(name_or_path=str(tiny_model), quantization="nf4")
     train = TrainConfig(learning_rate=3e-3, epochs=2, batch_size=4, accumulate_grad_batches=1, num_workers=0)
-    metrics = train_adapter(data, list(DEFAULT_CLASSES), model, train, tmp_path / "adapter", tmp_path)
+    metrics = train_adapter(
+        data,
+        list(DEFAULT_CLASSES),
+        model_config=model,
+        config=train,
+        adapter_dir=tmp_path / "adapter",
+        work_dir=tmp_path,
+    )
     assert metrics["precision"] == "bf16-mixed"
     assert "H100" in metrics["device"] or "H200" in metrics["device"]
-    result = evaluate_split(tiny_dataset["val"], tiny_dataset["raw_data"], list(DEFAULT_CLASSES), model,
-                            EvaluateConfig(num_workers=0), tmp_path / "eval", tmp_path / "adapter")  # fmt: skip
+    result = evaluate_split(
+        tiny_dataset["val"],
+        tiny_dataset["raw_data"],
+        classes=list(DEFAULT_CLASSES),
+        model_config=model,
+        config=EvaluateConfig(num_workers=0),
+        out_dir=tmp_path / "eval",
+        adapter=tmp_path / "adapter",
+    )
     assert result["n"] == len(data.val) and 0.0 <= result["accuracy"] <= 1.0
 
 
@@ -53,8 +67,14 @@ def test_compiled_scoring_matches_eager(tiny_model: Path, tiny_dataset, tmp_path
     probabilities = {}
     for compiled in (False, True):
         out = tmp_path / f"compile_{compiled}"
-        evaluate_split(tiny_dataset["train"], tiny_dataset["raw_data"], list(DEFAULT_CLASSES), model,
-                       EvaluateConfig(num_workers=0, bootstrap_samples=10, compile=compiled), out)  # fmt: skip
+        evaluate_split(
+            tiny_dataset["train"],
+            tiny_dataset["raw_data"],
+            classes=list(DEFAULT_CLASSES),
+            model_config=model,
+            config=EvaluateConfig(num_workers=0, bootstrap_samples=10, compile=compiled),
+            out_dir=out,
+        )
         rows = read_tsv(out / "predictions.tsv")
         probabilities[compiled] = np.array([[float(r[f"p{c}"]) for c in range(4)] for r in rows])
     assert np.abs(probabilities[True] - probabilities[False]).max() < 2e-2  # bf16 rounding, not a new function
@@ -65,9 +85,14 @@ def test_evaluation_on_two_gpus_matches_one(tiny_model: Path, tiny_dataset, tmp_
     model = ModelConfig(name_or_path=str(tiny_model), quantization="nf4")
     rows = {}
     for devices in (1, 2):
-        metrics = evaluate_split(tiny_dataset["train"], tiny_dataset["raw_data"], list(DEFAULT_CLASSES), model,
-                                 EvaluateConfig(num_workers=0, bootstrap_samples=10, devices=devices),
-                                 tmp_path / f"gpus{devices}")  # fmt: skip
+        metrics = evaluate_split(
+            tiny_dataset["train"],
+            tiny_dataset["raw_data"],
+            classes=list(DEFAULT_CLASSES),
+            model_config=model,
+            config=EvaluateConfig(num_workers=0, bootstrap_samples=10, devices=devices),
+            out_dir=tmp_path / f"gpus{devices}",
+        )
         assert metrics["devices"] == devices
         rows[devices] = read_tsv(tmp_path / f"gpus{devices}" / "predictions.tsv")
     assert [r["predicted"] for r in rows[1]] == [r["predicted"] for r in rows[2]]
@@ -76,14 +101,38 @@ def test_evaluation_on_two_gpus_matches_one(tiny_model: Path, tiny_dataset, tmp_
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_ddp_qlora_training_on_two_gpus(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(tiny_model), "quantization": "nf4"},
-        "train": {"learning_rate": 3e-3, "epochs": 2, "batch_size": 2, "accumulate_grad_batches": 1,
-                  "num_workers": 0, "devices": 2},
-    }))  # fmt: skip
-    subprocess.run([sys.executable, "-m", "forensic_vlm", "--config", str(config), "train", str(tiny_dataset["train"]),
-                    str(tiny_dataset["val"]), "--raw-data", str(tiny_dataset["raw_data"]),
-                    "--adapter", str(tmp_path / "adapter")], check=True)  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(tiny_model), "quantization": "nf4"},
+                "train": {
+                    "learning_rate": 3e-3,
+                    "epochs": 2,
+                    "batch_size": 2,
+                    "accumulate_grad_batches": 1,
+                    "num_workers": 0,
+                    "devices": 2,
+                },
+            }
+        )
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "forensic_vlm",
+            "--config",
+            str(config),
+            "train",
+            str(tiny_dataset["train"]),
+            str(tiny_dataset["val"]),
+            "--raw-data",
+            str(tiny_dataset["raw_data"]),
+            "--adapter",
+            str(tmp_path / "adapter"),
+        ],
+        check=True,
+    )
     card = json.loads((tmp_path / "adapter" / "training.json").read_text())
     assert card["validation"]["devices"] == 2 and card["validation"]["precision"] == "bf16-mixed"
     assert card["validation"]["global_step"] == 12  # 12 batches of 2 a epoch, 6 per GPU, 2 epochs

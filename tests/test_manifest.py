@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import evidence_unchanged, image_bytes, write
 from forensic_vlm.config import DEFAULT_CLASSES, ManifestConfig
 from forensic_vlm.demo_data import bomb_png
-from forensic_vlm.inspect import REASONS
+from forensic_vlm.inspection import REASONS
 from forensic_vlm.manifest import BadInputError, build_manifest, fingerprint
 from forensic_vlm.tables import decode_path, read_tsv
 
@@ -64,13 +64,15 @@ def bad_tree(root: Path, outside: Path) -> dict[str, str]:
     os.mkfifo(root / "0_irrelevant" / "pipe.jpg")
     os.symlink(outside.parent, root / "3_drug_raw_linked")  # a whole class folder that is a link
     codes = {k: v[0] for k, v in expected.items()}
-    codes.update({
-        "0_irrelevant/link_inside.jpg": "symlink",
-        "0_irrelevant/link_outside.jpg": "outside_root",
-        "2_transaction_place/linked_folder": "outside_root",
-        "0_irrelevant/pipe.jpg": "not_regular_file",
-        "3_drug_raw_linked": "outside_root",
-    })  # fmt: skip
+    codes.update(
+        {
+            "0_irrelevant/link_inside.jpg": "symlink",
+            "0_irrelevant/link_outside.jpg": "outside_root",
+            "2_transaction_place/linked_folder": "outside_root",
+            "0_irrelevant/pipe.jpg": "not_regular_file",
+            "3_drug_raw_linked": "outside_root",
+        }
+    )
     return codes
 
 
@@ -86,7 +88,9 @@ def test_every_bad_input_kind_has_its_own_reason_and_the_run_goes_on(tmp_path: P
     assert "3_drug_raw/same.jpg" in rejects["1_chat_history/same.jpg"]["message"]
     # Nothing was given a made-up label: rejects outside class folders carry none.
     assert rejects["loose.jpg"]["label"] == "" and rejects["7_other/photo.jpg"]["label"] == ""
-    assert "20000x20000 = 400000000 pixels exceeds the limit of 100000000" in rejects["0_irrelevant/bomb.png"]["message"]
+    assert (
+        "20000x20000 = 400000000 pixels exceeds the limit of 100000000" in rejects["0_irrelevant/bomb.png"]["message"]
+    )
 
 
 def test_fail_policy_stops_naming_the_file(tmp_path: Path) -> None:
@@ -168,9 +172,8 @@ def test_parallel_workers_give_the_same_manifest(raw_tree: Path, tmp_path: Path)
 
 def test_read_only_guard_really_detects_a_write(raw_tree: Path) -> None:
     """The evidence check must be able to fail: a write (as root, past the permissions) is caught."""
-    with pytest.raises(AssertionError, match="evidence folder changed"):
-        with evidence_unchanged(raw_tree):
-            target = raw_tree / "0_irrelevant" / "img_0.jpg"
-            target.chmod(0o644)
-            target.write_bytes(b"tampered")
-            target.chmod(0o444)
+    with pytest.raises(AssertionError, match="evidence folder changed"), evidence_unchanged(raw_tree):
+        target = raw_tree / "0_irrelevant" / "img_0.jpg"
+        target.chmod(0o644)
+        target.write_bytes(b"tampered")
+        target.chmod(0o444)

@@ -16,9 +16,10 @@ from PIL import Image
 from forensic_vlm.batches import TokenGroupedBatches
 from forensic_vlm.config import DEFAULT_CLASSES, REFERENCE_QUESTION, ConfigError, EvaluateConfig, ModelConfig
 from forensic_vlm.demo_model import grid_pinpoints
-from forensic_vlm.evaluate import evaluate_split, shard_batches
+from forensic_vlm.evaluate import evaluate_split
 from forensic_vlm.modeling import capped_pinpoints, load_base_model, load_processor
 from forensic_vlm.prompting import TokenCounter, answer_tokens, build_prompt
+from forensic_vlm.scoring import shard_batches
 from forensic_vlm.tables import read_tsv
 
 LABELS = [0, 1, 2, 3]
@@ -40,18 +41,21 @@ def test_capped_processor_and_model_agree_and_use_fewer_tokens(tiny_model: Path)
         processor = load_processor(tiny_model, cap)
         prompt = build_prompt(processor, REFERENCE_QUESTION)
         counts[cap] = TokenCounter(processor, prompt, answer_tokens(processor.tokenizer, prompt, LABELS))(*image.size)
-        model = load_base_model(ModelConfig(name_or_path=str(tiny_model), quantization="none", device="cpu",
-                                            max_tiles=cap), torch.device("cpu")).eval()  # fmt: skip
+        model = load_base_model(
+            ModelConfig(name_or_path=str(tiny_model), quantization="none", device="cpu", max_tiles=cap),
+            torch.device("cpu"),
+        ).eval()
         inputs = processor(text=[prompt], images=[image], return_tensors="pt")
         with torch.no_grad():
             assert model(**inputs, logits_to_keep=1).logits.shape[-1] > 0
     assert counts[2] < counts[None]
     # Why both must be capped together: a capped processor feeding an uncapped model fails.
-    uncapped = load_base_model(ModelConfig(name_or_path=str(tiny_model), quantization="none", device="cpu"),
-                               torch.device("cpu")).eval()  # fmt: skip
+    uncapped = load_base_model(
+        ModelConfig(name_or_path=str(tiny_model), quantization="none", device="cpu"), torch.device("cpu")
+    ).eval()
     processor = load_processor(tiny_model, 2)
     inputs = processor(text=[build_prompt(processor, REFERENCE_QUESTION)], images=[image], return_tensors="pt")
-    with pytest.raises(Exception, match="(?i)token|feature|shape|size"), torch.no_grad():
+    with pytest.raises(Exception, match=r"(?i)token|feature|shape|size"), torch.no_grad():
         uncapped(**inputs)
 
 
@@ -59,7 +63,9 @@ def test_data_parallel_ranks_share_every_batch_and_run_the_same_number_of_steps(
     tokens = [10] * 7 + [20] * 6 + [30] * 2  # 15 images, batch 2: 8 batches (groups' tails mixed)
     whole = TokenGroupedBatches(tokens, 2, shuffle=True, seed=1).batches()
     for replicas in (2, 3, 5):
-        ranks = [TokenGroupedBatches(tokens, 2, shuffle=True, seed=1, rank=r, replicas=replicas) for r in range(replicas)]
+        ranks = [
+            TokenGroupedBatches(tokens, 2, shuffle=True, seed=1, rank=r, replicas=replicas) for r in range(replicas)
+        ]
         per_rank = [sampler.batches() for sampler in ranks]
         assert {len(b) for b in per_rank} == {len(ranks[0])} == {-(-len(whole) // replicas)}
         seen = [tuple(batch) for batches in per_rank for batch in batches]
@@ -69,23 +75,33 @@ def test_data_parallel_ranks_share_every_batch_and_run_the_same_number_of_steps(
     assert sorted(b for shard in shard_batches(whole, 3) for batch in shard for b in batch) == list(range(15))
 
 
-def test_evaluation_sharded_over_processes_gives_the_same_predictions(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
+def test_evaluation_sharded_over_processes_gives_the_same_predictions(
+    tiny_model: Path, tiny_dataset, tmp_path: Path
+) -> None:
     model = ModelConfig(name_or_path=str(tiny_model), quantization="none", device="cpu")
     results = {}
     for devices in (1, 2):
         config = EvaluateConfig(batch_size=2, num_workers=1, bootstrap_samples=50, devices=devices)
         out = tmp_path / f"devices{devices}"
-        metrics = evaluate_split(tiny_dataset["train"], tiny_dataset["raw_data"], list(DEFAULT_CLASSES), model,
-                                 config, out)  # fmt: skip
+        metrics = evaluate_split(
+            tiny_dataset["train"],
+            tiny_dataset["raw_data"],
+            classes=list(DEFAULT_CLASSES),
+            model_config=model,
+            config=config,
+            out_dir=out,
+        )
         assert metrics["devices"] == devices and metrics["images_scored"] == metrics["n"] == 24
         results[devices] = read_tsv(out / "predictions.tsv")
     assert [r["sha256"] for r in results[1]] == [r["sha256"] for r in results[2]]
-    for one, two in zip(results[1], results[2]):
+    for one, two in zip(results[1], results[2], strict=True):
         assert one["predicted"] == two["predicted"]
         assert all(abs(float(one[f"p{c}"]) - float(two[f"p{c}"])) < 1e-5 for c in LABELS)
 
 
-def test_a_failing_scoring_process_stops_the_evaluation_with_its_error(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
+def test_a_failing_scoring_process_stops_the_evaluation_with_its_error(
+    tiny_model: Path, tiny_dataset, tmp_path: Path
+) -> None:
     raw = tmp_path / "raw_data"
     for row in read_tsv(tiny_dataset["train"]):
         target = raw / row["path"]
@@ -96,22 +112,59 @@ def test_a_failing_scoring_process_stops_the_evaluation_with_its_error(tiny_mode
     config = EvaluateConfig(batch_size=2, num_workers=0, bootstrap_samples=10, devices=2)
     model = ModelConfig(name_or_path=str(tiny_model), quantization="none", device="cpu")
     with pytest.raises(RuntimeError, match=rf"scoring process \d on cpu failed:[\s\S]*{changed.name}"):
-        evaluate_split(tiny_dataset["train"], raw, list(DEFAULT_CLASSES), model, config, tmp_path / "out")
+        evaluate_split(
+            tiny_dataset["train"],
+            raw,
+            classes=list(DEFAULT_CLASSES),
+            model_config=model,
+            config=config,
+            out_dir=tmp_path / "out",
+        )
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
 def test_ddp_training_on_two_processes_saves_one_adapter(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
     """Lightning DDP (gloo on the CPU), started the way a user does: the CLI, which each rank reruns."""
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(tiny_model), "quantization": "none", "device": "cpu"},
-        "train": {"learning_rate": 3e-3, "batch_size": 2, "accumulate_grad_batches": 1, "precision": "32-true",
-                  "gradient_checkpointing": False, "num_workers": 0, "epochs": 2, "devices": 2},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(tiny_model), "quantization": "none", "device": "cpu"},
+                "train": {
+                    "learning_rate": 3e-3,
+                    "batch_size": 2,
+                    "accumulate_grad_batches": 1,
+                    "precision": "32-true",
+                    "gradient_checkpointing": False,
+                    "num_workers": 0,
+                    "epochs": 2,
+                    "devices": 2,
+                },
+            }
+        )
+    )
     log = tmp_path / "train.log"
-    subprocess.run([sys.executable, "-m", "forensic_vlm", "--config", str(config), "--log", str(log), "train",
-                    str(tiny_dataset["train"]), str(tiny_dataset["val"]), "--raw-data", str(tiny_dataset["raw_data"]),
-                    "--adapter", str(tmp_path / "adapter")], check=True, capture_output=True, timeout=None)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "forensic_vlm",
+            "--config",
+            str(config),
+            "--log",
+            str(log),
+            "train",
+            str(tiny_dataset["train"]),
+            str(tiny_dataset["val"]),
+            "--raw-data",
+            str(tiny_dataset["raw_data"]),
+            "--adapter",
+            str(tmp_path / "adapter"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=None,
+    )
     card = json.loads((tmp_path / "adapter" / "training.json").read_text())
     # 24 images in batches of 2 = 12 batches, 6 per rank: 6 optimizer steps an epoch, not 12.
     assert card["validation"]["devices"] == 2 and card["validation"]["global_step"] == 12

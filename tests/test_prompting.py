@@ -52,7 +52,7 @@ def test_the_digit_comes_after_a_space_token_and_each_class_has_its_own(processo
 def test_only_the_answer_tokens_carry_labels_and_padding_is_on_the_left(processor) -> None:
     prompt = build_prompt(processor, REFERENCE_QUESTION)
     answer = answer_tokens(processor.tokenizer, prompt, LABELS)
-    collate = Collator(processor, prompt, answer, LABELS, "train")
+    collate = Collator(processor, prompt, answer, labels=LABELS, mode="train")
     batch = collate([(0, noise(112, 56)), (1, noise(56, 56, 1))], targets=[3, 1])  # different lengths
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     assert ids.shape == labels.shape == mask.shape
@@ -68,11 +68,13 @@ def test_only_the_answer_tokens_carry_labels_and_padding_is_on_the_left(processo
 def test_the_scored_position_is_the_last_and_ends_with_the_space_token(processor, tiny_model: Path) -> None:
     from transformers import LlavaNextForConditionalGeneration
 
-    from forensic_vlm.scoring import class_probabilities
+    from forensic_vlm.decoding import class_probabilities
 
     prompt = build_prompt(processor, REFERENCE_QUESTION)
     answer = answer_tokens(processor.tokenizer, prompt, LABELS)
-    batch = Collator(processor, prompt, answer, LABELS, "score")([(0, noise(112, 56)), (1, noise(56, 56, 1))], [0, 0])
+    batch = Collator(processor, prompt, answer, labels=LABELS, mode="score")(
+        [(0, noise(112, 56)), (1, noise(56, 56, 1))], [0, 0]
+    )
     assert (batch["input_ids"][:, -1] == answer.prefix[-1]).all()
     model = LlavaNextForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32).eval()
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}

@@ -30,8 +30,15 @@ def fake_rows(n: int, seed: int, weights=(0.4, 0.3, 0.1, 0.2)) -> list[dict[str,
     for i in range(n):
         sha = hashlib.sha256(f"{seed}-{i}".encode()).hexdigest()
         label = rng.choices(range(4), weights)[0]
-        rows.append({"sha256": sha, "path": f"{label}_x/{seed}_{i}.jpg", "label": str(label),
-                     "phash": f"{rng.getrandbits(64):016x}", "duplicate_of": ""})  # fmt: skip
+        rows.append(
+            {
+                "sha256": sha,
+                "path": f"{label}_x/{seed}_{i}.jpg",
+                "label": str(label),
+                "phash": f"{rng.getrandbits(64):016x}",
+                "duplicate_of": "",
+            }
+        )
     return rows
 
 
@@ -75,8 +82,14 @@ def test_each_class_share_is_within_three_standard_errors_of_target() -> None:
 def test_near_duplicates_stay_together_and_nothing_is_in_two_splits(tmp_path: Path) -> None:
     rows = fake_rows(300, seed=6)
     for k, source in enumerate(rows[:40]):  # 40 near-copies (1 to 4 bits away) of existing images
-        rows.append({**source, "sha256": hashlib.sha256(f"near-{k}".encode()).hexdigest(),
-                     "path": f"near/{k}.jpg", "phash": flip_bits(source["phash"], list(range(k % 4 + 1)))})  # fmt: skip
+        rows.append(
+            {
+                **source,
+                "sha256": hashlib.sha256(f"near-{k}".encode()).hexdigest(),
+                "path": f"near/{k}.jpg",
+                "phash": flip_bits(source["phash"], list(range(k % 4 + 1))),
+            }
+        )
     manifest = tmp_path / "manifest.tsv"
     write_tsv(manifest, MANIFEST_COLUMNS, rows)
     split_dataset(manifest, tmp_path / "split", DEFAULT_CLASSES, SplitConfig())
@@ -101,7 +114,7 @@ def test_pigeonhole_grouping_equals_brute_force() -> None:
         fast = near_duplicate_groups(hashes, distance)
         parent = list(range(len(hashes)))
 
-        def find(i: int) -> int:
+        def find(i: int, parent: list[int] = parent) -> int:
             while parent[i] != i:
                 i = parent[i]
             return i

@@ -25,8 +25,14 @@ from forensic_vlm.tables import read_tsv
 from forensic_vlm.train import load_training_data, train_adapter
 
 LABELS = [0, 1, 2, 3]
-FAST = {"learning_rate": 3e-3, "batch_size": 4, "accumulate_grad_batches": 1, "precision": "32-true",
-        "gradient_checkpointing": False, "num_workers": 0}  # fmt: skip
+FAST = {
+    "learning_rate": 3e-3,
+    "batch_size": 4,
+    "accumulate_grad_batches": 1,
+    "precision": "32-true",
+    "gradient_checkpointing": False,
+    "num_workers": 0,
+}
 
 
 def model_config(tiny_model: Path, quantization: str = "none") -> ModelConfig:
@@ -41,14 +47,19 @@ def test_training_steps_lower_the_loss_and_touch_only_lora(tiny_model: Path, tin
     answer = answer_tokens(processor.tokenizer, prompt, LABELS)
     examples = examples_from_table(read_tsv(tiny_dataset["train"]), tiny_dataset["raw_data"])[::3]
     items = [(i, load_checked_image(e.path, e.sha256)) for i, e in enumerate(examples)]
-    batch = Collator(processor, prompt, answer, LABELS, "train")(items, [e.label for e in examples])
+    batch = Collator(processor, prompt, answer, labels=LABELS, mode="train")(items, [e.label for e in examples])
     config = TrainConfig(**{**FAST, "gradient_checkpointing": quantization == "nf4"})
-    model = add_lora(load_base_model(model_config(tiny_model, quantization), torch.device("cpu")), config,
-                     quantized=quantization == "nf4")  # fmt: skip
+    model = add_lora(
+        load_base_model(model_config(tiny_model, quantization), torch.device("cpu")),
+        config,
+        quantized=quantization == "nf4",
+    )
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n and ".language_model." in n for n in trained)
     if quantization == "nf4":
-        assert type(model.base_model.model.model.language_model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+        assert (
+            type(model.base_model.model.model.language_model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+        )
         assert type(model.base_model.model.model.vision_tower.encoder.layers[0].mlp.fc1).__name__ == "Linear"
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes", "labels")}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
@@ -79,7 +90,14 @@ def test_every_module_trains_in_train_mode(tiny_model: Path, tiny_dataset, tmp_p
     monkeypatch.setattr(ClassifierModule, "training_step", spy)
     data = load_training_data(tiny_dataset["train"], tiny_dataset["val"], tiny_dataset["raw_data"], None)
     config = TrainConfig(**{**FAST, "epochs": 2, "batch_size": 12, "gradient_checkpointing": True})
-    train_adapter(data, list(DEFAULT_CLASSES), model_config(tiny_model), config, tmp_path / "adapter", tmp_path)
+    train_adapter(
+        data,
+        list(DEFAULT_CLASSES),
+        model_config=model_config(tiny_model),
+        config=config,
+        adapter_dir=tmp_path / "adapter",
+        work_dir=tmp_path,
+    )
     assert seen and set(seen) == {0}, seen  # also after each validation pass
 
 
@@ -87,8 +105,14 @@ def test_every_module_trains_in_train_mode(tiny_model: Path, tiny_dataset, tmp_p
 def trained(tiny_model: Path, tiny_dataset, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("train")
     data = load_training_data(tiny_dataset["train"], tiny_dataset["val"], tiny_dataset["raw_data"], None)
-    metrics = train_adapter(data, list(DEFAULT_CLASSES), model_config(tiny_model), TrainConfig(**FAST, epochs=2),
-                            work / "adapter", work)  # fmt: skip
+    metrics = train_adapter(
+        data,
+        list(DEFAULT_CLASSES),
+        model_config=model_config(tiny_model),
+        config=TrainConfig(**FAST, epochs=2),
+        adapter_dir=work / "adapter",
+        work_dir=work,
+    )
     return {"work": work, "adapter": work / "adapter", "metrics": metrics}
 
 
@@ -116,32 +140,77 @@ def test_reloaded_adapter_in_a_fresh_process_gives_the_same_probabilities(
     trained: dict, tiny_model: Path, tiny_dataset, tmp_path: Path
 ) -> None:
     evaluation = EvaluateConfig(num_workers=0, bootstrap_samples=50)
-    here = evaluate_split(tiny_dataset["val"], tiny_dataset["raw_data"], list(DEFAULT_CLASSES),
-                          model_config(tiny_model), evaluation, tmp_path / "here", trained["adapter"])  # fmt: skip
+    here = evaluate_split(
+        tiny_dataset["val"],
+        tiny_dataset["raw_data"],
+        classes=list(DEFAULT_CLASSES),
+        model_config=model_config(tiny_model),
+        config=evaluation,
+        out_dir=tmp_path / "here",
+        adapter=trained["adapter"],
+    )
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"model": {"name_or_path": str(tiny_model), "quantization": "none", "device": "cpu"},
-                                      "evaluate": {"num_workers": 0, "bootstrap_samples": 50}}))  # fmt: skip
-    subprocess.run([sys.executable, "-m", "forensic_vlm", "--config", str(config), "evaluate", str(tiny_dataset["val"]),
-                    "--raw-data", str(tiny_dataset["raw_data"]), "--out", str(tmp_path / "there"),
-                    "--adapter", str(trained["adapter"])], check=True, capture_output=True)  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(tiny_model), "quantization": "none", "device": "cpu"},
+                "evaluate": {"num_workers": 0, "bootstrap_samples": 50},
+            }
+        )
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "forensic_vlm",
+            "--config",
+            str(config),
+            "evaluate",
+            str(tiny_dataset["val"]),
+            "--raw-data",
+            str(tiny_dataset["raw_data"]),
+            "--out",
+            str(tmp_path / "there"),
+            "--adapter",
+            str(trained["adapter"]),
+        ],
+        check=True,
+        capture_output=True,
+    )
     a, b = read_tsv(tmp_path / "here" / "predictions.tsv"), read_tsv(tmp_path / "there" / "predictions.tsv")
     assert [r["sha256"] for r in a] == [r["sha256"] for r in b]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert np.allclose([float(x[f"p{k}"]) for k in LABELS], [float(y[f"p{k}"]) for k in LABELS], atol=1e-5)
     assert json.loads((tmp_path / "there" / "metrics.json").read_text())["accuracy"] == here["accuracy"]
     # The adapter changed the model: its probabilities differ from the base model's.
-    base = evaluate_split(tiny_dataset["val"], tiny_dataset["raw_data"], list(DEFAULT_CLASSES),
-                          model_config(tiny_model), evaluation, tmp_path / "base")  # fmt: skip
+    base = evaluate_split(
+        tiny_dataset["val"],
+        tiny_dataset["raw_data"],
+        classes=list(DEFAULT_CLASSES),
+        model_config=model_config(tiny_model),
+        config=evaluation,
+        out_dir=tmp_path / "base",
+    )
     zero = read_tsv(tmp_path / "base" / "predictions.tsv")
-    assert not all(x["p0"] == y["p0"] for x, y in zip(a, zero)) and base["kind"] == "zeroshot"
+    assert not all(x["p0"] == y["p0"] for x, y in zip(a, zero, strict=True)) and base["kind"] == "zeroshot"
 
 
 def test_evaluation_outputs_and_probabilities(trained: dict, tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
-    metrics = evaluate_split(tiny_dataset["val"], tiny_dataset["raw_data"], list(DEFAULT_CLASSES),
-                             model_config(tiny_model), EvaluateConfig(num_workers=0, batch_size=3), tmp_path,
-                             trained["adapter"])  # fmt: skip
-    assert {p.name for p in tmp_path.iterdir()} == {"predictions.tsv", "metrics.json", "classification_report.txt",
-                                                     "confusion_matrix.png"}  # fmt: skip
+    metrics = evaluate_split(
+        tiny_dataset["val"],
+        tiny_dataset["raw_data"],
+        classes=list(DEFAULT_CLASSES),
+        model_config=model_config(tiny_model),
+        config=EvaluateConfig(num_workers=0, batch_size=3),
+        out_dir=tmp_path,
+        adapter=trained["adapter"],
+    )
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "predictions.tsv",
+        "metrics.json",
+        "classification_report.txt",
+        "confusion_matrix.png",
+    }
     rows = read_tsv(tmp_path / "predictions.tsv")
     assert len(rows) == metrics["n"] == len(read_tsv(tiny_dataset["val"]))
     for row in rows:
@@ -157,16 +226,16 @@ def test_evaluation_outputs_and_probabilities(trained: dict, tiny_model: Path, t
 def test_prediction_cache_scores_each_image_once_per_model(
     trained: dict, tiny_model: Path, tiny_dataset, tmp_path: Path, monkeypatch
 ) -> None:
-    import forensic_vlm.evaluate as evaluate_module
+    import forensic_vlm.scoring as scoring_module
 
     forward = {"images": 0}
-    original = evaluate_module.class_probabilities
+    original = scoring_module.class_probabilities
 
     def counting(model, inputs, class_ids):
         forward["images"] += len(inputs["input_ids"])
         return original(model, inputs, class_ids)
 
-    monkeypatch.setattr(evaluate_module, "class_probabilities", counting)
+    monkeypatch.setattr(scoring_module, "class_probabilities", counting)
     cache, config = tmp_path / "cache", EvaluateConfig(num_workers=0, bootstrap_samples=20)
     rows = read_tsv(tiny_dataset["train"])
     first_table, full_table = tmp_path / "first.tsv", tmp_path / "full.tsv"
@@ -177,8 +246,16 @@ def test_prediction_cache_scores_each_image_once_per_model(
     write_tsv(full_table, SPLIT_COLUMNS, rows)
 
     def run(table: Path, out: str, adapter: Path | None = None) -> dict:
-        return evaluate_split(table, tiny_dataset["raw_data"], list(DEFAULT_CLASSES), model_config(tiny_model),
-                              config, tmp_path / out, adapter, cache_dir=cache)  # fmt: skip
+        return evaluate_split(
+            table,
+            tiny_dataset["raw_data"],
+            classes=list(DEFAULT_CLASSES),
+            model_config=model_config(tiny_model),
+            config=config,
+            out_dir=tmp_path / out,
+            adapter=adapter,
+            cache_dir=cache,
+        )
 
     first = run(first_table, "a")
     assert forward["images"] == 10 and first["images_scored"] == 10
@@ -193,22 +270,45 @@ def test_prediction_cache_scores_each_image_once_per_model(
 
 def test_generate_decoding_reproduces_the_reference_way(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
     config = EvaluateConfig(decoding="generate", num_workers=0, max_new_tokens_zeroshot=4, bootstrap_samples=20)
-    metrics = evaluate_split(tiny_dataset["val"], tiny_dataset["raw_data"], list(DEFAULT_CLASSES),
-                             model_config(tiny_model), config, tmp_path)  # fmt: skip
+    metrics = evaluate_split(
+        tiny_dataset["val"],
+        tiny_dataset["raw_data"],
+        classes=list(DEFAULT_CLASSES),
+        model_config=model_config(tiny_model),
+        config=config,
+        out_dir=tmp_path,
+    )
     rows = read_tsv(tmp_path / "predictions.tsv")
     assert metrics["decoding"] == "generate" and metrics["expected_calibration_error"] is None
     assert all(r["p0"] == "" and int(r["predicted"]) in (-1, 0, 1, 2, 3) for r in rows)
 
 
-def test_killed_training_resumes_from_its_checkpoint_and_finishes(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
+def test_killed_training_resumes_from_its_checkpoint_and_finishes(
+    tiny_model: Path, tiny_dataset, tmp_path: Path
+) -> None:
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(tiny_model), "quantization": "none", "device": "cpu"},
-        "train": {**FAST, "batch_size": 2, "epochs": 3, "checkpoint_every_n_steps": 2},
-    }))  # fmt: skip
-    command = [sys.executable, "-m", "forensic_vlm", "--config", str(config), "train", str(tiny_dataset["train"]),
-               str(tiny_dataset["val"]), "--raw-data", str(tiny_dataset["raw_data"]),
-               "--adapter", str(tmp_path / "adapter")]  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(tiny_model), "quantization": "none", "device": "cpu"},
+                "train": {**FAST, "batch_size": 2, "epochs": 3, "checkpoint_every_n_steps": 2},
+            }
+        )
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "forensic_vlm",
+        "--config",
+        str(config),
+        "train",
+        str(tiny_dataset["train"]),
+        str(tiny_dataset["val"]),
+        "--raw-data",
+        str(tiny_dataset["raw_data"]),
+        "--adapter",
+        str(tmp_path / "adapter"),
+    ]
     last = tmp_path / "checkpoints" / "last.ckpt"
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while process.poll() is None and not (last.exists() and _step(last) >= 4):
@@ -223,7 +323,9 @@ def test_killed_training_resumes_from_its_checkpoint_and_finishes(tiny_model: Pa
     subprocess.run([*command[:3], "--log", str(log), *command[3:]], check=True, capture_output=True)
     assert "resuming from" in log.read_text()
     assert json.loads((tmp_path / "adapter" / "training.json").read_text())["validation"]["global_step"] == 36
-    resumed = [int(r["step"]) for r in read_tsv_csv(next((tmp_path / "logs").glob("*/metrics.csv"))) if r.get("train_loss")]
+    resumed = [
+        int(r["step"]) for r in read_tsv_csv(next((tmp_path / "logs").glob("*/metrics.csv"))) if r.get("train_loss")
+    ]
     assert min(resumed) >= 4  # the second run went on from its checkpoint, not from step zero
     steps = [int(r["step"]) for r in read_tsv_csv(tmp_path / "metrics.csv") if r.get("train_loss")]
     assert sorted(set(steps)) == list(range(36))  # the curves join both runs, with no gap
@@ -238,5 +340,3 @@ def _step(checkpoint: Path) -> int:
         return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
     except Exception:  # being written at this very moment
         return -1
-
-

@@ -13,6 +13,7 @@ import pytest
 from conftest import DATA_TARGETS, DEMO_JOBS, REPO, image_bytes, planned_jobs, snakemake, tree_hashes, write
 from forensic_vlm.tables import read_tsv
 
+
 def test_lint_is_clean() -> None:
     result = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -52,8 +53,16 @@ def test_fail_policy_stops_the_workflow_naming_the_file(tmp_path: Path) -> None:
     raw = tmp_path / "evidence"
     write(raw / "0_irrelevant" / "ok.jpg", image_bytes(1))
     write(raw / "1_chat_history" / "broken.png", b"\x89PNG\r\n\x1a\n")
-    result = snakemake(tmp_path / "work", "--cores", "1", "--config", f"raw_data={raw}",
-                       "manifest={'on_bad_input': 'fail'}", "--", "results/manifest/manifest.tsv")  # fmt: skip
+    result = snakemake(
+        tmp_path / "work",
+        "--cores",
+        "1",
+        "--config",
+        f"raw_data={raw}",
+        "manifest={'on_bad_input': 'fail'}",
+        "--",
+        "results/manifest/manifest.tsv",
+    )
     assert result.returncode != 0
     log = (tmp_path / "work" / "results" / "logs" / "manifest.log").read_text()
     assert "1_chat_history/broken.png" in log and "corrupt" in log
@@ -74,8 +83,10 @@ def test_demo_workflow_runs_end_to_end_and_the_model_learns(demo_run: dict, meas
     assert finetuned["n"] == zeroshot["n"] == test_size
     assert finetuned["accuracy"] >= 0.90, finetuned["accuracy"]
     assert finetuned["accuracy"] > zeroshot["accuracy"]
-    measured(f"demo workflow: {demo_run['seconds']:.0f} s wall; fine-tuned test accuracy "
-          f"{finetuned['accuracy']:.3f}, zero-shot {zeroshot['accuracy']:.3f} (n = {test_size})")  # fmt: skip
+    measured(
+        f"demo workflow: {demo_run['seconds']:.0f} s wall; fine-tuned test accuracy "
+        f"{finetuned['accuracy']:.3f}, zero-shot {zeroshot['accuracy']:.3f} (n = {test_size})"
+    )
 
 
 @pytest.mark.slow
@@ -100,8 +111,17 @@ def test_report_page_opens_in_chromium_with_every_figure(demo_run: dict, tmp_pat
     seen = inspect_page(page, tmp_path / "report.png")
     assert seen["console_errors"] == []
     assert len(seen["images"]) >= 5 and all(i["complete"] and i["width"] > 0 for i in seen["images"])
-    for heading in ("Headline", "McNemar", "Per class", "Confusion matrices", "Learning curves", "Calibration",
-                    "Data", "Misclassified", "Provenance"):  # fmt: skip
+    for heading in (
+        "Headline",
+        "McNemar",
+        "Per class",
+        "Confusion matrices",
+        "Learning curves",
+        "Calibration",
+        "Data",
+        "Misclassified",
+        "Provenance",
+    ):
         assert any(h.startswith(heading) for h in seen["headings"]), heading
     assert (tmp_path / "report.png").stat().st_size > 50_000
     text = page.read_text(encoding="utf-8")
@@ -111,7 +131,9 @@ def test_report_page_opens_in_chromium_with_every_figure(demo_run: dict, tmp_pat
 @pytest.mark.slow
 def test_switch_hides_every_image_of_evidence(demo_run: dict) -> None:
     workdir = demo_run["workdir"]
-    result = snakemake(workdir, "--config", "report={'show_images': False}", "--", "results/report/index.html", demo=True)
+    result = snakemake(
+        workdir, "--config", "report={'show_images': False}", "--", "results/report/index.html", demo=True
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     text = (workdir / "results" / "report" / "index.html").read_text(encoding="utf-8")
     assert "data:image/jpeg" not in text and "Image content hidden" in text
@@ -133,7 +155,9 @@ def test_new_evidence_reuses_augmentations_and_predictions(demo_run: dict, tmp_p
     from forensic_vlm.demo_data import generate_demo_data
 
     evidence = tmp_path / "evidence"
-    generate_demo_data(evidence, tmp_path / "first.tsv", list(DEFAULT_CLASSES), DemoConfig(30, seed=11, bad_examples=False))
+    generate_demo_data(
+        evidence, tmp_path / "first.tsv", list(DEFAULT_CLASSES), DemoConfig(30, seed=11, bad_examples=False)
+    )
     workdir = tmp_path / "work"
     shutil.copytree(demo_run["workdir"] / "results" / "demo" / "model", workdir / "results" / "demo" / "model")
     args = ("--config", f"raw_data={evidence}")
@@ -142,12 +166,22 @@ def test_new_evidence_reuses_augmentations_and_predictions(demo_run: dict, tmp_p
     old_children = read_tsv(workdir / "results" / "augment" / "lineage.tsv")
     old_test = {r["sha256"] for r in read_tsv(workdir / "results" / "split" / "test.tsv")}
 
-    generate_demo_data(tmp_path / "more", tmp_path / "more.tsv", list(DEFAULT_CLASSES), DemoConfig(6, seed=12, bad_examples=False))
+    generate_demo_data(
+        tmp_path / "more", tmp_path / "more.tsv", list(DEFAULT_CLASSES), DemoConfig(6, seed=12, bad_examples=False)
+    )
     for image in (tmp_path / "more").rglob("*.*"):  # +20 %, under new names
         shutil.copy(image, evidence / image.parent.name / f"new_{image.name}")
     assert planned_jobs(snakemake(workdir, "-n", *args, demo=True)) == {
-        "manifest", "split", "augment", "train", "evaluate_zeroshot", "evaluate_finetuned", "report", "classify",
-        "all"}  # fmt: skip
+        "manifest",
+        "split",
+        "augment",
+        "train",
+        "evaluate_zeroshot",
+        "evaluate_finetuned",
+        "report",
+        "classify",
+        "all",
+    }
     second = snakemake(workdir, *args, demo=True)
     assert second.returncode == 0, second.stderr[-3000:]
 

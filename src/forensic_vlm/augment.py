@@ -23,16 +23,24 @@ import numpy as np
 from PIL import Image
 
 from forensic_vlm.config import AugmentConfig
-from forensic_vlm.parallel import ordered_map
 from forensic_vlm.images import load_evidence_image
+from forensic_vlm.parallel import ordered_map
 from forensic_vlm.tables import decode_path, read_tsv, sha256_bytes, write_tsv
 
 log = logging.getLogger(__name__)
 
 LINEAGE_COLUMNS = (
-    "child", "child_sha256", "parent_sha256", "parent_path", "label", "width", "height", "seed", "transforms",
+    "child",
+    "child_sha256",
+    "parent_sha256",
+    "parent_path",
+    "label",
+    "width",
+    "height",
+    "seed",
+    "transforms",
     "reused",
-)  # fmt: skip
+)
 PIPELINE_VERSION = "reference-1"  # bump when reference_pipeline changes, so cached children are redone
 TRAINING_COLUMNS = ("sha256", "path", "flags", "label", "width", "height", "source", "parent_sha256")
 
@@ -78,7 +86,9 @@ def cache_key(config: AugmentConfig) -> str:
     return hashlib.sha256(settings.encode()).hexdigest()[:16]
 
 
-def _augment_one(job: _Job, raw_data: Path, images_dir: Path, config: AugmentConfig, cache: Path | None) -> list[dict]:
+def _augment_one(
+    job: _Job, *, raw_data: Path, images_dir: Path, config: AugmentConfig, cache: Path | None
+) -> list[dict]:
     pixels = None
     lineage = []
     for index in range(1, job.count + 1):
@@ -95,24 +105,40 @@ def _augment_one(job: _Job, raw_data: Path, images_dir: Path, config: AugmentCon
             buffer = io.BytesIO()
             Image.fromarray(result["image"]).save(buffer, format="PNG")  # lossless, same bytes each run
             data = buffer.getvalue()
-            record = {"seed": seed, "width": result["image"].shape[1], "height": result["image"].shape[0],
-                      "transforms": ",".join(t for t, _ in result["applied_transforms"]), "reused": False}  # fmt: skip
+            record = {
+                "seed": seed,
+                "width": result["image"].shape[1],
+                "height": result["image"].shape[0],
+                "transforms": ",".join(t for t, _ in result["applied_transforms"]),
+                "reused": False,
+            }
             if cache:
                 cache.mkdir(parents=True, exist_ok=True)
                 cached.write_bytes(data)
                 cached.with_suffix(".json").write_text(json.dumps({**record, "reused": True}))
         (images_dir / name).write_bytes(data)
         lineage.append(
-            {"child": f"images/{name}", "child_sha256": sha256_bytes(data), "parent_sha256": job.row["sha256"],
-             "parent_path": job.row["path"], "label": job.row["label"], **record}
-        )  # fmt: skip
+            {
+                "child": f"images/{name}",
+                "child_sha256": sha256_bytes(data),
+                "parent_sha256": job.row["sha256"],
+                "parent_path": job.row["path"],
+                "label": job.row["label"],
+                **record,
+            }
+        )
     return lineage
 
 
 def augment_training_set(
-    train_tsv: Path, raw_data: Path, out_dir: Path, config: AugmentConfig, workers: int = 1,
+    train_tsv: Path,
+    raw_data: Path,
+    out_dir: Path,
+    config: AugmentConfig,
+    *,
+    workers: int = 1,
     cache_dir: Path | None = None,
-) -> int:  # fmt: skip
+) -> int:
     """Write augmented children of the configured classes' training images; returns their count.
 
     With ``cache_dir``, children already made for the same parent and settings are copied from
@@ -130,18 +156,38 @@ def augment_training_set(
     lineage = [row for rows in ordered_map(work, jobs, workers, "augment") for row in rows]
     write_tsv(out_dir / "lineage.tsv", LINEAGE_COLUMNS, lineage)
     training = [
-        {"sha256": r["sha256"], "path": r["path"], "flags": r["flags"], "label": r["label"], "width": r["width"],
-         "height": r["height"], "source": "raw_data", "parent_sha256": ""}
+        {
+            "sha256": r["sha256"],
+            "path": r["path"],
+            "flags": r["flags"],
+            "label": r["label"],
+            "width": r["width"],
+            "height": r["height"],
+            "source": "raw_data",
+            "parent_sha256": "",
+        }
         for r in train
     ] + [
-        {"sha256": c["child_sha256"], "path": c["child"], "label": c["label"], "width": c["width"],
-         "height": c["height"], "source": "augment", "parent_sha256": c["parent_sha256"]}
+        {
+            "sha256": c["child_sha256"],
+            "path": c["child"],
+            "label": c["label"],
+            "width": c["width"],
+            "height": c["height"],
+            "source": "augment",
+            "parent_sha256": c["parent_sha256"],
+        }
         for c in lineage
-    ]  # fmt: skip
+    ]
     write_tsv(out_dir / "train_augmented.tsv", TRAINING_COLUMNS, training)
     reused = sum(1 for c in lineage if c["reused"])
-    log.info("augment: %d children written (%d reused from the cache, %d computed); training table has %d rows",
-             len(lineage), reused, len(lineage) - reused, len(training))  # fmt: skip
+    log.info(
+        "augment: %d children written (%d reused from the cache, %d computed); training table has %d rows",
+        len(lineage),
+        reused,
+        len(lineage) - reused,
+        len(training),
+    )
     return len(lineage)
 
 
@@ -150,4 +196,3 @@ def resolve_training_path(row: dict[str, str], raw_data: Path, augment_dir: Path
     if row["source"] == "augment":
         return Path(augment_dir) / row["path"]
     return Path(raw_data) / decode_path(row["path"], row.get("flags", ""))
-

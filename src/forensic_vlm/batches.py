@@ -20,6 +20,9 @@ from forensic_vlm.images import load_checked_image
 from forensic_vlm.prompting import AnswerTokens
 from forensic_vlm.tables import decode_path
 
+#: The tensors a batch gives the model (the processor's output for LLaVA-NeXT).
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+
 
 @dataclass(frozen=True)
 class Example:
@@ -32,7 +35,9 @@ class Example:
     flags: str = ""  # the table's flags (non_utf8_name tells how to decode ``name``)
 
 
-def examples_from_table(rows: Sequence[dict[str, str]], raw_data: Path, augment_dir: Path | None = None) -> list[Example]:
+def examples_from_table(
+    rows: Sequence[dict[str, str]], raw_data: Path, augment_dir: Path | None = None
+) -> list[Example]:
     """Examples of a split table or of ``train_augmented.tsv`` (whose children live in augment_dir)."""
     examples = []
     for row in rows:
@@ -42,8 +47,17 @@ def examples_from_table(rows: Sequence[dict[str, str]], raw_data: Path, augment_
             path = Path(augment_dir) / row["path"]
         else:
             path = Path(raw_data) / decode_path(row["path"], row.get("flags", ""))
-        examples.append(Example(path, row["sha256"], int(row["label"]), int(row["width"]), int(row["height"]),
-                                row["path"], row.get("flags", "")))  # fmt: skip
+        examples.append(
+            Example(
+                path,
+                row["sha256"],
+                int(row["label"]),
+                int(row["width"]),
+                int(row["height"]),
+                row["path"],
+                row.get("flags", ""),
+            )
+        )
     return examples
 
 
@@ -68,8 +82,9 @@ class TokenGroupedBatches(Sampler[list[int]]):
     first batches, as DistributedSampler does, so every rank runs the same number of steps.
     """
 
-    def __init__(self, tokens: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0,
-                 rank: int = 0, replicas: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self, tokens: Sequence[int], batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, replicas: int = 1
+    ) -> None:
         self.tokens, self.batch_size, self.shuffle, self.seed, self.epoch = list(tokens), batch_size, shuffle, seed, 0
         self.rank, self.replicas = rank, replicas
 
@@ -112,7 +127,7 @@ class Collator:
     ``generate``: the prompt alone, for free generation as the reference did.
     """
 
-    def __init__(self, processor, prompt: str, answer: AnswerTokens, labels: Sequence[int], mode: str) -> None:
+    def __init__(self, processor, prompt: str, answer: AnswerTokens, *, labels: Sequence[int], mode: str) -> None:
         assert mode in ("train", "score", "generate"), mode
         self.processor, self.prompt, self.answer, self.mode = processor, prompt, answer, mode
         self.position = {label: i for i, label in enumerate(labels)}
@@ -122,7 +137,7 @@ class Collator:
         indices = [index for index, _ in items]
         images = [image for _, image in items]
         encoded = self.processor(text=[self.prompt] * len(images), images=images, padding=True, return_tensors="pt")
-        batch = {key: encoded[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}
+        batch = {key: encoded[key] for key in MODEL_INPUTS}
         batch["indices"] = torch.tensor(indices)
         if self.mode == "generate":
             return batch

@@ -38,13 +38,14 @@ from forensic_vlm.config import (
     ReportConfig,
     to_dict,
 )
-from forensic_vlm.evaluate import score_examples
-from forensic_vlm.inspect import Inspection
+from forensic_vlm.errors import InputNotFoundError
+from forensic_vlm.inspection import Inspection
 from forensic_vlm.manifest import bad_input_error, inspector, table_path, walk
 from forensic_vlm.parallel import ordered_map
-from forensic_vlm.report import git_commit, package_versions
+from forensic_vlm.provenance import config_sha256, git_commit, package_versions
+from forensic_vlm.scoring import Scores, score_examples
 from forensic_vlm.tables import encode_path, sha256_file, write_tsv
-from forensic_vlm.thresholds import needs_review, read_thresholds
+from forensic_vlm.thresholds import needs_review, read_thresholds, threshold_of
 from forensic_vlm.triage_page import write_triage_page
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,25 @@ SCORED = "scored"
 
 
 def triage_columns(labels: list[int]) -> list[str]:
-    return ["rank", "status", "path", "flags", "sha256", "size_bytes", "mtime_utc", "predicted", "predicted_ko",
-            "predicted_en", "confidence", *[f"p{label}" for label in labels], "needs_review", "threshold",
-            "duplicate_of", "reason", "message"]  # fmt: skip
+    return [
+        "rank",
+        "status",
+        "path",
+        "flags",
+        "sha256",
+        "size_bytes",
+        "mtime_utc",
+        "predicted",
+        "predicted_ko",
+        "predicted_en",
+        "confidence",
+        *[f"p{label}" for label in labels],
+        "needs_review",
+        "threshold",
+        "duplicate_of",
+        "reason",
+        "message",
+    ]
 
 
 def inspect_folder(root: Path, manifest: ManifestConfig, workers: int) -> list[Inspection]:
@@ -81,6 +98,7 @@ def review_order(row: dict, irrelevant: int) -> tuple:
 def classify_folder(
     input_dir: Path,
     out_dir: Path,
+    *,
     classes: list[ClassSpec],
     model_config: ModelConfig,
     evaluate_config: EvaluateConfig,
@@ -98,7 +116,7 @@ def classify_folder(
         torch.set_num_threads(threads)
     root, out_dir = Path(input_dir), Path(out_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"classify.input_dir not found or not a folder: {root}")
+        raise InputNotFoundError(f"classify.input_dir not found or not a folder: {root}")
     inspections = inspect_folder(root, manifest_config, workers)
     rejected = [r for r in inspections if not r.usable]
     if manifest_config.on_bad_input == "fail" and rejected:
@@ -106,46 +124,96 @@ def classify_folder(
         raise bad_input_error(root / first.path, first.reason, first.message, len(rejected))
     usable = [r for r in inspections if r.usable]
     # label -1: unknown. The examples only carry images to the model; no label is ever written.
-    examples = [Example(root / r.path, r.sha256, -1, int(r.width), int(r.height), encode_path(r.path)[0])
-                for r in usable]  # fmt: skip
+    examples = [
+        Example(root / r.path, r.sha256, -1, int(r.width), int(r.height), encode_path(r.path)[0]) for r in usable
+    ]
     labels = [c.id for c in classes]
     kind = "classify (fine-tuned)" if adapter else "classify (zero-shot)"
-    scores = score_examples(examples, labels, model_config, evaluate_config, adapter, cache_dir, kind)
+    scores = score_examples(
+        examples,
+        labels,
+        model_config=model_config,
+        config=evaluate_config,
+        adapter=adapter,
+        cache_dir=cache_dir,
+        kind=kind,
+    )
     thresholds = read_thresholds(adapter)
-
-    by_id = {c.id: c for c in classes}
-    first_path: dict[str, str] = {}
-    rows = []
-    for inspection, score in zip(usable, scores.rows):
-        predicted = int(score["predicted"])
-        probabilities = {label: float(score[f"p{label}"]) for label in labels}
-        confidence = probabilities[predicted]
-        threshold = thresholds["classes"].get(str(predicted), {}).get("threshold") if thresholds else None
-        columns = _file_columns(inspection)
-        original = first_path.setdefault(inspection.sha256, columns["path"])
-        rows.append({**columns, "status": SCORED, "predicted": predicted, "predicted_ko": by_id[predicted].ko,
-                     "predicted_en": by_id[predicted].en, "confidence": f"{confidence:.6f}",
-                     **{f"p{k}": f"{v:.6f}" for k, v in probabilities.items()},
-                     "needs_review": _yes_no(needs_review(thresholds, predicted, confidence)),
-                     "threshold": "" if threshold is None else threshold,
-                     "duplicate_of": "" if original == columns["path"] else original})  # fmt: skip
-    for inspection in rejected:
-        rows.append({**_file_columns(inspection), "status": REJECTED, "needs_review": _yes_no(True),
-                     "reason": inspection.reason, "message": inspection.message})  # fmt: skip
+    rows = triage_rows(usable, rejected, scores.rows, classes=classes, thresholds=thresholds)
     rows.sort(key=lambda row: review_order(row, config.irrelevant_class))
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
     out_dir.mkdir(parents=True, exist_ok=True)
     write_tsv(out_dir / "triage.tsv", triage_columns(labels), rows)
 
-    custody = custody_record(root, inspections, rows, classes, model_config, adapter, thresholds, scores,
-                             {"model": model_config, "evaluate": evaluate_config, "classify": config,
-                              "manifest": manifest_config}, started, out_dir / "triage.tsv")  # fmt: skip
-    write_triage_page(out_dir / "triage.html", rows, root, classes, config, report_config, custody)
+    custody = custody_record(
+        root=root,
+        inspections=inspections,
+        rows=rows,
+        classes=classes,
+        model_config=model_config,
+        adapter=adapter,
+        thresholds=thresholds,
+        scores=scores,
+        settings={"model": model_config, "evaluate": evaluate_config, "classify": config, "manifest": manifest_config},
+        started=started,
+        triage=out_dir / "triage.tsv",
+    )
+    write_triage_page(
+        out_dir / "triage.html", rows, root=root, classes=classes, config=config, report=report_config, custody=custody
+    )
     (out_dir / "custody.json").write_text(json.dumps(custody, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    log.info("classify: %d files: %s; %d need review; %s", len(rows), custody["counts"]["predicted"],
-             custody["counts"]["needs_review"], out_dir)  # fmt: skip
+    counts = custody["counts"]
+    log.info(
+        "classify: %d files: %s; %d need review; %s", len(rows), counts["predicted"], counts["needs_review"], out_dir
+    )
     return custody
+
+
+def triage_rows(
+    usable: list[Inspection],
+    rejected: list[Inspection],
+    scores: list[dict[str, str]],
+    *,
+    classes: list[ClassSpec],
+    thresholds: dict | None,
+) -> list[dict]:
+    """One row per file (unranked): the scored ones with their class and review flag, then the rest."""
+    by_id = {c.id: c for c in classes}
+    first_path: dict[str, str] = {}
+    rows = []
+    for inspection, score in zip(usable, scores, strict=True):
+        predicted = int(score["predicted"])
+        probabilities = {c.id: float(score[f"p{c.id}"]) for c in classes}
+        confidence = probabilities[predicted]
+        threshold = threshold_of(thresholds, predicted)
+        columns = _file_columns(inspection)
+        original = first_path.setdefault(inspection.sha256, columns["path"])
+        rows.append(
+            {
+                **columns,
+                "status": SCORED,
+                "predicted": predicted,
+                "predicted_ko": by_id[predicted].ko,
+                "predicted_en": by_id[predicted].en,
+                "confidence": f"{confidence:.6f}",
+                **{f"p{k}": f"{v:.6f}" for k, v in probabilities.items()},
+                "needs_review": _yes_no(needs_review(thresholds, predicted, confidence)),
+                "threshold": "" if threshold is None else threshold,
+                "duplicate_of": "" if original == columns["path"] else original,
+            }
+        )
+    for inspection in rejected:
+        rows.append(
+            {
+                **_file_columns(inspection),
+                "status": REJECTED,
+                "needs_review": _yes_no(True),
+                "reason": inspection.reason,
+                "message": inspection.message,
+            }
+        )
+    return rows
 
 
 def _yes_no(value: bool) -> str:
@@ -154,9 +222,13 @@ def _yes_no(value: bool) -> str:
 
 def _file_columns(inspection: Inspection) -> dict:
     path, flags = table_path(inspection)
-    return {"path": path, "flags": flags, "sha256": inspection.sha256,
-            "size_bytes": inspection.size_bytes if inspection.size_bytes is not None else "",
-            "mtime_utc": inspection.mtime_utc}  # fmt: skip
+    return {
+        "path": path,
+        "flags": flags,
+        "sha256": inspection.sha256,
+        "size_bytes": inspection.size_bytes if inspection.size_bytes is not None else "",
+        "mtime_utc": inspection.mtime_utc,
+    }
 
 
 def listing_sha256(inspections: list[Inspection]) -> str:
@@ -172,9 +244,21 @@ def _folder_hashes(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def custody_record(root: Path, inspections: list[Inspection], rows: list[dict], classes: list[ClassSpec],
-                   model_config: ModelConfig, adapter: Path | None, thresholds: dict | None, scores,
-                   settings: dict, started: dt.datetime, triage: Path) -> dict:  # fmt: skip
+def custody_record(
+    *,
+    root: Path,
+    inspections: list[Inspection],
+    rows: list[dict],
+    classes: list[ClassSpec],
+    model_config: ModelConfig,
+    adapter: Path | None,
+    thresholds: dict | None,
+    scores: Scores,
+    settings: dict,
+    started: dt.datetime,
+    triage: Path,
+) -> dict:
+    """The chain-of-custody record: when, where, with what, and what came out."""
     model_folder = Path(model_config.name_or_path)
     configuration = {name: to_dict(section) for name, section in settings.items()}
     scored = [r for r in rows if r["status"] == SCORED]
@@ -187,11 +271,14 @@ def custody_record(root: Path, inspections: list[Inspection], rows: list[dict], 
         "input_dir": str(root.resolve()),
         "input_listing_sha256": listing_sha256(inspections),
         "triage_tsv_sha256": sha256_file(triage),
-        "model": {"name_or_path": model_config.name_or_path, "quantization": model_config.quantization,
-                  "files_sha256": _folder_hashes(model_folder) if model_folder.is_dir() else "hub id; files not local"},
+        "model": {
+            "name_or_path": model_config.name_or_path,
+            "quantization": model_config.quantization,
+            "files_sha256": _folder_hashes(model_folder) if model_folder.is_dir() else "hub id; files not local",
+        },
         "adapter": {"path": str(adapter), "files_sha256": _folder_hashes(Path(adapter))} if adapter else None,
         "review_thresholds": thresholds or "none: zero-shot has no validated thresholds; every image needs review",
-        "configuration_sha256": hashlib.sha256(json.dumps(configuration, sort_keys=True, ensure_ascii=False).encode()).hexdigest(),
+        "configuration_sha256": config_sha256(configuration),
         "configuration": configuration,
         "versions": package_versions(),
         "git_commit": git_commit(),
@@ -206,4 +293,4 @@ def custody_record(root: Path, inspections: list[Inspection], rows: list[dict], 
             "needs_review": sum(1 for r in rows if r["needs_review"] == "true"),
         },
         "scoring": scores.run_facts(),
-    }  # fmt: skip
+    }

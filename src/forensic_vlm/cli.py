@@ -68,8 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     classify.add_argument("--adapter", type=Path, default=None, help="fine-tuned adapter folder; omit for zero-shot")
     classify.add_argument("--case", default=None, help="case name (default: classify.case)")
     classify.add_argument("--out", type=Path, default=None, help="output folder (default: results/classify/<case>)")
-    classify.add_argument("--cache-dir", type=Path, default=Path("results/cache/predictions"),
-                          help="prediction cache: what an interrupted run already scored is not scored again")  # fmt: skip
+    classify.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path("results/cache/predictions"),
+        help="prediction cache: what an interrupted run already scored is not scored again",
+    )
     classify.add_argument("--workers", type=int, default=1, help="processes that read and check the files")
     return parser
 
@@ -103,15 +107,37 @@ def main(argv: list[str] | None = None) -> int:
 
             data = load_training_data(args.train, args.val, args.raw_data, args.augment_dir)
             work_dir = args.work_dir or args.adapter.parent
-            train_adapter(data, list(config.classes), config.model, config.train, args.adapter, work_dir)
+            train_adapter(
+                data,
+                list(config.classes),
+                model_config=config.model,
+                config=config.train,
+                adapter_dir=args.adapter,
+                work_dir=work_dir,
+            )
         elif args.command == "evaluate":
             from forensic_vlm.evaluate import evaluate_split
 
-            evaluate_split(args.table, args.raw_data, list(config.classes), config.model, config.evaluate, args.out,
-                           args.adapter, cache_dir=args.cache_dir)  # fmt: skip
+            evaluate_split(
+                args.table,
+                args.raw_data,
+                classes=list(config.classes),
+                model_config=config.model,
+                config=config.evaluate,
+                out_dir=args.out,
+                adapter=args.adapter,
+                cache_dir=args.cache_dir,
+            )
         elif args.command == "classify":
             _classify(args, config)
-    except (ConfigError, BadInputError, EvidenceChangedError, PreflightError, FileExistsError, FileNotFoundError) as error:
+    except (
+        ConfigError,
+        BadInputError,
+        EvidenceChangedError,
+        PreflightError,
+        FileExistsError,
+        FileNotFoundError,
+    ) as error:
         logging.getLogger("forensic_vlm").error("%s", error)
         return 2
     return 0
@@ -124,9 +150,19 @@ def _classify(args: argparse.Namespace, config: Config) -> None:
 
     model = dataclasses.replace(config.model, name_or_path=args.model) if args.model else config.model
     settings = dataclasses.replace(config.classify, case=args.case) if args.case else config.classify
-    classify_folder(args.input_dir, args.out or Path("results/classify") / settings.case, list(config.classes), model,
-                    config.evaluate, settings, config.manifest, config.report, args.adapter, args.cache_dir,
-                    workers=args.workers)  # fmt: skip
+    classify_folder(
+        args.input_dir,
+        args.out or Path("results/classify") / settings.case,
+        classes=list(config.classes),
+        model_config=model,
+        evaluate_config=config.evaluate,
+        config=settings,
+        manifest_config=config.manifest,
+        report_config=config.report,
+        adapter=args.adapter,
+        cache_dir=args.cache_dir,
+        workers=args.workers,
+    )
 
 
 if __name__ == "__main__":

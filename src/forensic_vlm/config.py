@@ -18,11 +18,9 @@ from typing import Any, Literal
 
 import yaml
 
+from forensic_vlm.errors import ConfigError
+
 REFERENCE_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +152,9 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.bootstrap_samples < 1 or self.calibration_bins < 1 or self.devices < 1:
-            raise ConfigError("evaluate: batch_size, bootstrap_samples, calibration_bins and devices must be at least 1")
+            raise ConfigError(
+                "evaluate: batch_size, bootstrap_samples, calibration_bins and devices must be at least 1"
+            )
 
 
 @dataclass(frozen=True)
@@ -335,8 +335,7 @@ def coerce_strings(data: Any, schema: dict) -> Any:
         properties = schema.get("properties", {})
         extra = schema.get("additionalProperties")
         return {
-            k: coerce_strings(v, properties.get(k, extra if isinstance(extra, dict) else {}))
-            for k, v in data.items()
+            k: coerce_strings(v, properties.get(k, extra if isinstance(extra, dict) else {})) for k, v in data.items()
         }
     if isinstance(data, list):
         return [coerce_strings(v, schema.get("items", {})) for v in data]

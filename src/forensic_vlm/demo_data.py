@@ -10,8 +10,8 @@ phone portrait ratios; a few files are saved as HEIC or carry an EXIF rotation, 
 from __future__ import annotations
 
 import io
-import shutil
 import logging
+import shutil
 import struct
 import zlib
 from collections.abc import Callable
@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from forensic_vlm.config import ClassSpec, DemoConfig
+from forensic_vlm.errors import OutputExistsError
 from forensic_vlm.fonts import korean_font_path
 from forensic_vlm.images import pillow_heif  # noqa: F401  (HEIC encoder registered)
 from forensic_vlm.tables import sha256_file, write_tsv
@@ -31,10 +32,21 @@ Rng = np.random.Generator
 #: (width, height) in pixels: phone portrait (9:19.5, 9:16, 3:4), landscape and square.
 SIZES = ((360, 780), (288, 512), (300, 400), (512, 288), (400, 300), (360, 360), (480, 360))
 CHAT_LINES = (
-    "얼음 있어요?", "내일 거기서 봐요", "입금 확인했어요", "물건 몇 개 필요해요?", "지난번 그 장소",
-    "좌표 보내줄게요", "사진 지우세요", "텔레 아이디 알려줘", "허브 0.5 가능?", "던지기로 할게요",
-    "ㅇㅋ 30분 후", "현금만 받아요", "Ok send the pin", "아이스 1g 얼마?",
-)  # fmt: skip
+    "얼음 있어요?",
+    "내일 거기서 봐요",
+    "입금 확인했어요",
+    "물건 몇 개 필요해요?",
+    "지난번 그 장소",
+    "좌표 보내줄게요",
+    "사진 지우세요",
+    "텔레 아이디 알려줘",
+    "허브 0.5 가능?",
+    "던지기로 할게요",
+    "ㅇㅋ 30분 후",
+    "현금만 받아요",
+    "Ok send the pin",
+    "아이스 1g 얼마?",
+)
 DOC_LINES = ("회의록 2025-03-14", "견적서 / Invoice", "주간 업무 보고", "Meeting notes", "영수증", "공지사항")
 
 
@@ -68,7 +80,7 @@ def draw_irrelevant(rng: Rng, size: tuple[int, int]) -> Image.Image:
         for band in range(3):
             base = int(height * (0.45 + 0.15 * band))
             points = [(0, height)] + [(x, base - int(rng.integers(0, height // 4))) for x in range(0, width + 60, 60)]
-            draw.polygon(points + [(width, height)], fill=(40 + 30 * band, 110 + 30 * band, 50))
+            draw.polygon([*points, (width, height)], fill=(40 + 30 * band, 110 + 30 * band, 50))
         draw.ellipse((width - 90, 20, width - 40, 70), fill=(255, 230, 120))
         return image
     image = Image.new("RGB", size, _color(rng, 160, 240))  # everyday objects on a plain background
@@ -123,17 +135,24 @@ def draw_place(rng: Rng, size: tuple[int, int]) -> Image.Image:
         x += w + int(rng.integers(0, 20))
     draw.rectangle((0, horizon, width, height), fill=(70, 70, 75) if not night else (35, 35, 40))
     for stripe in range(0, width, 60):  # road markings
-        draw.rectangle((stripe, horizon + (height - horizon) // 2, stripe + 30, horizon + (height - horizon) // 2 + 5), fill=(230, 230, 200))
+        draw.rectangle(
+            (stripe, horizon + (height - horizon) // 2, stripe + 30, horizon + (height - horizon) // 2 + 5),
+            fill=(230, 230, 200),
+        )
     prop = rng.integers(3)
     px = int(rng.integers(10, max(11, width - 110)))
     if prop == 0:  # a bench
         draw.rectangle((px, horizon + 20, px + 90, horizon + 32), fill=(120, 80, 40))
     elif prop == 1:  # a row of lockers
         for i in range(3):
-            draw.rectangle((px + 30 * i, horizon - 70, px + 30 * i + 28, horizon), fill=(150, 155, 160), outline=(50, 50, 50))
+            draw.rectangle(
+                (px + 30 * i, horizon - 70, px + 30 * i + 28, horizon), fill=(150, 155, 160), outline=(50, 50, 50)
+            )
     else:  # a street lamp
         draw.rectangle((px, horizon - 120, px + 5, horizon), fill=(30, 30, 30))
-        draw.ellipse((px - 10, horizon - 130, px + 15, horizon - 110), fill=(255, 240, 180) if night else (200, 200, 190))
+        draw.ellipse(
+            (px - 10, horizon - 130, px + 15, horizon - 110), fill=(255, 240, 180) if night else (200, 200, 190)
+        )
     return _noise(image, rng, 6)
 
 
@@ -166,8 +185,11 @@ def draw_drug(rng: Rng, size: tuple[int, int]) -> Image.Image:
 
 
 DRAWERS: dict[int, Callable[[Rng, tuple[int, int]], Image.Image]] = {
-    0: draw_irrelevant, 1: draw_chat, 2: draw_place, 3: draw_drug,
-}  # fmt: skip
+    0: draw_irrelevant,
+    1: draw_chat,
+    2: draw_place,
+    3: draw_drug,
+}
 
 
 def _encode(image: Image.Image, kind: str) -> bytes:
@@ -190,12 +212,12 @@ def _empty_folder(out_dir: Path, replace: bool) -> None:
     under results/demo); otherwise it is an error, so no other folder is ever touched."""
     if out_dir.exists() and any(out_dir.iterdir()):
         if not replace:
-            raise FileExistsError(f"{out_dir} exists and is not empty; demo data goes into a new folder")
+            raise OutputExistsError(f"{out_dir} exists and is not empty; demo data goes into a new folder")
         shutil.rmtree(out_dir)
 
 
 def generate_demo_data(
-    out_dir: Path, listing: Path, classes: list[ClassSpec], config: DemoConfig, replace: bool = False
+    out_dir: Path, listing: Path, classes: list[ClassSpec], config: DemoConfig, *, replace: bool = False
 ) -> int:
     """Write the synthetic evidence folder and a listing (path, size, sha256) of it.
 
@@ -239,7 +261,7 @@ EXTRACTION_PLACES = {
 
 
 def generate_demo_extraction(
-    out_dir: Path, listing: Path, classes: list[ClassSpec], config: DemoConfig, replace: bool = False
+    out_dir: Path, listing: Path, classes: list[ClassSpec], config: DemoConfig, *, replace: bool = False
 ) -> int:
     """An unlabeled folder laid out like a phone extraction, for classify; returns files written.
 
@@ -257,13 +279,15 @@ def generate_demo_extraction(
         path = out_dir / folder / pattern.format(index)
         path.parent.mkdir(parents=True, exist_ok=True)
         size = SIZES[int(rng.integers(len(SIZES)))]
-        path.write_bytes(_encode(DRAWERS[spec.id % len(DRAWERS)](rng, size), "png" if path.suffix == ".png" else "jpeg"))
+        path.write_bytes(
+            _encode(DRAWERS[spec.id % len(DRAWERS)](rng, size), "png" if path.suffix == ".png" else "jpeg")
+        )
         truth[str(path.relative_to(out_dir))] = spec.id
     if config.bad_examples:
         first = out_dir / next(iter(truth))
         bad = {
             "Download/empty.jpg": b"",
-            "Download/chat_export.txt": "not an image: exported chat log\n".encode(),
+            "Download/chat_export.txt": b"not an image: exported chat log\n",
             "Telegram/Telegram Images/partial_download.jpg": first.read_bytes()[: first.stat().st_size // 2],
             "DCIM/Camera/copy_of_" + first.name: first.read_bytes(),  # an exact duplicate, scored once
         }
@@ -271,9 +295,16 @@ def generate_demo_extraction(
             (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
             (out_dir / relative).write_bytes(data)
         truth["DCIM/Camera/copy_of_" + first.name] = truth[str(first.relative_to(out_dir))]
-    rows = [{"path": str(p.relative_to(out_dir)), "size_bytes": p.stat().st_size, "sha256": sha256_file(p),
-             "true_class": truth.get(str(p.relative_to(out_dir)), "")}
-            for p in sorted(out_dir.rglob("*")) if p.is_file()]  # fmt: skip
+    rows = [
+        {
+            "path": str(p.relative_to(out_dir)),
+            "size_bytes": p.stat().st_size,
+            "sha256": sha256_file(p),
+            "true_class": truth.get(str(p.relative_to(out_dir)), ""),
+        }
+        for p in sorted(out_dir.rglob("*"))
+        if p.is_file()
+    ]
     write_tsv(listing, ("path", "size_bytes", "sha256", "true_class"), rows)
     log.info("demo extraction: %d files under %s", len(rows), out_dir)
     return len(rows)
@@ -286,7 +317,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def bomb_png(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels (a decompression bomb's signature)."""
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def write_bad_examples(out_dir: Path, classes: list[ClassSpec]) -> int:
@@ -300,7 +336,7 @@ def write_bad_examples(out_dir: Path, classes: list[ClassSpec]) -> int:
         folders[0] / "empty.jpg": b"",
         folders[-1] / "truncated_download.jpg": jpeg[: len(jpeg) // 2],
         folders[1 % len(folders)] / "corrupt.png": b"\x89PNG\r\n\x1a\n" + b"\x13" * 200,
-        folders[1 % len(folders)] / "chat_export.txt": "not an image: exported chat log\n".encode(),
+        folders[1 % len(folders)] / "chat_export.txt": b"not an image: exported chat log\n",
         folders[0] / "huge_canvas.png": bomb_png(20_000, 20_000),
         folders[2 % len(folders)] / "carved_0001.jpg": carved,  # PNG content behind a .jpg name
         folders[0] / f"copy_of_{original.name}": original.read_bytes(),  # exact duplicate within one class

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from forensic_vlm.config import DemoModelConfig
+from forensic_vlm.errors import InputNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,10 @@ def mistral_tokenizer_file() -> Path:
     """The real Mistral-7B sentencepiece model (32,000 pieces) inside the mistral-common wheel."""
     spec = importlib.util.find_spec("mistral_common")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("mistral-common is not installed; it ships the Mistral tokenizer")
+        raise InputNotFoundError("mistral-common is not installed; it ships the Mistral tokenizer")
     path = Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the mistral-common wheel")
+        raise InputNotFoundError(f"{path} is missing from the mistral-common wheel")
     return path
 
 

@@ -51,7 +51,9 @@ def plot_confusion_matrix(metrics: dict, classes: Sequence[ClassSpec], title: st
         display.plot(ax=axes, cmap="Blues", colorbar=False, values_format="d")
         axes.set_xlabel("predicted / 예측")
         axes.set_ylabel("true / 정답")
-        axes.set_title(f"{title}\naccuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, n = {metrics['n']}")
+        axes.set_title(
+            f"{title}\naccuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, n = {metrics['n']}"
+        )
         plt.setp(axes.get_xticklabels(), rotation=30, ha="right")
         figure.tight_layout()
         figure.savefig(out, dpi=120)
@@ -65,10 +67,10 @@ def plot_learning_curves(curves_csv: Path, out: Path) -> None:
     val = [(int(r["epoch"]), float(r["val_macro_f1"]), float(r["val_accuracy"])) for r in rows if r.get("val_macro_f1")]
     with korean_figure(11, 4, columns=2) as (figure, (left, right)):
         if train:
-            left.plot(*zip(*train), color="tab:blue", linewidth=1)
+            left.plot(*zip(*train, strict=True), color="tab:blue", linewidth=1)
         left.set(xlabel="step", ylabel="training loss (answer tokens)", title="training loss / 학습 손실")
         if val:
-            epochs, f1, accuracy = zip(*val)
+            epochs, f1, accuracy = zip(*val, strict=True)
             right.plot(epochs, f1, marker="o", label="macro-F1")
             right.plot(epochs, accuracy, marker="s", label="accuracy")
             right.legend()
@@ -86,12 +88,19 @@ def plot_reliability(models: dict[str, dict], out: Path) -> None:
             bins = metrics.get("calibration_bins") or []
             if bins:
                 ece = metrics["expected_calibration_error"]
-                axes.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
-                          label=f"{name} (ECE {ece:.3f})")  # fmt: skip
-        axes.set(xlabel="confidence (top-class probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02),
-                 title="reliability / 신뢰도")  # fmt: skip
+                axes.plot(
+                    [b["confidence"] for b in bins],
+                    [b["accuracy"] for b in bins],
+                    marker="o",
+                    label=f"{name} (ECE {ece:.3f})",
+                )
+        axes.set(
+            xlabel="confidence (top-class probability)",
+            ylabel="accuracy",
+            xlim=(0, 1),
+            ylim=(0, 1.02),
+            title="reliability / 신뢰도",
+        )
         axes.legend(loc="upper left")
         figure.tight_layout()
         figure.savefig(out, dpi=110)
-
-

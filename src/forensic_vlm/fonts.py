@@ -7,11 +7,13 @@ import functools
 import importlib.util
 from pathlib import Path
 
+from forensic_vlm.errors import InputNotFoundError
+
 
 @functools.cache
 def korean_font_path() -> Path:
     # Located, not imported: importing koreanize_matplotlib reconfigures matplotlib globally.
     spec = importlib.util.find_spec("koreanize_matplotlib")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("koreanize-matplotlib is not installed; it provides the Korean font")
+        raise InputNotFoundError("koreanize-matplotlib is not installed; it provides the Korean font")
     return Path(spec.submodule_search_locations[0]) / "fonts" / "NanumGothic.ttf"

@@ -12,13 +12,10 @@ from pathlib import Path
 import pillow_heif
 from PIL import Image, ImageOps
 
+from forensic_vlm.errors import EvidenceChangedError
 from forensic_vlm.tables import decode_path, sha256_bytes
 
 pillow_heif.register_heif_opener()
-
-
-class EvidenceChangedError(RuntimeError):
-    """A file's content no longer matches the sha256 recorded in the manifest."""
 
 
 def load_evidence_image(raw_data: Path, row: dict[str, str]) -> Image.Image:

@@ -1,7 +1,7 @@
 """Stage ``manifest``: list every file under raw_data, with its hash and whether it can be used.
 
 Writes ``manifest.tsv`` (usable images, with flags and duplicates marked) and ``rejects.tsv``
-(everything else, each with a reason code from :data:`forensic_vlm.inspect.REASONS`). The
+(everything else, each with a reason code from :data:`forensic_vlm.inspection.REASONS`). The
 evidence folder is only ever read.
 """
 
@@ -18,7 +18,8 @@ from functools import partial
 from pathlib import Path
 
 from forensic_vlm.config import ClassSpec, ManifestConfig
-from forensic_vlm.inspect import Inspection, inspect_file
+from forensic_vlm.errors import BadInputError, InputNotFoundError
+from forensic_vlm.inspection import Inspection, inspect_file
 from forensic_vlm.parallel import ordered_map
 from forensic_vlm.tables import NON_UTF8_FLAG, encode_path, write_tsv
 
@@ -34,10 +35,6 @@ REJECT_COLUMNS = ("path", "label", "class_folder", "sha256", "size_bytes", "reas
 DOCUMENTATION_FILES = ("README.md",)
 
 _CLASS_FOLDER = re.compile(r"^(\d+)_")
-
-
-class BadInputError(RuntimeError):
-    """Raised under ``on_bad_input: fail`` when a file cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -108,12 +105,13 @@ def build_manifest(
     out_dir: Path,
     classes: Sequence[ClassSpec],
     config: ManifestConfig,
+    *,
     workers: int = 1,
 ) -> ManifestSummary:
     """Inspect every file under ``raw_data``; write manifest.tsv and rejects.tsv into ``out_dir``."""
     raw_data = Path(raw_data)
     if not raw_data.is_dir():
-        raise FileNotFoundError(f"raw_data folder not found: {raw_data}")
+        raise InputNotFoundError(f"raw_data folder not found: {raw_data}")
     by_id = {c.id: c for c in classes}
     paths = list(walk(raw_data))
     log.info("manifest: %d files under %s, %d worker(s)", len(paths), raw_data, workers)
@@ -136,7 +134,9 @@ def build_manifest(
 
     relatives = [p for p, _, _ in to_inspect]
     inspect = inspector(raw_data, config)
-    for (_, label, folder), result in zip(to_inspect, ordered_map(inspect, relatives, workers, "manifest")):
+    for (_, label, folder), result in zip(
+        to_inspect, ordered_map(inspect, relatives, workers, "manifest"), strict=True
+    ):
         labelled.append((result, label, folder))
 
     accepted, rejected = _resolve_conflicts(labelled)

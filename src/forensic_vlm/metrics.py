@@ -6,14 +6,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
-from sklearn.metrics import precision_recall_fscore_support
+from sklearn.metrics import (
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
 
 from forensic_vlm.config import ClassSpec
 
 
 def bootstrap_intervals(
-    y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[int], samples: int, seed: int
+    y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[int], *, samples: int, seed: int
 ) -> dict[str, list[float]]:
     """Percentile 95 % intervals of accuracy and macro-F1 over resamples of the images."""
     rng = np.random.default_rng(seed)
@@ -55,8 +60,15 @@ def expected_calibration_error(probabilities: np.ndarray, correct: np.ndarray, b
         if count:
             gap = abs(float(correct[members].mean()) - float(confidence[members].mean()))
             ece += gap * count / len(confidence)
-            table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "n": count,
-                          "accuracy": float(correct[members].mean()), "confidence": float(confidence[members].mean())})  # fmt: skip
+            table.append(
+                {
+                    "low": float(edges[b]),
+                    "high": float(edges[b + 1]),
+                    "n": count,
+                    "accuracy": float(correct[members].mean()),
+                    "confidence": float(confidence[members].mean()),
+                }
+            )
     return {"ece": ece, "bins": table}
 
 
@@ -65,6 +77,7 @@ def compute_metrics(
     y_pred: Sequence[int],
     probabilities: np.ndarray | None,
     classes: Sequence[ClassSpec],
+    *,
     bootstrap_samples: int,
     calibration_bins: int,
     seed: int,
@@ -74,20 +87,26 @@ def compute_metrics(
     precision, recall, f1, support = precision_recall_fscore_support(true, pred, labels=labels, zero_division=0)
     matrix_labels = labels + ([-1] if (pred == -1).any() else [])
     result = {
-        "n": int(len(true)),
+        "n": len(true),
         "accuracy": float(accuracy_score(true, pred)),
         "macro_f1": float(f1_score(true, pred, labels=labels, average="macro", zero_division=0)),
         "per_class": {
-            str(c.id): {"name_en": c.en, "name_ko": c.ko, "precision": float(p), "recall": float(r), "f1": float(f),
-                        "support": int(s)}
-            for c, p, r, f, s in zip(classes, precision, recall, f1, support)
-        },  # fmt: skip
+            str(c.id): {
+                "name_en": c.en,
+                "name_ko": c.ko,
+                "precision": float(p),
+                "recall": float(r),
+                "f1": float(f),
+                "support": int(s),
+            }
+            for c, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
+        },
         "confusion_matrix": {
             "labels": matrix_labels,
             "counts": confusion_matrix(true, pred, labels=matrix_labels).tolist(),
         },
         "unparsed_answers": int((pred == -1).sum()),
-        "bootstrap_95": bootstrap_intervals(true, pred, labels, bootstrap_samples, seed),
+        "bootstrap_95": bootstrap_intervals(true, pred, labels, samples=bootstrap_samples, seed=seed),
         "bootstrap_samples": bootstrap_samples,
     }
     if probabilities is not None:
@@ -101,6 +120,10 @@ def compute_metrics(
 
 def report_text(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[ClassSpec]) -> str:
     return classification_report(
-        y_true, y_pred, labels=[c.id for c in classes],
-        target_names=[f"{c.id} {c.ko} / {c.en}" for c in classes], digits=4, zero_division=0,
-    )  # fmt: skip
+        y_true,
+        y_pred,
+        labels=[c.id for c in classes],
+        target_names=[f"{c.id} {c.ko} / {c.en}" for c in classes],
+        digits=4,
+        zero_division=0,
+    )

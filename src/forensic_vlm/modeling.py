@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from forensic_vlm.config import ConfigError, ModelConfig, TrainConfig
+from forensic_vlm.config import ModelConfig, TrainConfig
+from forensic_vlm.errors import ConfigError, DeviceError
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ NOT_QUANTIZED = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 def resolve_device(config: ModelConfig) -> torch.device:
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("model.device is cuda but no CUDA GPU is visible")
+            raise DeviceError("model.device is cuda but no CUDA GPU is visible")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -32,7 +33,7 @@ def resolve_device(config: ModelConfig) -> torch.device:
 def require_gpus(count: int, setting: str) -> None:
     """Stop, naming the setting, when it asks for more GPUs than are visible."""
     if count > torch.cuda.device_count():
-        raise RuntimeError(f"{setting} is {count} but {torch.cuda.device_count()} GPUs are visible")
+        raise DeviceError(f"{setting} is {count} but {torch.cuda.device_count()} GPUs are visible")
 
 
 def device_name(device: torch.device) -> str:

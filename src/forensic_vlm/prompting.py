@@ -15,9 +15,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-
-class PreflightError(ValueError):
-    """An image would expand to more tokens than ``model.max_sequence_tokens``."""
+from forensic_vlm.errors import PreflightError
 
 
 def build_prompt(processor, question: str) -> str:

@@ -7,15 +7,9 @@ sensitive evidence. Every path and message from the evidence is HTML-escaped.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import hashlib
-import html
-import io
 import json
-import logging
 import platform
-import subprocess
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +18,8 @@ from scipy.stats import binomtest
 
 from forensic_vlm.config import ClassSpec, ReportConfig
 from forensic_vlm.figures import plot_learning_curves, plot_reliability
+from forensic_vlm.pages import escape, html_page, html_table, png_data_uri, thumbnail
+from forensic_vlm.provenance import config_sha256, git_commit, package_versions
 from forensic_vlm.tables import decode_path, read_tsv, sha256_file
 
 KINDS = ("zeroshot", "finetuned")
@@ -52,26 +48,12 @@ def mcnemar(zeroshot: list[dict], finetuned: list[dict]) -> dict:
     only_zs = sum(1 for k in right_ft if right_zs[k] and not right_ft[k])
     discordant = only_ft + only_zs
     p = binomtest(only_ft, discordant, 0.5).pvalue if discordant else 1.0
-    return {"paired_images": len(right_ft), "only_finetuned_right": only_ft, "only_zeroshot_right": only_zs,
-            "p_value": float(p)}  # fmt: skip
-
-
-def _png(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
-
-
-def thumbnail(path: Path, sha256: str, size: int) -> str:
-    from forensic_vlm.images import load_checked_image
-
-    image = load_checked_image(path, sha256)
-    image.thumbnail((size, size))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def escape(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    return {
+        "paired_images": len(right_ft),
+        "only_finetuned_right": only_ft,
+        "only_zeroshot_right": only_zs,
+        "p_value": float(p),
+    }
 
 
 def _interval(metrics: dict, key: str) -> str:
@@ -79,33 +61,13 @@ def _interval(metrics: dict, key: str) -> str:
     return f"{metrics[key]:.3f} <span class=ci>[{low:.3f}, {high:.3f}]</span>"
 
 
-def html_table(header: list[str], rows: list[list[object]], raw: bool = False) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c if raw else escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages a result depends on, as installed where it was made."""
-    import importlib.metadata as metadata
-
-    versions = {}
-    for package in ("forensic-vlm", "torch", "transformers", "peft", "bitsandbytes", "pytorch-lightning", "snakemake"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "(not installed here)"
-    return versions
-
-
 def provenance(inputs: ReportInputs, metrics: dict[str, dict]) -> list[list[object]]:
     versions = [f"{package} {version}" for package, version in package_versions().items()]
-    config_hash = hashlib.sha256(json.dumps(inputs.config, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     card = json.loads(Path(inputs.training_card).read_text()) if Path(inputs.training_card).exists() else {}
     return [
         ["generated", dt.datetime.now(dt.UTC).isoformat(timespec="seconds") + f" on {platform.node()}"],
         ["package versions", ", ".join(versions)],
-        ["configuration sha256", config_hash],
+        ["configuration sha256", config_sha256(inputs.config)],
         ["manifest.tsv sha256", sha256_file(inputs.manifest)],
         ["training tables sha256", card.get("data_sha256", "")],
         ["base model", card.get("base_model", inputs.config.get("model", {}).get("name_or_path", ""))],
@@ -113,17 +75,6 @@ def provenance(inputs: ReportInputs, metrics: dict[str, dict]) -> list[list[obje
         *[[f"device ({TITLES[k]})", m.get("device", "")] for k, m in metrics.items()],
         ["device (training)", card.get("validation", {}).get("device", "")],
     ]
-
-
-def git_commit() -> str:
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).parent)  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
-                               cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
-        return result.stdout.strip() + (" (with uncommitted changes)" if dirty else "") if result.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def build_report(inputs: ReportInputs, classes: list[ClassSpec], config: ReportConfig, out_dir: Path) -> Path:
@@ -139,43 +90,72 @@ def build_report(inputs: ReportInputs, classes: list[ClassSpec], config: ReportC
 
     headline = html_table(
         ["", *[TITLES[k] for k in KINDS]],
-        [["accuracy [bootstrap 95 %]", *[_interval(metrics[k], "accuracy") for k in KINDS]],
-         ["macro-F1 [bootstrap 95 %]", *[_interval(metrics[k], "macro_f1") for k in KINDS]],
-         ["expected calibration error", *[_fmt(metrics[k].get("expected_calibration_error")) for k in KINDS]],
-         ["test images", *[metrics[k]["n"] for k in KINDS]],
-         ["decoding", *[escape(metrics[k]["decoding"]) for k in KINDS]],
-         ["throughput (images/s, device)", *[f"{metrics[k]['images_per_second']} ({escape(metrics[k]['device'])})" for k in KINDS]]],
+        [
+            ["accuracy [bootstrap 95 %]", *[_interval(metrics[k], "accuracy") for k in KINDS]],
+            ["macro-F1 [bootstrap 95 %]", *[_interval(metrics[k], "macro_f1") for k in KINDS]],
+            ["expected calibration error", *[_fmt(metrics[k].get("expected_calibration_error")) for k in KINDS]],
+            ["test images", *[metrics[k]["n"] for k in KINDS]],
+            ["decoding", *[escape(metrics[k]["decoding"]) for k in KINDS]],
+            [
+                "throughput (images/s, device)",
+                *[f"{metrics[k]['images_per_second']} ({escape(metrics[k]['device'])})" for k in KINDS],
+            ],
+        ],
         raw=True,
-    )  # fmt: skip
+    )
     per_class = html_table(
         ["class", "support", *[f"{TITLES[k]}: {m}" for k in KINDS for m in ("precision", "recall", "F1")]],
-        [[f"{c.id} {c.ko} / {c.en}", metrics["finetuned"]["per_class"][str(c.id)]["support"],
-          *[f"{metrics[k]['per_class'][str(c.id)][m]:.3f}" for k in KINDS for m in ("precision", "recall", "f1")]]
-         for c in classes],
-    )  # fmt: skip
-    verdict = (f"The two models err on different images (p = {test['p_value']:.3g})." if test["p_value"] < 0.05
-               else f"No significant difference at the 5 % level (p = {test['p_value']:.3g}).")  # fmt: skip
+        [
+            [
+                f"{c.id} {c.ko} / {c.en}",
+                metrics["finetuned"]["per_class"][str(c.id)]["support"],
+                *[f"{metrics[k]['per_class'][str(c.id)][m]:.3f}" for k in KINDS for m in ("precision", "recall", "f1")],
+            ]
+            for c in classes
+        ],
+    )
+    verdict = (
+        f"The two models err on different images (p = {test['p_value']:.3g})."
+        if test["p_value"] < 0.05
+        else f"No significant difference at the 5 % level (p = {test['p_value']:.3g})."
+    )
     sections = [
         f"<h1>{escape(config.title)}</h1>",
         "<p class=note>All figures are on the same held-out test images. Intervals are percentile bootstrap "
         f"95 % intervals over {metrics['finetuned'].get('bootstrap_samples', '?')} resamples of the images.</p>",
-        "<h2>Headline</h2>", headline,
+        "<h2>Headline</h2>",
+        headline,
         "<h2>McNemar's test (paired, exact)</h2>",
-        html_table(["images scored by both", "right only when fine-tuned", "right only zero-shot", "p-value"],
-               [[test["paired_images"], test["only_finetuned_right"], test["only_zeroshot_right"], f"{test['p_value']:.3g}"]]),
+        html_table(
+            ["images scored by both", "right only when fine-tuned", "right only zero-shot", "p-value"],
+            [
+                [
+                    test["paired_images"],
+                    test["only_finetuned_right"],
+                    test["only_zeroshot_right"],
+                    f"{test['p_value']:.3g}",
+                ]
+            ],
+        ),
         f"<p>{escape(verdict)}</p>",
-        "<h2>Per class</h2>", per_class,
+        "<h2>Per class</h2>",
+        per_class,
         "<h2>Confusion matrices</h2><div class=row>"
-        + "".join(f"<figure><img alt='confusion matrix, {TITLES[k]}' src='{_png(inputs.evaluations[k] / 'confusion_matrix.png')}'>"
-                  f"<figcaption>{escape(TITLES[k])}</figcaption></figure>" for k in KINDS) + "</div>",
+        + "".join(
+            f"<figure><img alt='confusion matrix, {TITLES[k]}' src='{png_data_uri(inputs.evaluations[k] / 'confusion_matrix.png')}'>"
+            f"<figcaption>{escape(TITLES[k])}</figcaption></figure>"
+            for k in KINDS
+        )
+        + "</div>",
         "<h2>Learning curves</h2>",
-        f"<figure><img alt='learning curves' src='{_png(out_dir / 'learning_curves.png')}'></figure>",
+        f"<figure><img alt='learning curves' src='{png_data_uri(out_dir / 'learning_curves.png')}'></figure>",
         "<h2>Calibration</h2>",
-        f"<figure><img alt='reliability diagram' src='{_png(out_dir / 'reliability.png')}'></figure>",
+        f"<figure><img alt='reliability diagram' src='{png_data_uri(out_dir / 'reliability.png')}'></figure>",
         *_data_sections(inputs, classes),
         *_gallery(predictions["finetuned"], inputs.raw_data, by_id, config),
-        "<h2>Provenance</h2>", html_table(["what", "value"], provenance(inputs, metrics)),
-    ]  # fmt: skip
+        "<h2>Provenance</h2>",
+        html_table(["what", "value"], provenance(inputs, metrics)),
+    ]
     page = out_dir / "index.html"
     page.write_text(html_page(config.title, "\n".join(sections)), encoding="utf-8")
     return page
@@ -191,9 +171,15 @@ def _data_sections(inputs: ReportInputs, classes: list[ClassSpec]) -> list[str]:
     counts = {(r["label"], r["split"]): r for r in summary}
     lineage = read_tsv(inputs.lineage)
     children = Counter(r["label"] for r in lineage)
-    rows = [[f"{c.id} {c.ko} / {c.en}", *[counts[(str(c.id), s)]["n"] for s in splits], children.get(str(c.id), 0),
-             "; ".join(counts[(str(c.id), s)]["note"] for s in splits if counts[(str(c.id), s)]["note"])]
-            for c in classes]  # fmt: skip
+    rows = [
+        [
+            f"{c.id} {c.ko} / {c.en}",
+            *[counts[(str(c.id), s)]["n"] for s in splits],
+            children.get(str(c.id), 0),
+            "; ".join(counts[(str(c.id), s)]["note"] for s in splits if counts[(str(c.id), s)]["note"]),
+        ]
+        for c in classes
+    ]
     manifest = read_tsv(inputs.manifest)
     rejects = read_tsv(inputs.rejects)
     reasons = Counter(r["reason"] for r in rejects)
@@ -206,10 +192,14 @@ def _data_sections(inputs: ReportInputs, classes: list[ClassSpec]) -> list[str]:
         html_table(["class", *splits, "augmented (train)", "note"], rows),
         "<h3>Rejected files</h3>",
         html_table(["reason", "files"], sorted(reasons.items())) if rejects else "<p>None.</p>",
-        html_table(["path", "reason", "message"], [[r["path"], r["reason"], r["message"]] for r in rejects]) if rejects else "",
+        html_table(["path", "reason", "message"], [[r["path"], r["reason"], r["message"]] for r in rejects])
+        if rejects
+        else "",
         "<h3>Flagged files (kept)</h3>",
-        html_table(["path", "flags", "notes"], [[r["path"], r["flags"], r["notes"]] for r in flagged]) if flagged else "<p>None.</p>",
-    ]  # fmt: skip
+        html_table(["path", "flags", "notes"], [[r["path"], r["flags"], r["notes"]] for r in flagged])
+        if flagged
+        else "<p>None.</p>",
+    ]
 
 
 def _confidence(row: dict[str, str]) -> float | None:
@@ -232,42 +222,15 @@ def _gallery(rows: list[dict], raw_data: Path, by_id: dict[int, ClassSpec], conf
     cards = []
     for r in shown:
         confidence = _confidence(r)
-        caption = (f"{escape(r['path'])}<br>true {escape(name(r['true']))}<br>predicted {escape(name(r['predicted']))}"
-                   + (f" ({confidence:.2f})" if confidence is not None else ""))  # fmt: skip
+        caption = (
+            f"{escape(r['path'])}<br>true {escape(name(r['true']))}<br>predicted {escape(name(r['predicted']))}"
+            + (f" ({confidence:.2f})" if confidence is not None else "")
+        )
         image = ""
         if config.show_images:
-            source = thumbnail(Path(raw_data) / decode_path(r["path"], r.get("flags", "")), r["sha256"], config.thumbnail_px)
+            source = thumbnail(
+                Path(raw_data) / decode_path(r["path"], r.get("flags", "")), r["sha256"], config.thumbnail_px
+            )
             image = f"<img alt='{escape(r['path'])}' src='{source}'>"
         cards.append(f"<figure class=card>{image}<figcaption>{caption}</figcaption></figure>")
-    return head + [f"<div class=gallery>{''.join(cards)}</div>" if cards else "<p>None.</p>"]
-
-
-def _embedded_font(text: str) -> str:
-    """NanumGothic, cut down to the characters of the page, as a data URI: Korean renders on a
-    machine with no Korean font installed, for tens of kB instead of the font's 4.7 MB."""
-    from fontTools import subset
-
-    from forensic_vlm.fonts import korean_font_path
-
-    logging.getLogger("fontTools").setLevel(logging.ERROR)  # it lists every table it drops
-    options = subset.Options()
-    font = subset.load_font(str(korean_font_path()), options)
-    subsetter = subset.Subsetter(options)
-    subsetter.populate(text=text)
-    subsetter.subset(font)
-    buffer = io.BytesIO()
-    font.save(buffer)
-    data = base64.b64encode(buffer.getvalue()).decode()
-    return f"@font-face{{font-family:'NanumGothicEmbedded';src:url(data:font/ttf;base64,{data}) format('truetype')}}"
-
-
-def html_page(title: str, body: str) -> str:
-    style = _embedded_font(html.unescape(title + body)) + (
-        "body{font-family:'NanumGothicEmbedded',system-ui,sans-serif;margin:2rem auto;max-width:1200px;"
-        "color:#222;padding:0 1rem}table{border-collapse:collapse;margin:.5rem 0 1rem}th,td{border:1px solid #ccc;"
-        "padding:.3rem .6rem;text-align:left;vertical-align:top}th{background:#f3f3f3}.ci{color:#666;font-size:.9em}"
-        ".note{color:#555}.row{display:flex;flex-wrap:wrap;gap:1rem}figure{margin:.5rem 0}img{max-width:100%}"
-        ".gallery{display:flex;flex-wrap:wrap;gap:.8rem}.card{width:220px;font-size:.8em;word-break:break-all}"
-    )
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{escape(title)}</title>"
-            f"<link rel=icon href='data:,'><style>{style}</style></head><body>{body}</body></html>\n")  # fmt: skip
+    return [*head, f"<div class=gallery>{''.join(cards)}</div>" if cards else "<p>None.</p>"]

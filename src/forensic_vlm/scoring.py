@@ -1,79 +1,396 @@
-"""Turning model outputs into classes.
+"""The scoring engine: images to class probabilities (or generated answers), on every device.
 
-``class_probabilities``: one forward pass; the logits of the class digits at the answer position,
-renormalised over the classes. ``generate_answers`` + ``parse_zeroshot`` / ``parse_finetuned``:
-the reference system's way (free generation, then reading a digit or keywords from the text),
-kept so the two can be compared on the same images.
+Shared by ``evaluate`` (labelled test split) and ``classify`` (unlabeled folder). Images already in
+the prediction cache are not scored again; the rest are grouped into batches of equal token count,
+and the batches are dealt round-robin to one process per device (``evaluate.devices``). Those
+processes wait at a barrier until every model is loaded; only this process writes the cache, after
+every batch, so it stays one append-only file and an interrupted run goes on where it stopped. A
+failing process stops the run with its traceback.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
+import logging
+import queue
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
-UNPARSED = -1  # the reference's "drug mentioned but no class" answer; always counted wrong
+from forensic_vlm.batches import Collator, Example, ImageDataset, TokenGroupedBatches
+from forensic_vlm.config import EvaluateConfig, ModelConfig
+from forensic_vlm.decoding import class_probabilities, generate_answers, parse_finetuned, parse_zeroshot, to_device
+from forensic_vlm.errors import ScoringProcessError
+from forensic_vlm.modeling import (
+    compute_dtype,
+    device_name,
+    load_adapter,
+    load_base_model,
+    load_processor,
+    require_gpus,
+    resolve_device,
+)
+from forensic_vlm.prediction_cache import PredictionCache, adapter_fingerprint, model_fingerprint
+from forensic_vlm.prompting import AnswerTokens, TokenCounter, answer_tokens, build_prompt, preflight
 
-
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    moved = {key: batch[key].to(device) for key in MODEL_INPUTS}
-    moved["pixel_values"] = moved["pixel_values"].to(dtype)
-    return moved
-
-
-@torch.no_grad()
-def class_probabilities(model, inputs: dict, class_ids: Sequence[int]) -> torch.Tensor:
-    """(batch, classes) probabilities from the last position's logits (inputs are left padded)."""
-    logits = model(**inputs, logits_to_keep=1).logits[:, -1, :]
-    return torch.softmax(logits[:, list(class_ids)].float(), dim=-1)
-
-
-@torch.no_grad()
-def generate_answers(model, inputs: dict, tokenizer, max_new_tokens: int) -> list[str]:
-    generated = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-    )
-    new_tokens = generated[:, inputs["input_ids"].shape[1] :]  # left padding: prompts end together
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+log = logging.getLogger(__name__)
 
 
-_DIGIT = re.compile(r"\b([0-3])\b")
-_DRUG = ("마약", "drug")
-_CLASS3 = ("마약 원본", "마약 사진", "약물 사진", "drug itself", "raw drug", "마약으로 보입니다", "약물로 보입니다")
-_CLASS1 = ("대화 내역", "채팅 내용", "메시지", "카카오톡", "텔레그램", "문자 내용", "conversation", "chat log")
-_CLASS2 = ("거래 장소", "만나는 장소", "약속 장소", "위치 정보", "지도 사진", "transaction place", "location")
-_UNSURE = (
-    "관련 없", "아닌 것 같", "해당하지 않", "다른 종류", "모르겠", "판단 불가", "정보 부족", "확인할 수 없", "애매",
-    "not related", "cannot determine", "not sure", "insufficient information",
-)  # fmt: skip
+@dataclass(frozen=True, kw_only=True)
+class ScoringJob:
+    """What one scoring process needs; picklable, so it can be sent to a process per device."""
+
+    examples: list[Example]
+    batches: list[list[int]]  # indices into ``examples``, grouped by token count
+    model: ModelConfig
+    adapter: str | None
+    processor_source: str
+    prompt: str
+    answer: AnswerTokens
+    labels: list[int]
+    decoding: str
+    max_new_tokens: int
+    num_workers: int
+    compile: bool = False
 
 
-def parse_zeroshot(text: str) -> int:
-    """The reference's zero-shot reading of a free answer, rule for rule.
+def _score_batches(
+    job: ScoringJob, device: torch.device, ready: Callable[[], None] | None = None
+) -> Iterator[list[dict]]:
+    """Load the model on ``device`` and yield the prediction rows of each batch of ``job``.
 
-    First standalone digit 0-3; else class keywords (chat and place only when a drug is also
-    mentioned); else "unsure" phrases mean 0; a drug mention that fits no class is -1 (wrong);
-    anything else is 0. That last rule flatters zero-shot accuracy when class 0 is common.
+    ``ready`` is called once the model is loaded, before the first batch.
     """
-    match = _DIGIT.search(text)
-    if match:
-        return int(match.group(1))
-    lower = text.lower()
-    drug = any(word in lower for word in _DRUG)
-    if any(word in lower for word in _CLASS3):
-        return 3
-    if drug and any(word in lower for word in _CLASS1):
-        return 1
-    if drug and any(word in lower for word in _CLASS2):
-        return 2
-    if any(word in lower for word in _UNSURE):
-        return 0
-    return UNPARSED if drug else 0
+    model = load_base_model(job.model, device)
+    if job.adapter:
+        model = load_adapter(model, Path(job.adapter))
+    model.eval()
+    if job.compile:
+        compile_decoder_layers(model)
+    processor = load_processor(job.processor_source, job.model.max_tiles)
+    mode = "score" if job.decoding == "scores" else "generate"
+    loader = DataLoader(
+        ImageDataset(job.examples),
+        batch_sampler=job.batches,
+        collate_fn=Collator(processor, job.prompt, job.answer, labels=job.labels, mode=mode),
+        num_workers=job.num_workers,
+        pin_memory=device.type == "cuda",
+        # A scorer is itself a spawned process, whose workers would otherwise be spawned too, each
+        # importing everything again: measured on 2 H100s, 73 s before the first batch. Forked
+        # workers start at once; they never touch CUDA (pinning happens in this process).
+        multiprocessing_context="fork" if job.num_workers and sys.platform == "linux" else None,
+    )
+    if ready:
+        ready()
+    parse = parse_finetuned if job.adapter else parse_zeroshot
+    waiting = time.perf_counter()
+    for number, batch in enumerate(loader):
+        if number == 0:  # start-up costs (worker processes, first kernels) show in the log
+            log.info("%s: first batch decoded after %.1f s", device, time.perf_counter() - waiting)
+        index = batch["indices"].tolist()
+        inputs = to_device(batch, device, compute_dtype(device))
+        rows = []
+        if mode == "score":
+            p = class_probabilities(model, inputs, job.answer.class_ids).cpu().numpy()
+            for i, probs in zip(index, p, strict=True):
+                rows.append(
+                    {
+                        "sha256": job.examples[i].sha256,
+                        "predicted": job.labels[int(probs.argmax())],
+                        "answer": "",
+                        **{f"p{label}": f"{v:.6f}" for label, v in zip(job.labels, probs, strict=True)},
+                    }
+                )
+        else:
+            for i, text in zip(
+                index, generate_answers(model, inputs, processor.tokenizer, job.max_new_tokens), strict=True
+            ):
+                rows.append({"sha256": job.examples[i].sha256, "predicted": parse(text), "answer": text})
+        if number == 0:
+            log.info("%s: first batch scored after %.1f s", device, time.perf_counter() - waiting)
+        yield rows
 
 
-def parse_finetuned(text: str) -> int:
-    """A fine-tuned model answers with the digit: the first standalone 0-3, else unparsed."""
-    match = _DIGIT.search(text)
-    return int(match.group(1)) if match else UNPARSED
+def compile_decoder_layers(model) -> int:
+    """torch.compile every decoder layer of the language model in place; returns how many.
+
+    All layers share one compiled graph (parameters are graph inputs); the sequence length is
+    dynamic, so new token counts do not recompile.
+    """
+    layers = [
+        module
+        for name, module in model.named_modules()
+        if "language_model" in name and type(module).__name__.endswith("DecoderLayer")
+    ]
+    for layer in layers:
+        layer.compile(dynamic=True)
+    log.info("compiled %d decoder layers", len(layers))
+    return len(layers)
+
+
+def shard_devices(count: int) -> list[torch.device]:
+    """``count`` devices for scoring shards: GPUs 0..count-1, or CPU processes without a GPU."""
+    if torch.cuda.is_available():
+        require_gpus(count, "evaluate.devices")
+        return [torch.device("cuda", i) for i in range(count)]
+    return [torch.device("cpu")] * count
+
+
+class _Progress:
+    """Adds each batch's rows to the cache as they arrive, logs progress, and times the run.
+
+    Progress is logged about every 1 % (and at least every 30 s): enough to watch, not a line a
+    batch. The steady rate is counted from the moment every device has finished a first batch, so
+    model loading and the first kernels are left out.
+    """
+
+    def __init__(self, cache: PredictionCache, total: int, kind: str) -> None:
+        self.cache, self.total, self.kind = cache, total, kind
+        self.start, self.done = time.perf_counter(), 0
+        self.logged_done, self.logged_at = 0, 0.0
+        self.first: tuple[int, float] | None = None
+
+    def add(self, rows: list[dict]) -> None:
+        self.cache.add(rows)
+        self.done += len(rows)
+        elapsed = time.perf_counter() - self.start
+        new_percent = self.done * 100 // self.total > self.logged_done * 100 // self.total
+        if new_percent or elapsed - self.logged_at > 30 or self.done == self.total:
+            rate, left = self.done / elapsed, elapsed / self.done * (self.total - self.done)
+            log.info("%s: %d/%d images, %.1f images/s, ETA %.0f s", self.kind, self.done, self.total, rate, left)
+            self.logged_done, self.logged_at = self.done, elapsed
+
+    def every_device_started(self) -> None:
+        if self.first is None:
+            self.first = (self.done, time.perf_counter() - self.start)
+
+    def timings(self) -> tuple[float, float]:
+        """(seconds, images/s after every device's first batch)."""
+        seconds = time.perf_counter() - self.start
+        if self.first and self.done > self.first[0]:
+            return seconds, (self.done - self.first[0]) / (seconds - self.first[1])
+        return seconds, self.done / seconds
+
+
+def _score(
+    jobs: list[ScoringJob], devices: list[torch.device], cache: PredictionCache, kind: str
+) -> tuple[float, float]:
+    """Score every job (one per device), adding each batch's rows to the cache as it arrives.
+
+    One job runs in this process; several run in one spawned process each, and only this process
+    writes the cache, so it stays one consistent append-only file. Returns (seconds, steady images/s).
+    """
+    total = sum(len(batch) for job in jobs for batch in job.batches)
+    if not total:
+        return 0.0, 0.0
+    progress = _Progress(cache, total, kind)
+    if len(jobs) == 1:
+        for rows in _score_batches(jobs[0], devices[0]):
+            progress.add(rows)
+            progress.every_device_started()
+    else:
+        _score_in_processes(jobs, devices, progress)
+    return progress.timings()
+
+
+def _score_in_processes(jobs: list[ScoringJob], devices: list[torch.device], progress: _Progress) -> None:
+    """One spawned process per job; a failing or vanished process stops the run with its reason."""
+    # spawn, not fork: CUDA cannot be used in a forked child of a process that touched it.
+    context = torch.multiprocessing.get_context("spawn")
+    results, barrier = context.Queue(), context.Barrier(len(jobs))
+    threads = max(1, torch.get_num_threads() // len(jobs))  # the cores are shared between the processes
+    workers = [
+        context.Process(
+            target=_shard_worker,
+            kwargs={
+                "rank": rank,
+                "job": job,
+                "device": device,
+                "threads": threads,
+                "results": results,
+                "barrier": barrier,
+            },
+        )
+        for rank, (job, device) in enumerate(zip(jobs, devices, strict=True))
+    ]
+    for worker in workers:
+        worker.start()
+    started, finished = set(), set()
+    try:
+        while len(finished) < len(workers):
+            try:
+                what, rank, payload = results.get(timeout=5)
+            except queue.Empty:
+                dead = [r for r, w in enumerate(workers) if not w.is_alive() and r not in finished]
+                if dead:
+                    barrier.abort()  # the others may be waiting for it
+                    raise ScoringProcessError(
+                        f"{progress.kind}: scoring process {dead[0]} ended without finishing "
+                        f"(exit code {workers[dead[0]].exitcode})"
+                    ) from None
+                continue
+            if what == "error":
+                raise ScoringProcessError(
+                    f"{progress.kind}: scoring process {rank} on {devices[rank]} failed:\n{payload}"
+                )
+            if what == "done":
+                finished.add(rank)
+                continue
+            progress.add(payload)
+            started.add(rank)
+            if len(started) == len(workers):
+                progress.every_device_started()
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+            worker.join()
+
+
+def _shard_worker(*, rank: int, job: ScoringJob, device: torch.device, threads: int, results, barrier) -> None:
+    """One scoring process: sends ("rows", rank, rows) per batch, then ("done", rank, None).
+
+    Every process waits at ``barrier`` with its model loaded, so all devices start scoring
+    together and finish together (the shards are equal).
+    """
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [scorer {rank}] %(name)s: %(message)s")
+    try:
+        begun = time.perf_counter()
+        torch.set_num_threads(threads)
+
+        def ready() -> None:
+            log.info("%s: model loaded in %.1f s; waiting for the other devices", device, time.perf_counter() - begun)
+            barrier.wait()
+
+        for rows in _score_batches(job, device, ready):
+            results.put(("rows", rank, rows))
+        results.put(("done", rank, None))
+    except BaseException:  # reported to the parent, which stops the run with it
+        results.put(("error", rank, traceback.format_exc()))
+
+
+def shard_batches(batches: list[list[int]], shards: int) -> list[list[list[int]]]:
+    """Deal token-grouped batches round-robin, so every shard gets long and short images alike."""
+    return [batches[rank::shards] for rank in range(shards)]
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The cached prediction row of every example, in the examples' order, and how they came."""
+
+    rows: list[dict[str, str]]
+    images_scored: int
+    images_from_cache: int
+    seconds: float
+    steady_images_per_second: float
+    devices: int
+    device: str
+    cache_key: str
+
+    def run_facts(self) -> dict:
+        """The figures a stage records about its scoring run."""
+        scored = self.images_scored
+        return {
+            "images_scored": scored,
+            "images_from_cache": self.images_from_cache,
+            "seconds": round(self.seconds, 2),
+            "images_per_second": round(scored / self.seconds, 2) if scored else None,
+            "images_per_second_after_first_batch": round(self.steady_images_per_second, 2) if scored else None,
+            "devices": self.devices,
+            "device": self.device,
+        }
+
+
+def score_examples(
+    examples: list[Example],
+    labels: list[int],
+    *,
+    model_config: ModelConfig,
+    config: EvaluateConfig,
+    adapter: Path | None,
+    cache_dir: Path | None,
+    kind: str,
+) -> Scores:
+    """Score examples not already in the prediction cache; return every example's row.
+
+    Rows are appended to the cache after every batch, so a run that is interrupted goes on where
+    it stopped. Identical images (same sha256) are scored once.
+    """
+    device = resolve_device(model_config)
+    # The adapter folder carries the processor it was trained with; the base model's otherwise.
+    processor = load_processor(adapter or model_config.name_or_path, model_config.max_tiles)
+    prompt = build_prompt(processor, model_config.question)
+    answer = answer_tokens(processor.tokenizer, prompt, labels)
+    max_new = config.max_new_tokens_finetuned if adapter else config.max_new_tokens_zeroshot
+    score_columns = ["sha256", "predicted", *[f"p{label}" for label in labels], "answer"]
+    cache = PredictionCache(
+        cache_dir,
+        {
+            "model": model_fingerprint(model_config.name_or_path),
+            "quantization": model_config.quantization,
+            "adapter": adapter_fingerprint(Path(adapter) if adapter else None),
+            "prompt": prompt,
+            "max_tiles": model_config.max_tiles,
+            "decoding": config.decoding,
+            "max_new_tokens": max_new if config.decoding == "generate" else None,
+            "class_tokens": list(answer.class_ids),
+        },
+        score_columns,
+    )
+    todo, queued = [], set()
+    for i, e in enumerate(examples):
+        if cache.get(e.sha256) is None and e.sha256 not in queued:
+            todo.append(i)
+            queued.add(e.sha256)
+    distinct = len({e.sha256 for e in examples})
+    log.info(
+        "%s: %d images (%d distinct), %d already scored by this model (cache %s), %d to score",
+        kind,
+        len(examples),
+        distinct,
+        distinct - len(todo),
+        cache.key,
+        len(todo),
+    )
+    subset = [examples[i] for i in todo]
+    tokens = preflight(
+        TokenCounter(processor, prompt, answer),
+        [(e.name, e.width, e.height) for e in subset],
+        model_config.max_sequence_tokens,
+    )
+    batches = TokenGroupedBatches(tokens, config.batch_size, shuffle=False).batches()
+    devices = shard_devices(config.devices) if config.devices > 1 else [device]
+    shards = [shard for shard in shard_batches(batches, len(devices)) if shard]
+    jobs = [
+        ScoringJob(
+            examples=subset,
+            batches=shard,
+            model=model_config,
+            adapter=str(adapter) if adapter else None,
+            processor_source=str(adapter or model_config.name_or_path),
+            prompt=prompt,
+            answer=answer,
+            labels=labels,
+            decoding=config.decoding,
+            max_new_tokens=max_new,
+            num_workers=config.num_workers,
+            compile=config.compile,
+        )
+        for shard in shards
+    ]
+    seconds, steady = _score(jobs, devices[: len(jobs)], cache, kind)
+    return Scores(
+        rows=[cache.get(e.sha256) for e in examples],
+        images_scored=len(todo),
+        images_from_cache=len(examples) - len(todo),
+        seconds=seconds,
+        steady_images_per_second=steady,
+        devices=len(jobs),
+        device=device_name(device),
+        cache_key=cache.key,
+    )

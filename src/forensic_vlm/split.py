@@ -93,7 +93,7 @@ def assign_stable(rows: Sequence[dict[str, str]], config: SplitConfig) -> dict[s
     thresholds = Thresholds.from_config(config)
     groups = near_duplicate_groups([r["phash"] for r in rows], config.near_duplicate_distance)
     members: dict[int, list[str]] = defaultdict(list)
-    for row, root in zip(rows, groups):
+    for row, root in zip(rows, groups, strict=True):
         members[root].append(row["sha256"])
     assignment = {}
     for shas in members.values():
@@ -114,7 +114,7 @@ def assign_sklearn(rows: Sequence[dict[str, str]], config: SplitConfig) -> dict[
     shas = [r["sha256"] for r in ordered]
     labels = [r["label"] for r in ordered]
     rest, test = _reference_split(shas, labels, config.test_fraction, config.seed)
-    label_of = dict(zip(shas, labels))
+    label_of = dict(zip(shas, labels, strict=True))
     rest_labels = [label_of[s] for s in rest]
     train, val = _reference_split(rest, rest_labels, config.val_fraction, config.seed)
     assignment = {s: ("train", s) for s in train}
@@ -131,9 +131,7 @@ def _reference_split(items: list[str], labels: list[str], size: float, seed: int
         return train_test_split(items, test_size=size, random_state=seed)
 
 
-def split_dataset(
-    manifest: Path, out_dir: Path, classes: Sequence[ClassSpec], config: SplitConfig
-) -> dict[str, int]:
+def split_dataset(manifest: Path, out_dir: Path, classes: Sequence[ClassSpec], config: SplitConfig) -> dict[str, int]:
     """Write train/val/test.tsv and summary.tsv for the usable, de-duplicated manifest rows."""
     rows = [r for r in read_tsv(Path(manifest)) if not r["duplicate_of"]]
     assign = assign_stable if config.method == "stable" else assign_sklearn
@@ -169,10 +167,17 @@ def summarize(
                     note += f"; {total} image(s) are too few for a {targets[split]:.1%} share"
                 log.warning("split: %s", note)
             summary.append(
-                {"label": spec.id, "class_en": spec.en, "class_ko": spec.ko, "split": split, "n": n,
-                 "share": f"{n / total:.4f}" if total else "", "target_share": f"{targets[split]:.4f}",
-                 "note": note}
-            )  # fmt: skip
+                {
+                    "label": spec.id,
+                    "class_en": spec.en,
+                    "class_ko": spec.ko,
+                    "split": split,
+                    "n": n,
+                    "share": f"{n / total:.4f}" if total else "",
+                    "target_share": f"{targets[split]:.4f}",
+                    "note": note,
+                }
+            )
     return summary
 
 

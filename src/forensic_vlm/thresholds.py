@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import beta
 
+from forensic_vlm.errors import InputNotFoundError
+
 FILE_NAME = "review_thresholds.json"
 
 
@@ -60,7 +62,7 @@ def choose_thresholds(
             "predicted": int(mine.sum()),
             "note": f"no threshold reaches precision {target_precision} on {int(mine.sum())} validation predictions",
         }
-    return {"target_precision": target_precision, "validation_images": int(len(targets)), "classes": classes}
+    return {"target_precision": target_precision, "validation_images": len(targets), "classes": classes}
 
 
 def write_thresholds(adapter_dir: Path, thresholds: dict) -> Path:
@@ -75,13 +77,18 @@ def read_thresholds(adapter_dir: Path | None) -> dict | None:
         return None
     path = Path(adapter_dir) / FILE_NAME
     if not path.exists():
-        raise FileNotFoundError(f"{path}: the adapter has no review thresholds; train it again with this version")
+        raise InputNotFoundError(f"{path}: the adapter has no review thresholds; train it again with this version")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def threshold_of(thresholds: dict | None, label: int) -> float | None:
+    """The validated threshold of class ``label``; None when it has none or nothing was validated."""
+    if thresholds is None:
+        return None
+    return thresholds["classes"].get(str(label), {}).get("threshold")
 
 
 def needs_review(thresholds: dict | None, predicted: int, confidence: float) -> bool:
     """True unless a validated threshold of the predicted class is met."""
-    if thresholds is None:
-        return True
-    threshold = thresholds["classes"].get(str(predicted), {}).get("threshold")
+    threshold = threshold_of(thresholds, predicted)
     return threshold is None or confidence < threshold

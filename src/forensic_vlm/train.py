@@ -27,6 +27,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
 
 from forensic_vlm.batches import (
+    MODEL_INPUTS,
     Collator,
     Example,
     ImageDataset,
@@ -35,6 +36,7 @@ from forensic_vlm.batches import (
     examples_from_table,
 )
 from forensic_vlm.config import ClassSpec, ModelConfig, TrainConfig, to_dict
+from forensic_vlm.decoding import class_probabilities, to_device
 from forensic_vlm.modeling import (
     add_lora,
     compute_dtype,
@@ -45,9 +47,9 @@ from forensic_vlm.modeling import (
     resolve_device,
 )
 from forensic_vlm.prompting import AnswerTokens, TokenCounter, answer_tokens, build_prompt, preflight
-from forensic_vlm.scoring import MODEL_INPUTS, class_probabilities, to_device
-from forensic_vlm.thresholds import choose_thresholds, write_thresholds
+from forensic_vlm.provenance import package_versions
 from forensic_vlm.tables import read_tsv
+from forensic_vlm.thresholds import choose_thresholds, write_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +103,14 @@ class ClassifierModule(pl.LightningModule):
 
     def _gathered_validation(self) -> tuple[np.ndarray, np.ndarray]:
         """Every rank's validation results, each image once (padding batches repeat some)."""
-        local = list(zip(torch.cat(self._val_indices).tolist(), torch.cat(self._val_probabilities).numpy(),
-                         torch.cat(self._val_targets).tolist()))  # fmt: skip
+        local = list(
+            zip(
+                torch.cat(self._val_indices).tolist(),
+                torch.cat(self._val_probabilities).numpy(),
+                torch.cat(self._val_targets).tolist(),
+                strict=True,
+            )
+        )
         if self.trainer.world_size > 1:
             gathered: list = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(gathered, local)
@@ -117,7 +125,11 @@ class ClassifierModule(pl.LightningModule):
         probabilities, targets = self._gathered_validation()
         predicted = probabilities.argmax(axis=1)
         positions = list(range(len(self.answer.class_ids)))
-        self.log("val_macro_f1", float(f1_score(targets, predicted, labels=positions, average="macro", zero_division=0)), prog_bar=True)
+        self.log(
+            "val_macro_f1",
+            float(f1_score(targets, predicted, labels=positions, average="macro", zero_division=0)),
+            prog_bar=True,
+        )
         self.log("val_accuracy", float(accuracy_score(targets, predicted)), prog_bar=True)
         nll = -np.log(np.clip(probabilities[np.arange(len(targets)), targets], 1e-12, None)).mean()
         self.log("val_loss", float(nll))
@@ -141,9 +153,7 @@ class TrainingData:
     manifest_sha256: str  # digest of the tables trained on, recorded in the model card
 
 
-def load_training_data(
-    train_table: Path, val_table: Path, raw_data: Path, augment_dir: Path | None
-) -> TrainingData:
+def load_training_data(train_table: Path, val_table: Path, raw_data: Path, augment_dir: Path | None) -> TrainingData:
     """Examples of ``train_augmented.tsv`` (or a split's train.tsv) and ``val.tsv``."""
     digest = hashlib.sha256(Path(train_table).read_bytes() + Path(val_table).read_bytes()).hexdigest()
     return TrainingData(
@@ -153,10 +163,10 @@ def load_training_data(
     )
 
 
-def _loader(examples, tokens, collator, batch_size, shuffle, seed, workers, rank=0, replicas=1) -> DataLoader:
+def _loader(examples: list[Example], collator: Collator, *, sampler: TokenGroupedBatches, workers: int) -> DataLoader:
     return DataLoader(
         ImageDataset(examples),
-        batch_sampler=TokenGroupedBatches(tokens, batch_size, shuffle=shuffle, seed=seed, rank=rank, replicas=replicas),
+        batch_sampler=sampler,
         collate_fn=LabelledCollator(collator, examples),
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
@@ -175,16 +185,39 @@ class _EpochToSampler(pl.Callback):
 def run_fingerprint(model: ModelConfig, train: TrainConfig, data: TrainingData) -> str:
     """What a checkpoint may be resumed under: same settings, same data, same training code."""
     code = hashlib.sha256()
-    for module in ("train", "modeling", "batches", "prompting", "scoring"):
+    for module in ("train", "modeling", "batches", "prompting", "decoding"):
         code.update((Path(__file__).parent / f"{module}.py").read_bytes())
-    payload = json.dumps({"model": to_dict(model), "train": to_dict(train), "data": data.manifest_sha256,
-                          "code": code.hexdigest()}, sort_keys=True)  # fmt: skip
+    payload = json.dumps(
+        {"model": to_dict(model), "train": to_dict(train), "data": data.manifest_sha256, "code": code.hexdigest()},
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainingRun:
+    """One training, set up: what ``fit`` runs and what ``finish`` needs afterwards."""
+
+    module: ClassifierModule
+    trainer: pl.Trainer
+    train_loader: DataLoader
+    val_loader: DataLoader
+    best: ModelCheckpoint
+    checkpoints: Path
+    resume: bool
+    work_dir: Path
+    curves: Path  # Lightning's CSV of this run
+    earlier_curves: list[dict[str, str]]  # the interrupted run's rows, when resuming
+    device: torch.device
+    precision: str
+    scoring_collator: Collator
+    val_tokens: list[int]
 
 
 def train_adapter(
     data: TrainingData,
     classes: list[ClassSpec],
+    *,
     model_config: ModelConfig,
     config: TrainConfig,
     adapter_dir: Path,
@@ -194,22 +227,26 @@ def train_adapter(
     """Fine-tune, keep the best epoch by validation macro-F1, save the adapter; returns its metrics."""
     if threads:
         torch.set_num_threads(threads)
+    run = set_up(data, classes, model_config=model_config, config=config, work_dir=Path(work_dir))
+    fit(run)
+    if run.trainer.global_rank != 0:
+        return {"rank": run.trainer.global_rank}
+    return finish(run, data, classes, model_config=model_config, config=config, adapter_dir=Path(adapter_dir))
+
+
+def set_up(
+    data: TrainingData, classes: list[ClassSpec], *, model_config: ModelConfig, config: TrainConfig, work_dir: Path
+) -> TrainingRun:
+    """Seed, decide whether to resume, load the model with LoRA, and build the loaders and trainer."""
     pl.seed_everything(config.seed, workers=True)
-    work_dir, adapter_dir = Path(work_dir), Path(adapter_dir)
     checkpoints = work_dir / "checkpoints"
     fingerprint = run_fingerprint(model_config, config, data)
     # Under DDP, Lightning starts ranks 1..N-1 by running this same command again with LOCAL_RANK
     # set; they load the model on their own device and leave files to rank 0.
     rank = int(os.environ.get("LOCAL_RANK", "0")) if config.devices > 1 else 0
     resume = _resumable(checkpoints, fingerprint) if rank == 0 else (checkpoints / "last.ckpt").exists()
+    device = _training_device(model_config, config, rank)
 
-    device = resolve_device(model_config)
-    if device.type == "cpu" and config.devices > 1:  # the cores are shared between the ranks
-        torch.set_num_threads(max(1, torch.get_num_threads() // config.devices))
-    if device.type == "cuda" and config.devices > 1:
-        require_gpus(config.devices, "train.devices")
-        device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)
     processor = load_processor(model_config.name_or_path, model_config.max_tiles)
     prompt = build_prompt(processor, model_config.question)
     labels = [c.id for c in classes]
@@ -218,20 +255,154 @@ def train_adapter(
     limit = model_config.max_sequence_tokens
     train_tokens = preflight(counter, [(e.name, e.width, e.height) for e in data.train], limit)
     val_tokens = preflight(counter, [(e.name, e.width, e.height) for e in data.val], limit)
-    log.info("train: %d images (%d-%d tokens), val: %d images", len(data.train), min(train_tokens), max(train_tokens), len(data.val))
+    log.info(
+        "train: %d images (%d-%d tokens), val: %d images",
+        len(data.train),
+        min(train_tokens),
+        max(train_tokens),
+        len(data.val),
+    )
 
     model = add_lora(load_base_model(model_config, device), config, quantized=model_config.quantization == "nf4")
     module = ClassifierModule(model, answer, config, compute_dtype(device))
-    shard = {"rank": rank, "replicas": config.devices}
-    train_loader = _loader(data.train, train_tokens, Collator(processor, prompt, answer, labels, "train"),
-                           config.batch_size, True, config.seed, config.num_workers, **shard)  # fmt: skip
-    val_loader = _loader(data.val, val_tokens, Collator(processor, prompt, answer, labels, "score"),
-                         config.batch_size, False, config.seed, config.num_workers, **shard)  # fmt: skip
-
+    shard = {"seed": config.seed, "rank": rank, "replicas": config.devices}
+    scoring = Collator(processor, prompt, answer, labels=labels, mode="score")
+    train_loader = _loader(
+        data.train,
+        Collator(processor, prompt, answer, labels=labels, mode="train"),
+        sampler=TokenGroupedBatches(train_tokens, config.batch_size, shuffle=True, **shard),
+        workers=config.num_workers,
+    )
+    val_loader = _loader(
+        data.val,
+        scoring,
+        sampler=TokenGroupedBatches(val_tokens, config.batch_size, shuffle=False, **shard),
+        workers=config.num_workers,
+    )
     best = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val_macro_f1", mode="max", save_top_k=1)
-    last = ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0, every_n_train_steps=config.checkpoint_every_n_steps)
-    precision = config.precision if config.precision != "auto" else ("bf16-mixed" if device.type == "cuda" else "32-true")
-    trainer = pl.Trainer(
+    precision = (
+        config.precision if config.precision != "auto" else ("bf16-mixed" if device.type == "cuda" else "32-true")
+    )
+    trainer = _trainer(
+        config,
+        device=device,
+        precision=precision,
+        checkpoints=checkpoints,
+        best=best,
+        logs=CSVLogger(work_dir, name="logs", version=fingerprint, flush_logs_every_n_steps=1),
+        steps_per_epoch=len(train_loader),
+    )
+    curves = work_dir / "logs" / fingerprint / "metrics.csv"
+    if rank == 0:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / "run.json").write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    return TrainingRun(
+        module=module,
+        trainer=trainer,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        best=best,
+        checkpoints=checkpoints,
+        resume=resume,
+        work_dir=work_dir,
+        curves=curves,
+        earlier_curves=_read_rows(curves) if resume else [],  # Lightning's CSV logger starts its file afresh
+        device=device,
+        precision=precision,
+        scoring_collator=scoring,
+        val_tokens=val_tokens,
+    )
+
+
+def fit(run: TrainingRun) -> None:
+    """Train, from the interrupted run's last.ckpt when resuming."""
+    last = str(run.checkpoints / "last.ckpt") if run.resume else None
+    run.trainer.fit(run.module, run.train_loader, run.val_loader, ckpt_path=last)
+
+
+def finish(
+    run: TrainingRun,
+    data: TrainingData,
+    classes: list[ClassSpec],
+    *,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    adapter_dir: Path,
+) -> dict:
+    """Keep the best epoch's weights; save the adapter, its review thresholds, the curves and the card."""
+    joined = _join_curves(run.earlier_curves, _read_rows(run.curves))
+    best_path = Path(run.best.best_model_path) if run.best.best_model_path else run.checkpoints / "best.ckpt"
+    state = torch.load(best_path, map_location="cpu", weights_only=False)
+    run.module.load_state_dict(state["state_dict"], strict=False)
+    metrics = {
+        "best_epoch": int(state["epoch"]),
+        "global_step": int(run.trainer.global_step),
+        "val_macro_f1": float(run.best.best_model_score) if run.best.best_model_score is not None else None,
+        "val_accuracy": _logged(joined, "val_accuracy", int(state["epoch"])),
+        "precision": run.precision,
+        "devices": config.devices,
+        "device": device_name(run.device),
+        "train_peak_memory_GiB": run.module.peak_memory_gib,
+    }
+    # The base model's processor, uncapped: model.max_tiles is applied again wherever it is loaded.
+    _save_adapter(run.module.model, load_processor(model_config.name_or_path), adapter_dir)
+    # On the whole validation set (under DDP this rank saw only its share) with the best weights.
+    full_val = _loader(
+        data.val,
+        run.scoring_collator,
+        sampler=TokenGroupedBatches(run.val_tokens, config.batch_size, shuffle=False, seed=config.seed),
+        workers=0,
+    )
+    thresholds = review_thresholds(
+        run.module,
+        full_val,
+        [c.id for c in classes],
+        precision=config.review_precision,
+        device=run.device,
+        bf16=run.precision == "bf16-mixed",
+    )
+    write_thresholds(adapter_dir, thresholds)
+    metrics["review_thresholds"] = {label: c["threshold"] for label, c in thresholds["classes"].items()}
+    _write_curves(joined, run.work_dir / "metrics.csv")
+    # Finished: a later run (new settings, or forced) trains afresh; only a crash is resumed.
+    for finished in (run.checkpoints / "last.ckpt", run.checkpoints / "run.json"):
+        finished.unlink(missing_ok=True)
+    write_model_card(adapter_dir, model_config=model_config, config=config, classes=classes, data=data, metrics=metrics)
+    log.info(
+        "train: best epoch %d, validation macro-F1 %.4f; adapter in %s",
+        metrics["best_epoch"],
+        metrics["val_macro_f1"] or 0,
+        adapter_dir,
+    )
+    return metrics
+
+
+def _training_device(model_config: ModelConfig, config: TrainConfig, rank: int) -> torch.device:
+    """This rank's device; under DDP on the CPU the cores are shared between the ranks."""
+    device = resolve_device(model_config)
+    if device.type == "cpu" and config.devices > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // config.devices))
+    if device.type == "cuda" and config.devices > 1:
+        require_gpus(config.devices, "train.devices")
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def _trainer(
+    config: TrainConfig,
+    *,
+    device: torch.device,
+    precision: str,
+    checkpoints: Path,
+    best: ModelCheckpoint,
+    logs: CSVLogger,
+    steps_per_epoch: int,
+) -> pl.Trainer:
+    last = ModelCheckpoint(
+        dirpath=checkpoints, save_last=True, save_top_k=0, every_n_train_steps=config.checkpoint_every_n_steps
+    )
+    return pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=_trainer_devices(device, config.devices),
         strategy=_strategy(config.devices),
@@ -239,57 +410,26 @@ def train_adapter(
         accumulate_grad_batches=config.accumulate_grad_batches,
         gradient_clip_val=config.gradient_clip_val,
         precision=precision,
-        callbacks=[best, last, _EpochToSampler(), TQDMProgressBar(refresh_rate=max(1, len(train_loader) // 20))],
+        callbacks=[best, last, _EpochToSampler(), TQDMProgressBar(refresh_rate=max(1, steps_per_epoch // 20))],
         # Flushed every step, so the curves of a run that crashes survive to be joined on resume.
-        logger=CSVLogger(work_dir, name="logs", version=fingerprint, flush_logs_every_n_steps=1),
+        logger=logs,
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
         enable_model_summary=False,
     )
-    curves = work_dir / "logs" / fingerprint / "metrics.csv"
-    earlier = _read_rows(curves) if resume else []  # Lightning's CSV logger starts its file afresh
-    if rank == 0:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        (checkpoints / "run.json").write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(checkpoints / "last.ckpt") if resume else None)
-    if trainer.global_rank != 0:
-        return {"rank": trainer.global_rank}
-
-    joined = _join_curves(earlier, _read_rows(curves))
-    best_path = Path(best.best_model_path) if best.best_model_path else checkpoints / "best.ckpt"
-    state = torch.load(best_path, map_location="cpu", weights_only=False)
-    module.load_state_dict(state["state_dict"], strict=False)
-    metrics = {
-        "best_epoch": int(state["epoch"]),
-        "global_step": int(trainer.global_step),
-        "val_macro_f1": float(best.best_model_score) if best.best_model_score is not None else None,
-        "val_accuracy": _logged(joined, "val_accuracy", int(state["epoch"])),
-        "precision": precision,
-        "devices": config.devices,
-        "device": device_name(device),
-        "train_peak_memory_GiB": module.peak_memory_gib,
-    }
-    # The base model's processor, uncapped: model.max_tiles is applied again wherever it is loaded.
-    _save_adapter(model, load_processor(model_config.name_or_path), adapter_dir)
-    # On the whole validation set (under DDP this rank saw only its share) with the best weights.
-    full_val = _loader(data.val, val_tokens, Collator(processor, prompt, answer, labels, "score"),
-                       config.batch_size, False, config.seed, 0)  # fmt: skip
-    thresholds = review_thresholds(module, full_val, labels, config.review_precision, device, precision == "bf16-mixed")
-    write_thresholds(adapter_dir, thresholds)
-    metrics["review_thresholds"] = {label: c["threshold"] for label, c in thresholds["classes"].items()}
-    _write_curves(joined, work_dir / "metrics.csv")
-    # Finished: a later run (new settings, or forced) trains afresh; only a crash is resumed.
-    for finished in (checkpoints / "last.ckpt", checkpoints / "run.json"):
-        finished.unlink(missing_ok=True)
-    write_model_card(adapter_dir, model_config, config, classes, data, metrics)
-    log.info("train: best epoch %d, validation macro-F1 %.4f; adapter in %s", metrics["best_epoch"], metrics["val_macro_f1"] or 0, adapter_dir)
-    return metrics
 
 
 @torch.no_grad()
-def review_thresholds(module: ClassifierModule, loader: DataLoader, labels: list[int], precision: float,
-                      device: torch.device, bf16: bool) -> dict:  # fmt: skip
+def review_thresholds(
+    module: ClassifierModule,
+    loader: DataLoader,
+    labels: list[int],
+    *,
+    precision: float,
+    device: torch.device,
+    bf16: bool,
+) -> dict:
     """Per-class thresholds for ``precision`` from the module's validation probabilities."""
     module.eval().to(device)
     probabilities, targets = [], []
@@ -371,16 +511,16 @@ def _save_adapter(model, processor, adapter_dir: Path) -> None:
 
 
 def write_model_card(
-    adapter_dir: Path, model_config: ModelConfig, config: TrainConfig, classes: list[ClassSpec],
-    data: TrainingData, metrics: dict,
-) -> None:  # fmt: skip
-    import peft
-    import transformers
-
-    from forensic_vlm import __version__
-
-    versions = {"forensic-vlm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                "peft": peft.__version__, "pytorch-lightning": pl.__version__}  # fmt: skip
+    adapter_dir: Path,
+    *,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    classes: list[ClassSpec],
+    data: TrainingData,
+    metrics: dict,
+) -> None:
+    """``training.json`` (every setting, the data's hash, the validation metrics) and a README."""
+    versions = package_versions()
     card = {
         "base_model": model_config.name_or_path,
         "classes": [to_dict(c) for c in classes],

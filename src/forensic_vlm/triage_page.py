@@ -10,12 +10,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from forensic_vlm.config import ClassifyConfig, ClassSpec, ReportConfig
-from forensic_vlm.report import escape, html_page, html_table, thumbnail
+from forensic_vlm.pages import escape, html_page, html_table, thumbnail
 from forensic_vlm.tables import decode_path
+from forensic_vlm.thresholds import threshold_of
 
 
-def write_triage_page(page: Path, rows: list[dict], root: Path, classes: list[ClassSpec], config: ClassifyConfig,
-                      report: ReportConfig, custody: dict) -> Path:  # fmt: skip
+def write_triage_page(
+    page: Path,
+    rows: list[dict],
+    *,
+    root: Path,
+    classes: list[ClassSpec],
+    config: ClassifyConfig,
+    report: ReportConfig,
+    custody: dict,
+) -> Path:
     counts = custody["counts"]
     thresholds = custody["review_thresholds"]
     title = f"Triage of case {config.case}"
@@ -35,7 +44,8 @@ def write_triage_page(page: Path, rows: list[dict], root: Path, classes: list[Cl
         "<h2>Counts</h2>",
         html_table(["predicted class", "files"], [[k, v] for k, v in counts["predicted"].items()]),
         html_table(["could not be scored: reason", "files"], [[k, v] for k, v in counts["rejected_by_reason"].items()])
-        if counts["rejected_by_reason"] else "<p>Every file could be scored.</p>",
+        if counts["rejected_by_reason"]
+        else "<p>Every file could be scored.</p>",
         f"<h2>Files in review order ({len(rows)})</h2>",
     ]
     if not report.show_images:
@@ -48,14 +58,42 @@ def write_triage_page(page: Path, rows: list[dict], root: Path, classes: list[Cl
         if report.show_images and row["status"] == "scored" and int(row["rank"]) <= config.thumbnails:
             source = thumbnail(root / decode_path(row["path"], row["flags"]), row["sha256"], report.thumbnail_px)
             image = f"<img alt='{escape(row['path'])}' src='{source}' width={report.thumbnail_px}>"
-        what = (f"{escape(row['predicted'])} {escape(row['predicted_ko'])} / {escape(row['predicted_en'])}"
-                if row["status"] == "scored" else f"<i>{escape(row['reason'])}</i>: {escape(row['message'])}")  # fmt: skip
-        table_rows.append([row["rank"], image, escape(row["path"]), what, escape(row.get("confidence", "")),
-                           "<b>yes</b>" if row["needs_review"] == "true" else "no",
-                           escape(row.get("duplicate_of", "")), escape(row["sha256"][:16])])  # fmt: skip
-    body.append(html_table(["rank", "image", "path", "predicted / reason", "confidence", "needs review",
-                            "duplicate of", "sha256 (first 16)"], table_rows, raw=True))  # fmt: skip
-    body.append(f"<p class=note>Custody record: custody.json (input listing sha256 {escape(custody['input_listing_sha256'])}).</p>")
+        what = (
+            f"{escape(row['predicted'])} {escape(row['predicted_ko'])} / {escape(row['predicted_en'])}"
+            if row["status"] == "scored"
+            else f"<i>{escape(row['reason'])}</i>: {escape(row['message'])}"
+        )
+        table_rows.append(
+            [
+                row["rank"],
+                image,
+                escape(row["path"]),
+                what,
+                escape(row.get("confidence", "")),
+                "<b>yes</b>" if row["needs_review"] == "true" else "no",
+                escape(row.get("duplicate_of", "")),
+                escape(row["sha256"][:16]),
+            ]
+        )
+    body.append(
+        html_table(
+            [
+                "rank",
+                "image",
+                "path",
+                "predicted / reason",
+                "confidence",
+                "needs review",
+                "duplicate of",
+                "sha256 (first 16)",
+            ],
+            table_rows,
+            raw=True,
+        )
+    )
+    body.append(
+        f"<p class=note>Custody record: custody.json (input listing sha256 {escape(custody['input_listing_sha256'])}).</p>"
+    )
     page = Path(page)
     page.write_text(html_page(title, "\n".join(body)), encoding="utf-8")
     return page
@@ -72,11 +110,20 @@ def _thresholds(thresholds, classes: list[ClassSpec]) -> str:
     rows = []
     for c in classes:
         entry = thresholds["classes"].get(str(c.id), {})
-        if entry.get("threshold") is None:
+        if threshold_of(thresholds, c.id) is None:
             rows.append([_name(c.id, classes), "none", "", "", entry.get("note", "")])
         else:
-            rows.append([_name(c.id, classes), entry["threshold"], entry["precision"], entry["support"],
-                         f"95 % lower bound of precision {entry['precision_lower_95']}"])  # fmt: skip
-    intro = (f"<p>Chosen on {thresholds['validation_images']} validation images for precision "
-             f"{thresholds['target_precision']} (train.review_precision).</p>")  # fmt: skip
+            rows.append(
+                [
+                    _name(c.id, classes),
+                    entry["threshold"],
+                    entry["precision"],
+                    entry["support"],
+                    f"95 % lower bound of precision {entry['precision_lower_95']}",
+                ]
+            )
+    intro = (
+        f"<p>Chosen on {thresholds['validation_images']} validation images for precision "
+        f"{thresholds['target_precision']} (train.review_precision).</p>"
+    )
     return intro + html_table(["class", "threshold", "validation precision", "validation images above", "note"], rows)

@@ -23,10 +23,21 @@ from forensic_vlm.tables import read_tsv
 GPU_RULES = {"train", "evaluate_zeroshot", "evaluate_finetuned", "classify"}
 CLUSTER_RULES = {"demo_data", "demo_model", "demo_extraction", "manifest", "split", "augment", "report"} | GPU_RULES
 # The CI node has 2 CPUs and ~21 GB: the profile's real-cluster sizes are scaled down here only.
-SMALL_NODE = ("--default-resources", "slurm_partition=debug", "mem_mb=1500", "runtime=30",
-              "--set-resources", "train:mem_mb=3000", "evaluate_zeroshot:mem_mb=3000",
-              "evaluate_finetuned:mem_mb=3000", "manifest:mem_mb=2000", "augment:mem_mb=2000",
-              "report:mem_mb=2000", "--max-threads", "2")  # fmt: skip
+SMALL_NODE = (
+    "--default-resources",
+    "slurm_partition=debug",
+    "mem_mb=1500",
+    "runtime=30",
+    "--set-resources",
+    "train:mem_mb=3000",
+    "evaluate_zeroshot:mem_mb=3000",
+    "evaluate_finetuned:mem_mb=3000",
+    "manifest:mem_mb=2000",
+    "augment:mem_mb=2000",
+    "report:mem_mb=2000",
+    "--max-threads",
+    "2",
+)
 
 
 def cluster_answers() -> bool:
@@ -48,8 +59,21 @@ def slurm() -> None:
 
 
 def submit(workdir: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-               "--profile", str(REPO / "profiles" / "slurm"), "--configfile", *DEMO_CONFIG, *SMALL_NODE, *args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--profile",
+        str(REPO / "profiles" / "slurm"),
+        "--configfile",
+        *DEMO_CONFIG,
+        *SMALL_NODE,
+        *args,
+    ]
     start = time.monotonic()
     # A guard against a hang, not a speed requirement: a stuck submission must end the test.
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500)
@@ -63,8 +87,12 @@ def slurm_jobs(log: str) -> dict[str, str]:
 
 
 def accounting(job_ids: list[str]) -> dict[str, dict[str, str]]:
-    result = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,ReqTRES,Partition", "-j", ",".join(job_ids)],
-                            capture_output=True, text=True, check=True)  # fmt: skip
+    result = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-o", "JobID,State,ReqTRES,Partition", "-j", ",".join(job_ids)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     rows = [line.split("|") for line in result.stdout.splitlines() if line]
     return {r[0]: {"state": r[1], "tres": r[2], "partition": r[3]} for r in rows}
 
@@ -79,17 +107,25 @@ def test_demo_goes_through_slurm_and_matches_a_local_run(demo_run: dict, tmp_pat
     for rule, job in jobs.items():
         assert records[job]["state"] == "COMPLETED", (rule, records[job])
         assert ("gres/gpu=1" in records[job]["tres"]) == (rule in GPU_RULES), (rule, records[job]["tres"])
-    measured(f"SLURM demo: {seconds:.0f} s end to end; SLURM job ids " + ", ".join(f"{r}={j}" for r, j in sorted(jobs.items())))
+    measured(
+        f"SLURM demo: {seconds:.0f} s end to end; SLURM job ids "
+        + ", ".join(f"{r}={j}" for r, j in sorted(jobs.items()))
+    )
 
     local, cluster = demo_run["workdir"] / "results", tmp_path / "results"
     for table in ("train.tsv", "val.tsv", "test.tsv"):
         assert (local / "split" / table).read_bytes() == (cluster / "split" / table).read_bytes()
     for kind in ("zeroshot", "finetuned"):
-        a, b = read_tsv(local / "evaluate" / kind / "predictions.tsv"), read_tsv(cluster / "evaluate" / kind / "predictions.tsv")
+        a, b = (
+            read_tsv(local / "evaluate" / kind / "predictions.tsv"),
+            read_tsv(cluster / "evaluate" / kind / "predictions.tsv"),
+        )
         assert [r["sha256"] for r in a] == [r["sha256"] for r in b]
         columns = [c for c in a[0] if re.fullmatch(r"p\d+", c)]
-        difference = np.abs(np.array([[float(r[c]) for c in columns] for r in a])
-                            - np.array([[float(r[c]) for c in columns] for r in b])).max()  # fmt: skip
+        difference = np.abs(
+            np.array([[float(r[c]) for c in columns] for r in a])
+            - np.array([[float(r[c]) for c in columns] for r in b])
+        ).max()
         assert difference < 1e-4, (kind, difference)
     assert (cluster / "report" / "index.html").exists()
     local_triage, cluster_triage = (
@@ -103,8 +139,14 @@ def test_a_failing_job_fails_the_run_with_its_slurm_state(tmp_path: Path, measur
     evidence = tmp_path / "evidence"
     (evidence / "0_irrelevant").mkdir(parents=True)
     (evidence / "0_irrelevant" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    result, seconds = submit(tmp_path / "work", "--config", f"raw_data={evidence}", "manifest={on_bad_input: fail}",
-                             "--", "results/manifest/manifest.tsv")  # fmt: skip
+    result, seconds = submit(
+        tmp_path / "work",
+        "--config",
+        f"raw_data={evidence}",
+        "manifest={on_bad_input: fail}",
+        "--",
+        "results/manifest/manifest.tsv",
+    )
     log = result.stdout + result.stderr
     assert result.returncode != 0
     jobs = slurm_jobs(log)

@@ -1,7 +1,8 @@
 """Shim for rule augment: forensic_vlm.augment.augment_training_set."""
 
-import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 from pathlib import Path
+
+import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 
 from forensic_vlm.augment import augment_training_set
 from forensic_vlm.config import AugmentConfig, build_section

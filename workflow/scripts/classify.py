@@ -1,7 +1,8 @@
 """Shim for rule classify: forensic_vlm.classify.classify_folder."""
 
-import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 from pathlib import Path
+
+import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 
 from forensic_vlm.classify import classify_folder
 from forensic_vlm.config import (

@@ -1,7 +1,8 @@
 """Shim for rule demo_extraction: forensic_vlm.demo_data.generate_demo_extraction."""
 
-import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 from pathlib import Path
+
+import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 
 from forensic_vlm.config import DemoConfig, build_classes, build_section
 from forensic_vlm.demo_data import generate_demo_extraction

@@ -1,7 +1,8 @@
 """Shim for rule demo_model: forensic_vlm.demo_model.build_demo_model."""
 
-import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 from pathlib import Path
+
+import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 
 from forensic_vlm.config import DemoModelConfig, build_section
 from forensic_vlm.demo_model import build_demo_model

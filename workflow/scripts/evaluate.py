@@ -1,7 +1,8 @@
 """Shim for rules evaluate_zeroshot and evaluate_finetuned: forensic_vlm.evaluate.evaluate_split."""
 
-import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 from pathlib import Path
+
+import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 
 from forensic_vlm.config import EvaluateConfig, ModelConfig, build_classes, build_section
 from forensic_vlm.evaluate import evaluate_split
@@ -18,7 +19,7 @@ if __name__ == "__main__":
         model_config=build_section(ModelConfig, snakemake.params.model, "model"),
         config=build_section(EvaluateConfig, snakemake.params.evaluate, "evaluate"),
         out_dir=Path(snakemake.output.metrics).parent,
-        adapter=Path(snakemake.input.adapter) if "adapter" in snakemake.input.keys() else None,
+        adapter=Path(snakemake.input.adapter) if "adapter" in snakemake.input else None,
         threads=snakemake.threads,
         cache_dir=Path(snakemake.params.cache),
     )

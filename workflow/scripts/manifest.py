@@ -1,7 +1,8 @@
 """Shim for rule manifest: forensic_vlm.manifest.build_manifest."""
 
-import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 from pathlib import Path
+
+import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 
 from forensic_vlm.config import ManifestConfig, build_classes, build_section
 from forensic_vlm.logs import setup_logging

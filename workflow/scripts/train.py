@@ -1,7 +1,8 @@
 """Shim for rule train: forensic_vlm.train.train_adapter."""
 
-import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 from pathlib import Path
+
+import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs)
 
 from forensic_vlm.config import ModelConfig, TrainConfig, build_classes, build_section
 from forensic_vlm.logs import setup_logging

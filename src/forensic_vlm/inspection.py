@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 import imagehash
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
-from forensic_vlm.tables import sha256_bytes
-
 import forensic_vlm.images  # noqa: F401  (registers HEIC with Pillow)
+from forensic_vlm.tables import sha256_bytes
 
 #: Reason codes of rejects.tsv, with what each means.
 REASONS: dict[str, str] = {
@@ -89,9 +88,7 @@ def looks_like_image(data: bytes) -> bool:
     return riff_webp or iso_heif
 
 
-def inspect_file(
-    root: str, relative: str, max_image_pixels: int, allowed_formats: tuple[str, ...]
-) -> Inspection:
+def inspect_file(root: str, relative: str, max_image_pixels: int, allowed_formats: tuple[str, ...]) -> Inspection:
     """Read ``root/relative`` once (never following a link) and decode it completely."""
     result = Inspection(path=relative)
     full = os.path.join(root, relative)
@@ -136,9 +133,7 @@ def _decode(result: Inspection, data: bytes, max_pixels: int, allowed: tuple[str
         with Image.open(io.BytesIO(data)) as image:
             result.format = image.format or ""
             if result.format not in allowed:
-                return result.reject(
-                    "unsupported_format", f"format {result.format} is not in manifest.allowed_formats"
-                )
+                return result.reject("unsupported_format", f"format {result.format} is not in manifest.allowed_formats")
             width, height = image.size
             if width * height > max_pixels:
                 return _bomb(result, width, height, max_pixels)

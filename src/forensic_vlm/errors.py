@@ -1,0 +1,44 @@
+"""The package's domain errors: one base class, so a caller (the CLI) catches one type.
+
+Each error is something the user can fix, and its message names what (the file, the setting, the
+device). Each is also the built-in exception it refines (a bad setting is a ``ValueError``, a
+missing input a ``FileNotFoundError``), so code that catches those keeps working.
+"""
+
+from __future__ import annotations
+
+
+class ForensicVlmError(Exception):
+    """A problem with the inputs, the settings or the machine, named in the message."""
+
+
+class ConfigError(ForensicVlmError, ValueError):
+    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+class InputNotFoundError(ForensicVlmError, FileNotFoundError):
+    """A folder or file the run needs does not exist (or a package that ships one is missing)."""
+
+
+class OutputExistsError(ForensicVlmError, FileExistsError):
+    """A folder the tool did not write is in the way; it is never deleted."""
+
+
+class BadInputError(ForensicVlmError, RuntimeError):
+    """Under ``manifest.on_bad_input: fail``, a file that cannot be used."""
+
+
+class EvidenceChangedError(ForensicVlmError, RuntimeError):
+    """A file's content no longer matches the sha256 recorded when it was first read."""
+
+
+class PreflightError(ForensicVlmError, ValueError):
+    """An image would expand to more tokens than ``model.max_sequence_tokens``."""
+
+
+class DeviceError(ForensicVlmError, RuntimeError):
+    """The settings ask for devices this machine does not have."""
+
+
+class ScoringProcessError(ForensicVlmError, RuntimeError):
+    """A scoring process on another device failed or ended early; the message carries why."""
