@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import evidence_unchanged, write
-from forensic_vlm.augment import augment_training_set, resolve_training_path
+from forensic_vlm.augment import augment_training_set
+from forensic_vlm.batches import examples_from_table
 from forensic_vlm.config import DEFAULT_CLASSES, AugmentConfig, ManifestConfig, SplitConfig
 from forensic_vlm.images import EvidenceChangedError
 from forensic_vlm.manifest import build_manifest
@@ -53,8 +54,8 @@ def test_training_table_is_train_plus_children_and_resolves_to_files(
     train = read_tsv(split_tree / "train.tsv")
     assert len(table) == len(train) + children
     assert {r["source"] for r in table} == {"raw_data", "augment"}
-    for row in table:
-        assert sha256_file(resolve_training_path(row, raw_tree, out)) == row["sha256"]
+    for example in examples_from_table(table, raw_tree, out):  # the paths train reads
+        assert sha256_file(example.path) == example.sha256
 
 
 def test_a_different_seed_or_count_changes_the_children(raw_tree: Path, split_tree: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from pathlib import Path
 
@@ -16,11 +17,15 @@ from forensic_vlm.split import (
     Thresholds,
     assign_sklearn,
     assign_stable,
-    binomial_tolerance,
     near_duplicate_groups,
     split_dataset,
 )
 from forensic_vlm.tables import read_tsv, write_tsv
+
+
+def binomial_tolerance(n: int, share: float, sigmas: float = 3.0) -> float:
+    """Half-width of the band within which a hash-based split's share should fall."""
+    return sigmas * math.sqrt(share * (1 - share) / n) if n else 1.0
 
 
 def fake_rows(n: int, seed: int, weights=(0.4, 0.3, 0.1, 0.2)) -> list[dict[str, str]]:

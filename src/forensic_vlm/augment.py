@@ -25,7 +25,7 @@ from PIL import Image
 from forensic_vlm.config import AugmentConfig
 from forensic_vlm.images import load_evidence_image
 from forensic_vlm.parallel import ordered_map
-from forensic_vlm.tables import decode_path, read_tsv, sha256_bytes, write_tsv
+from forensic_vlm.tables import read_tsv, sha256_bytes, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +189,3 @@ def augment_training_set(
         len(training),
     )
     return len(lineage)
-
-
-def resolve_training_path(row: dict[str, str], raw_data: Path, augment_dir: Path) -> Path:
-    """Where a ``train_augmented.tsv`` row's image lies on disk."""
-    if row["source"] == "augment":
-        return Path(augment_dir) / row["path"]
-    return Path(raw_data) / decode_path(row["path"], row.get("flags", ""))

@@ -11,12 +11,22 @@ import logging
 import sys
 from pathlib import Path
 
-from forensic_vlm.config import Config, ConfigError
-from forensic_vlm.images import EvidenceChangedError
+from forensic_vlm.config import Config, to_dict
+from forensic_vlm.errors import ForensicVlmError, InputNotFoundError
 from forensic_vlm.logs import setup_logging
-from forensic_vlm.manifest import BadInputError, build_manifest
-from forensic_vlm.prompting import PreflightError
+from forensic_vlm.manifest import build_manifest
 from forensic_vlm.split import split_dataset
+
+#: Each command's arguments that name something that must already exist.
+INPUTS = {
+    "manifest": ("raw_data",),
+    "split": ("manifest",),
+    "augment": ("train", "raw_data"),
+    "train": ("train", "val", "raw_data", "augment_dir"),
+    "evaluate": ("table", "raw_data", "adapter"),
+    "classify": ("input_dir", "adapter"),
+    "report": ("results", "raw_data"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,13 +85,27 @@ def _parser() -> argparse.ArgumentParser:
         help="prediction cache: what an interrupted run already scored is not scored again",
     )
     classify.add_argument("--workers", type=int, default=1, help="processes that read and check the files")
+
+    report = commands.add_parser("report", help="the comparison page from a finished run's results folder")
+    report.add_argument("--results", type=Path, default=Path("results"), help="the run's results folder")
+    report.add_argument("--raw-data", type=Path, required=True, help="the evidence folder (for thumbnails)")
+    report.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS/report)")
     return parser
+
+
+def require_inputs(args: argparse.Namespace) -> None:
+    """Stop, naming the argument, when a path the command reads does not exist."""
+    given = [("--config", args.config)] + [(name, getattr(args, name)) for name in INPUTS.get(args.command, ())]
+    for name, path in given:
+        if path is not None and not Path(path).exists():
+            raise InputNotFoundError(f"{args.command}: {name.replace('_', '-')} {path} does not exist")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.log)
     try:
+        require_inputs(args)
         config = Config.from_yaml(args.config) if args.config else Config()
         # Stage modules are imported by their command: training needs neither Albumentations nor
         # the demo's drawing code, and model commands import torch only when run.
@@ -130,14 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.command == "classify":
             _classify(args, config)
-    except (
-        ConfigError,
-        BadInputError,
-        EvidenceChangedError,
-        PreflightError,
-        FileExistsError,
-        FileNotFoundError,
-    ) as error:
+        elif args.command == "report":
+            from forensic_vlm.report import ReportInputs, build_report
+
+            inputs = ReportInputs.from_results(args.results, args.raw_data, to_dict(config))
+            build_report(inputs, list(config.classes), config.report, args.out or args.results / "report")
+    except ForensicVlmError as error:
         logging.getLogger("forensic_vlm").error("%s", error)
         return 2
     return 0

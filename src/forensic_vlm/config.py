@@ -311,10 +311,6 @@ class Config:
         if unknown:
             raise ConfigError(f"augment.per_image names classes that do not exist: {sorted(unknown)}")
 
-    @property
-    def class_by_id(self) -> dict[int, ClassSpec]:
-        return {c.id: c for c in self.classes}
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
         return _build(cls, data, "")

@@ -82,15 +82,18 @@ def class_of(relative: str, classes: dict[int, ClassSpec]) -> tuple[int | None, 
 
 def inspector(root: Path, config: ManifestConfig) -> Callable[[str], Inspection]:
     """The per-file check of everything read from an evidence folder (picklable, for workers)."""
-    return partial(inspect_file, str(root), max_image_pixels=config.max_image_pixels,
-                   allowed_formats=tuple(config.allowed_formats))  # fmt: skip
+    return partial(
+        inspect_file, str(root), max_image_pixels=config.max_image_pixels, allowed_formats=tuple(config.allowed_formats)
+    )
 
 
 def bad_input_error(path: Path, reason: str, message: str, count: int) -> BadInputError:
     """The error of ``on_bad_input: fail``: the first unusable file, and how many there are."""
-    return BadInputError(f"{path}: {reason}: {message}"
-                         + (f" (and {count - 1} more unusable file(s))" if count > 1 else "")
-                         + "; set manifest.on_bad_input: report to list them and go on")  # fmt: skip
+    return BadInputError(
+        f"{path}: {reason}: {message}"
+        + (f" (and {count - 1} more unusable file(s))" if count > 1 else "")
+        + "; set manifest.on_bad_input: report to list them and go on"
+    )
 
 
 def table_path(result: Inspection) -> tuple[str, str]:
@@ -184,18 +187,35 @@ def _resolve_conflicts(
         text, flags = table_path(result)
         if not result.usable:
             rejected.append(
-                {"path": text, "label": label, "class_folder": folder, "sha256": result.sha256,
-                 "size_bytes": result.size_bytes, "reason": result.reason, "message": result.message}
-            )  # fmt: skip
+                {
+                    "path": text,
+                    "label": label,
+                    "class_folder": folder,
+                    "sha256": result.sha256,
+                    "size_bytes": result.size_bytes,
+                    "reason": result.reason,
+                    "message": result.message,
+                }
+            )
             continue
         duplicate_of = canonical.setdefault(result.sha256, text)
         accepted.append(
-            {"path": text, "label": label, "class_folder": folder, "sha256": result.sha256,
-             "size_bytes": result.size_bytes, "format": result.format, "width": result.width,
-             "height": result.height, "phash": result.phash, "mtime_utc": result.mtime_utc,
-             "flags": flags, "notes": "; ".join(result.notes),
-             "duplicate_of": "" if duplicate_of == text else duplicate_of}
-        )  # fmt: skip
+            {
+                "path": text,
+                "label": label,
+                "class_folder": folder,
+                "sha256": result.sha256,
+                "size_bytes": result.size_bytes,
+                "format": result.format,
+                "width": result.width,
+                "height": result.height,
+                "phash": result.phash,
+                "mtime_utc": result.mtime_utc,
+                "flags": flags,
+                "notes": "; ".join(result.notes),
+                "duplicate_of": "" if duplicate_of == text else duplicate_of,
+            }
+        )
     return accepted, rejected
 
 

@@ -38,6 +38,22 @@ class ReportInputs:
     raw_data: Path
     config: dict
 
+    @classmethod
+    def from_results(cls, results: Path, raw_data: Path, config: dict) -> ReportInputs:
+        """The inputs as the workflow lays them out under ``results/``."""
+        results = Path(results)
+        return cls(
+            manifest=results / "manifest" / "manifest.tsv",
+            rejects=results / "manifest" / "rejects.tsv",
+            split_summary=results / "split" / "summary.tsv",
+            lineage=results / "augment" / "lineage.tsv",
+            curves=results / "train" / "metrics.csv",
+            training_card=results / "train" / "adapter" / "training.json",
+            evaluations={kind: results / "evaluate" / kind for kind in KINDS},
+            raw_data=Path(raw_data),
+            config=config,
+        )
+
 
 def mcnemar(zeroshot: list[dict], finetuned: list[dict]) -> dict:
     """Exact McNemar test on the images both scored: do the two models err on different images?"""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,8 +178,3 @@ def summarize(
                 }
             )
     return summary
-
-
-def binomial_tolerance(n: int, share: float, sigmas: float = 3.0) -> float:
-    """Half-width of the band within which a hash-based split's share should fall."""
-    return sigmas * math.sqrt(share * (1 - share) / n) if n else 1.0
