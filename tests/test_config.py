@@ -129,3 +129,18 @@ def test_nested_command_line_values_get_their_schema_types() -> None:
     assert typed["report"] == {"show_images": False, "title": "42"}  # a string field stays a string
     assert typed["augment"]["per_image"] == {"2": 4}
     assert coerce_strings({"train": {"epochs": "many"}}, schema)["train"]["epochs"] == "many"  # left for validation
+
+
+def test_configuration_reference_page_is_generated_from_the_schema(tmp_path) -> None:
+    from forensic_vlm.config_reference import configuration_reference, main
+
+    page = REPO / "docs" / "configuration.md"
+    expected = configuration_reference(yaml.safe_load(SCHEMA.read_text(encoding="utf-8")))
+    assert page.read_text(encoding="utf-8") == expected, (
+        "docs/configuration.md is out of date: python -m forensic_vlm.config_reference "
+        "workflow/schemas/config.schema.yaml docs/configuration.md"
+    )
+    for key in Config.__dataclass_fields__:  # every section and top-level key has its place
+        assert f"`{key}" in expected, key
+    main([str(SCHEMA), str(tmp_path / "out.md")])  # the command the page names writes the same page
+    assert (tmp_path / "out.md").read_text(encoding="utf-8") == expected

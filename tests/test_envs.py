@@ -65,7 +65,7 @@ def rule_environments() -> dict[str, tuple[Path, Path]]:
     for name, found in declared.items():
         merged = {**declared.get(parents.get(name, ""), {}), **found}
         if name != "all":
-            assert set(merged) == {"conda", "script"}, f"rule {name} lacks {({'conda', 'script'} - set(merged))}"
+            assert set(merged) == {"conda", "script"}, f"rule {name} lacks { ({'conda', 'script'} - set(merged)) }"
             rules[name] = (merged["conda"], merged["script"])
     return rules
 
@@ -134,7 +134,9 @@ def test_env_files_parse_and_agree_with_pyproject() -> None:
     for env_file in env_files:
         assert "conda-forge" in yaml.safe_load(env_file.read_text())["channels"]
         for name, version in env_pins(env_file).items():
-            assert declared.get(name) == version, f"{env_file.name}: {name}=={version} vs pyproject {declared.get(name)}"
+            assert declared.get(name) == version, (
+                f"{env_file.name}: {name}=={version} vs pyproject {declared.get(name)}"
+            )
 
 
 def test_every_rule_names_an_existing_env_and_script() -> None:
