@@ -186,7 +186,12 @@ def snakemake(
     workdir: Path, *args: str, read_only: Path | None = None, demo: bool = False
 ) -> subprocess.CompletedProcess:
     """Run the repository's workflow in ``workdir`` (the demo profile's config files are named
-    explicitly, since a profile's relative paths are read from the working directory)."""
+    explicitly, since a profile's relative paths are read from the working directory).
+
+    Only a dry run (``-n``) is allowed outside the slow tier: ``pytest -m "not slow"`` runs no workflow.
+    """
+    if "-n" not in args and not _CURRENT["slow"]:
+        pytest.fail("a test that runs the workflow must be marked slow")
     configs = DEMO_CONFIG if demo else DEMO_CONFIG[:1]
     command = [
         sys.executable,
@@ -228,6 +233,27 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     result = snakemake(workdir, demo=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return {"workdir": workdir, "seconds": time.monotonic() - start}
+
+
+_CURRENT = {"slow": True}  # whether the running test is in the slow tier
+
+
+@pytest.fixture(autouse=True)
+def _tier(request: pytest.FixtureRequest) -> Iterator[None]:
+    _CURRENT["slow"] = request.node.get_closest_marker("slow") is not None
+    yield
+    _CURRENT["slow"] = True
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tiers hold: a test that needs the demo run is marked slow, or the run stops here."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "demo_run" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("slow")
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests use the demo run without @pytest.mark.slow: {unmarked}")
 
 
 _MEASURED: list[str] = []

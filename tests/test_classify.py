@@ -63,6 +63,7 @@ def demo_paths(demo_run: dict) -> tuple[Path, Path]:
     return workdir / "results" / "classify" / "demo", workdir / "results" / "demo" / "extraction.tsv"
 
 
+@pytest.mark.slow
 def test_demo_triage_lists_every_file_in_review_order(demo_run: dict) -> None:
     out, listing = demo_paths(demo_run)
     rows = read_tsv(out / "triage.tsv")
@@ -88,6 +89,7 @@ def test_demo_triage_lists_every_file_in_review_order(demo_run: dict) -> None:
     assert right / len(scored) > 0.7  # the demo adapter learned the synthetic classes
 
 
+@pytest.mark.slow
 def test_demo_review_thresholds_come_from_the_adapter_and_are_stated(demo_run: dict) -> None:
     out, _ = demo_paths(demo_run)
     adapter = demo_run["workdir"] / "results" / "train" / "adapter"
@@ -108,6 +110,7 @@ def test_demo_review_thresholds_come_from_the_adapter_and_are_stated(demo_run: d
     assert "Review thresholds" in page and "data:image/jpeg;base64" in page and "마약" in page
 
 
+@pytest.mark.slow
 def test_demo_custody_record_names_what_was_used(demo_run: dict) -> None:
     out, listing = demo_paths(demo_run)
     custody = json.loads((out / "custody.json").read_text())

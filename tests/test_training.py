@@ -78,7 +78,7 @@ def test_training_steps_lower_the_loss_and_touch_only_lora(tiny_model: Path, tin
 
 def test_every_module_trains_in_train_mode(tiny_model: Path, tiny_dataset, tmp_path: Path, monkeypatch) -> None:
     """Checkpointing and dropout only act in train mode; Lightning keeps whatever mode it finds."""
-    from forensic_vlm.train import ClassifierModule
+    from forensic_vlm.lightning_module import ClassifierModule
 
     seen: list[int] = []
     original = ClassifierModule.training_step

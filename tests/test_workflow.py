@@ -18,6 +18,7 @@ def test_demo_profile_dry_run_lists_the_data_stages(tmp_path: Path) -> None:
     assert planned_jobs(result) == DEMO_JOBS
 
 
+@pytest.mark.slow
 def test_run_on_read_only_evidence_leaves_it_unchanged_and_reruns_only_on_new_data(tmp_path: Path) -> None:
     raw = tmp_path / "evidence"
     for label, folder in enumerate(["0_irrelevant", "1_chat_history", "2_transaction_place", "3_drug_raw"]):
@@ -41,6 +42,7 @@ def test_run_on_read_only_evidence_leaves_it_unchanged_and_reruns_only_on_new_da
     assert planned_jobs(snakemake(workdir, "-n", *args)) == {"manifest", "split", "augment"}
 
 
+@pytest.mark.slow
 def test_fail_policy_stops_the_workflow_naming_the_file(tmp_path: Path) -> None:
     raw = tmp_path / "evidence"
     write(raw / "0_irrelevant" / "ok.jpg", image_bytes(1))

@@ -66,12 +66,7 @@ def _score_batches(
 
     ``ready`` is called once the model is loaded, before the first batch.
     """
-    model = load_base_model(job.model, device)
-    if job.adapter:
-        model = load_adapter(model, Path(job.adapter))
-    model.eval()
-    if job.compile:
-        compile_decoder_layers(model)
+    model = _load_model(job, device)
     processor = load_processor(job.processor_source, job.model.max_tiles)
     mode = "score" if job.decoding == "scores" else "generate"
     loader = DataLoader(
@@ -87,33 +82,47 @@ def _score_batches(
     )
     if ready:
         ready()
-    parse = parse_finetuned if job.adapter else parse_zeroshot
     waiting = time.perf_counter()
     for number, batch in enumerate(loader):
         if number == 0:  # start-up costs (worker processes, first kernels) show in the log
             log.info("%s: first batch decoded after %.1f s", device, time.perf_counter() - waiting)
-        index = batch["indices"].tolist()
         inputs = to_device(batch, device, compute_dtype(device))
-        rows = []
-        if mode == "score":
-            p = class_probabilities(model, inputs, job.answer.class_ids).cpu().numpy()
-            for i, probs in zip(index, p, strict=True):
-                rows.append(
-                    {
-                        "sha256": job.examples[i].sha256,
-                        "predicted": job.labels[int(probs.argmax())],
-                        "answer": "",
-                        **{f"p{label}": f"{v:.6f}" for label, v in zip(job.labels, probs, strict=True)},
-                    }
-                )
-        else:
-            for i, text in zip(
-                index, generate_answers(model, inputs, processor.tokenizer, job.max_new_tokens), strict=True
-            ):
-                rows.append({"sha256": job.examples[i].sha256, "predicted": parse(text), "answer": text})
+        rows = _batch_rows(job, model, processor.tokenizer, inputs=inputs, index=batch["indices"].tolist())
         if number == 0:
             log.info("%s: first batch scored after %.1f s", device, time.perf_counter() - waiting)
         yield rows
+
+
+def _load_model(job: ScoringJob, device: torch.device):
+    """The base model on ``device``, with the job's adapter if any, in eval mode (compiled if asked)."""
+    model = load_base_model(job.model, device)
+    if job.adapter:
+        model = load_adapter(model, Path(job.adapter))
+    model.eval()
+    if job.compile:
+        compile_decoder_layers(model)
+    return model
+
+
+def _batch_rows(job: ScoringJob, model, tokenizer, *, inputs: dict, index: list[int]) -> list[dict]:
+    """The prediction rows (cache columns) of one batch; ``index`` points into ``job.examples``."""
+    sha256 = [job.examples[i].sha256 for i in index]
+    if job.decoding == "scores":
+        probabilities = class_probabilities(model, inputs, job.answer.class_ids).cpu().numpy()
+        return [
+            {
+                "sha256": digest,
+                "predicted": job.labels[int(row.argmax())],
+                "answer": "",
+                **{f"p{label}": f"{value:.6f}" for label, value in zip(job.labels, row, strict=True)},
+            }
+            for digest, row in zip(sha256, probabilities, strict=True)
+        ]
+    parse = parse_finetuned if job.adapter else parse_zeroshot
+    texts = generate_answers(model, inputs, tokenizer, job.max_new_tokens)
+    return [
+        {"sha256": digest, "predicted": parse(text), "answer": text} for digest, text in zip(sha256, texts, strict=True)
+    ]
 
 
 def compile_decoder_layers(model) -> int:

@@ -14,20 +14,16 @@ import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
-from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
 
 from forensic_vlm.batches import (
-    MODEL_INPUTS,
     Collator,
     Example,
     ImageDataset,
@@ -36,7 +32,7 @@ from forensic_vlm.batches import (
     examples_from_table,
 )
 from forensic_vlm.config import ClassSpec, ModelConfig, TrainConfig, to_dict
-from forensic_vlm.decoding import class_probabilities, to_device
+from forensic_vlm.lightning_module import ClassifierModule, EpochToSampler, review_thresholds
 from forensic_vlm.modeling import (
     add_lora,
     compute_dtype,
@@ -46,104 +42,12 @@ from forensic_vlm.modeling import (
     require_gpus,
     resolve_device,
 )
-from forensic_vlm.prompting import AnswerTokens, TokenCounter, answer_tokens, build_prompt, preflight
+from forensic_vlm.prompting import TokenCounter, answer_tokens, build_prompt, preflight
 from forensic_vlm.provenance import package_versions
 from forensic_vlm.tables import read_tsv
-from forensic_vlm.thresholds import choose_thresholds, write_thresholds
+from forensic_vlm.thresholds import write_thresholds
 
 log = logging.getLogger(__name__)
-
-
-class ClassifierModule(pl.LightningModule):
-    """Wraps the PEFT model: answer-only loss in training, class probabilities in validation."""
-
-    def __init__(self, model, answer: AnswerTokens, config: TrainConfig, pixel_dtype: torch.dtype) -> None:
-        super().__init__()
-        self.model, self.answer, self.config, self.pixel_dtype = model, answer, config, pixel_dtype
-        # Checkpoints hold only the trained weights (LoRA and `trainable`), never the base model.
-        self.strict_loading = False
-        self._val_probabilities: list[torch.Tensor] = []
-        self._val_targets: list[torch.Tensor] = []
-        self._val_indices: list[torch.Tensor] = []
-
-    def _inputs(self, batch: dict) -> dict:
-        inputs = {key: batch[key] for key in MODEL_INPUTS}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.pixel_dtype)
-        return inputs
-
-    def on_train_start(self) -> None:
-        self.peak_memory_gib = None
-        if torch.cuda.is_available():  # the training peak, not the loading one
-            torch.cuda.reset_peak_memory_stats()
-
-    def on_train_end(self) -> None:
-        if torch.cuda.is_available():
-            self.peak_memory_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-
-    def on_train_batch_start(self, batch: dict, batch_index: int) -> None:
-        self._step_start = time.perf_counter()
-
-    def on_train_batch_end(self, outputs, batch: dict, batch_index: int) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # GPU work is asynchronous: time what was done, not what was queued
-        # All ranks together: each does the same number of steps at the same time.
-        images = len(batch["indices"]) * self.trainer.world_size
-        self.log("train_images_per_s", images / (time.perf_counter() - self._step_start))
-
-    def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
-        loss = self.model(**self._inputs(batch), labels=batch["labels"]).loss
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["indices"]))
-        return loss
-
-    def validation_step(self, batch: dict, batch_index: int) -> None:
-        probabilities = class_probabilities(self.model, self._inputs(batch), self.answer.class_ids)
-        self._val_probabilities.append(probabilities.cpu())
-        self._val_targets.append(batch["targets"].cpu())
-        self._val_indices.append(batch["indices"].cpu())
-
-    def _gathered_validation(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every rank's validation results, each image once (padding batches repeat some)."""
-        local = list(
-            zip(
-                torch.cat(self._val_indices).tolist(),
-                torch.cat(self._val_probabilities).numpy(),
-                torch.cat(self._val_targets).tolist(),
-                strict=True,
-            )
-        )
-        if self.trainer.world_size > 1:
-            gathered: list = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, local)
-            local = [item for part in gathered for item in part]
-        unique = {index: (p, t) for index, p, t in local}
-        ordered = [unique[index] for index in sorted(unique)]
-        return np.stack([p for p, _ in ordered]), np.array([t for _, t in ordered])
-
-    def on_validation_epoch_end(self) -> None:
-        if not self._val_targets:
-            return
-        probabilities, targets = self._gathered_validation()
-        predicted = probabilities.argmax(axis=1)
-        positions = list(range(len(self.answer.class_ids)))
-        self.log(
-            "val_macro_f1",
-            float(f1_score(targets, predicted, labels=positions, average="macro", zero_division=0)),
-            prog_bar=True,
-        )
-        self.log("val_accuracy", float(accuracy_score(targets, predicted)), prog_bar=True)
-        nll = -np.log(np.clip(probabilities[np.arange(len(targets)), targets], 1e-12, None)).mean()
-        self.log("val_loss", float(nll))
-        self._val_probabilities.clear()
-        self._val_targets.clear()
-        self._val_indices.clear()
-
-    def configure_optimizers(self):
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(parameters, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trained = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
 
 
 @dataclass(frozen=True)
@@ -174,18 +78,10 @@ def _loader(examples: list[Example], collator: Collator, *, sampler: TokenGroupe
     )
 
 
-class _EpochToSampler(pl.Callback):
-    """Tell the token-grouped sampler the epoch, so each epoch shuffles differently (and a resumed
-    run repeats the order it would have had)."""
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        trainer.train_dataloader.batch_sampler.set_epoch(trainer.current_epoch)
-
-
 def run_fingerprint(model: ModelConfig, train: TrainConfig, data: TrainingData) -> str:
     """What a checkpoint may be resumed under: same settings, same data, same training code."""
     code = hashlib.sha256()
-    for module in ("train", "modeling", "batches", "prompting", "decoding"):
+    for module in ("train", "lightning_module", "modeling", "batches", "prompting", "decoding"):
         code.update((Path(__file__).parent / f"{module}.py").read_bytes())
     payload = json.dumps(
         {"model": to_dict(model), "train": to_dict(train), "data": data.manifest_sha256, "code": code.hexdigest()},
@@ -410,7 +306,7 @@ def _trainer(
         accumulate_grad_batches=config.accumulate_grad_batches,
         gradient_clip_val=config.gradient_clip_val,
         precision=precision,
-        callbacks=[best, last, _EpochToSampler(), TQDMProgressBar(refresh_rate=max(1, steps_per_epoch // 20))],
+        callbacks=[best, last, EpochToSampler(), TQDMProgressBar(refresh_rate=max(1, steps_per_epoch // 20))],
         # Flushed every step, so the curves of a run that crashes survive to be joined on resume.
         logger=logs,
         log_every_n_steps=1,
@@ -418,27 +314,6 @@ def _trainer(
         use_distributed_sampler=False,
         enable_model_summary=False,
     )
-
-
-@torch.no_grad()
-def review_thresholds(
-    module: ClassifierModule,
-    loader: DataLoader,
-    labels: list[int],
-    *,
-    precision: float,
-    device: torch.device,
-    bf16: bool,
-) -> dict:
-    """Per-class thresholds for ``precision`` from the module's validation probabilities."""
-    module.eval().to(device)
-    probabilities, targets = [], []
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # as validation ran
-        for batch in loader:
-            inputs = to_device(batch, device, module.pixel_dtype)
-            probabilities.append(class_probabilities(module.model, inputs, module.answer.class_ids).cpu())
-            targets.extend(labels[int(t)] for t in batch["targets"])
-    return choose_thresholds(torch.cat(probabilities).numpy(), targets, labels, precision)
 
 
 def _trainer_devices(device: torch.device, count: int):

@@ -1,0 +1,143 @@
+"""The Lightning side of training: the module that wraps the PEFT model, and its callbacks.
+
+Training computes the loss on the answer tokens only; validation reads the class probabilities at
+the answer position, as evaluation does, and logs macro-F1, accuracy and the loss of the true
+class (gathered over every rank under DDP). Checkpoints hold only the trained weights.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+from torch.utils.data import DataLoader
+
+from forensic_vlm.batches import MODEL_INPUTS
+from forensic_vlm.config import TrainConfig
+from forensic_vlm.decoding import class_probabilities, to_device
+from forensic_vlm.prompting import AnswerTokens
+from forensic_vlm.thresholds import choose_thresholds
+
+
+class ClassifierModule(pl.LightningModule):
+    """Wraps the PEFT model: answer-only loss in training, class probabilities in validation."""
+
+    def __init__(self, model, answer: AnswerTokens, config: TrainConfig, pixel_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.answer, self.config, self.pixel_dtype = model, answer, config, pixel_dtype
+        # Checkpoints hold only the trained weights (LoRA and `trainable`), never the base model.
+        self.strict_loading = False
+        self._val_probabilities: list[torch.Tensor] = []
+        self._val_targets: list[torch.Tensor] = []
+        self._val_indices: list[torch.Tensor] = []
+
+    def _inputs(self, batch: dict) -> dict:
+        inputs = {key: batch[key] for key in MODEL_INPUTS}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.pixel_dtype)
+        return inputs
+
+    def on_train_start(self) -> None:
+        self.peak_memory_gib = None
+        if torch.cuda.is_available():  # the training peak, not the loading one
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_train_end(self) -> None:
+        if torch.cuda.is_available():
+            self.peak_memory_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+    def on_train_batch_start(self, batch: dict, batch_index: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_index: int) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # GPU work is asynchronous: time what was done, not what was queued
+        # All ranks together: each does the same number of steps at the same time.
+        images = len(batch["indices"]) * self.trainer.world_size
+        self.log("train_images_per_s", images / (time.perf_counter() - self._step_start))
+
+    def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
+        loss = self.model(**self._inputs(batch), labels=batch["labels"]).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["indices"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_index: int) -> None:
+        probabilities = class_probabilities(self.model, self._inputs(batch), self.answer.class_ids)
+        self._val_probabilities.append(probabilities.cpu())
+        self._val_targets.append(batch["targets"].cpu())
+        self._val_indices.append(batch["indices"].cpu())
+
+    def _gathered_validation(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every rank's validation results, each image once (padding batches repeat some)."""
+        local = list(
+            zip(
+                torch.cat(self._val_indices).tolist(),
+                torch.cat(self._val_probabilities).numpy(),
+                torch.cat(self._val_targets).tolist(),
+                strict=True,
+            )
+        )
+        if self.trainer.world_size > 1:
+            gathered: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, local)
+            local = [item for part in gathered for item in part]
+        unique = {index: (p, t) for index, p, t in local}
+        ordered = [unique[index] for index in sorted(unique)]
+        return np.stack([p for p, _ in ordered]), np.array([t for _, t in ordered])
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_targets:
+            return
+        probabilities, targets = self._gathered_validation()
+        predicted = probabilities.argmax(axis=1)
+        positions = list(range(len(self.answer.class_ids)))
+        self.log(
+            "val_macro_f1",
+            float(f1_score(targets, predicted, labels=positions, average="macro", zero_division=0)),
+            prog_bar=True,
+        )
+        self.log("val_accuracy", float(accuracy_score(targets, predicted)), prog_bar=True)
+        nll = -np.log(np.clip(probabilities[np.arange(len(targets)), targets], 1e-12, None)).mean()
+        self.log("val_loss", float(nll))
+        self._val_probabilities.clear()
+        self._val_targets.clear()
+        self._val_indices.clear()
+
+    def configure_optimizers(self):
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(parameters, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trained = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+
+
+class EpochToSampler(pl.Callback):
+    """Tell the token-grouped sampler the epoch, so each epoch shuffles differently (and a resumed
+    run repeats the order it would have had)."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        trainer.train_dataloader.batch_sampler.set_epoch(trainer.current_epoch)
+
+
+@torch.no_grad()
+def review_thresholds(
+    module: ClassifierModule,
+    loader: DataLoader,
+    labels: list[int],
+    *,
+    precision: float,
+    device: torch.device,
+    bf16: bool,
+) -> dict:
+    """Per-class thresholds for ``precision`` from the module's validation probabilities."""
+    module.eval().to(device)
+    probabilities, targets = [], []
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # as validation ran
+        for batch in loader:
+            inputs = to_device(batch, device, module.pixel_dtype)
+            probabilities.append(class_probabilities(module.model, inputs, module.answer.class_ids).cpu())
+            targets.extend(labels[int(t)] for t in batch["targets"])
+    return choose_thresholds(torch.cat(probabilities).numpy(), targets, labels, precision)
