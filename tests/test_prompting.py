@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from forensic_vlm.batches import Collator
+from forensic_vlm.batches import MODEL_INPUTS, Collator
 from forensic_vlm.config import REFERENCE_QUESTION, DemoModelConfig
 from forensic_vlm.demo_model import build_processor
 from forensic_vlm.modeling import load_processor
@@ -77,7 +77,7 @@ def test_the_scored_position_is_the_last_and_ends_with_the_space_token(processor
     )
     assert (batch["input_ids"][:, -1] == answer.prefix[-1]).all()
     model = LlavaNextForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}
+    inputs = {k: batch[k] for k in MODEL_INPUTS}
     probabilities = class_probabilities(model, inputs, answer.class_ids)
     with torch.no_grad():
         full = model(**inputs).logits[:, -1, list(answer.class_ids)]

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from forensic_vlm.batches import Collator, examples_from_table
+from forensic_vlm.batches import MODEL_INPUTS, Collator, examples_from_table
 from forensic_vlm.config import DEFAULT_CLASSES, REFERENCE_QUESTION, EvaluateConfig, ModelConfig, TrainConfig
 from forensic_vlm.evaluate import evaluate_split
 from forensic_vlm.images import load_checked_image
@@ -61,7 +61,7 @@ def test_training_steps_lower_the_loss_and_touch_only_lora(tiny_model: Path, tin
             type(model.base_model.model.model.language_model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
         )
         assert type(model.base_model.model.model.vision_tower.encoder.layers[0].mlp.fc1).__name__ == "Linear"
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes", "labels")}
+    inputs = {k: batch[k] for k in (*MODEL_INPUTS, "labels")}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     first = model(**inputs).loss

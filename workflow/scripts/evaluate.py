@@ -19,7 +19,8 @@ if __name__ == "__main__":
         model_config=build_section(ModelConfig, snakemake.params.model, "model"),
         config=build_section(EvaluateConfig, snakemake.params.evaluate, "evaluate"),
         out_dir=Path(snakemake.output.metrics).parent,
-        adapter=Path(snakemake.input.adapter) if "adapter" in snakemake.input else None,
+        # .keys(): `in` on Snakemake's input list looks among the file paths, not the names.
+        adapter=Path(snakemake.input.adapter) if "adapter" in snakemake.input.keys() else None,  # noqa: SIM118
         threads=snakemake.threads,
         cache_dir=Path(snakemake.params.cache),
     )
