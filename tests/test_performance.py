@@ -75,6 +75,7 @@ def test_data_parallel_ranks_share_every_batch_and_run_the_same_number_of_steps(
     assert sorted(b for shard in shard_batches(whole, 3) for batch in shard for b in batch) == list(range(15))
 
 
+@pytest.mark.slow
 def test_evaluation_sharded_over_processes_gives_the_same_predictions(
     tiny_model: Path, tiny_dataset, tmp_path: Path
 ) -> None:
@@ -99,6 +100,7 @@ def test_evaluation_sharded_over_processes_gives_the_same_predictions(
         assert all(abs(float(one[f"p{c}"]) - float(two[f"p{c}"])) < 1e-5 for c in LABELS)
 
 
+@pytest.mark.slow
 def test_a_failing_scoring_process_stops_the_evaluation_with_its_error(
     tiny_model: Path, tiny_dataset, tmp_path: Path
 ) -> None:
@@ -123,6 +125,7 @@ def test_a_failing_scoring_process_stops_the_evaluation_with_its_error(
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_ddp_training_on_two_processes_saves_one_adapter(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
     """Lightning DDP (gloo on the CPU), started the way a user does: the CLI, which each rank reruns."""
     config = tmp_path / "config.yaml"

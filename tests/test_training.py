@@ -39,7 +39,7 @@ def model_config(tiny_model: Path, quantization: str = "none") -> ModelConfig:
     return ModelConfig(name_or_path=str(tiny_model), quantization=quantization, device="cpu")
 
 
-@pytest.mark.parametrize("quantization", ["none", "nf4"])
+@pytest.mark.parametrize("quantization", ["none", pytest.param("nf4", marks=pytest.mark.slow)])
 def test_training_steps_lower_the_loss_and_touch_only_lora(tiny_model: Path, tiny_dataset, quantization) -> None:
     torch.manual_seed(0)
     processor = load_processor(tiny_model)
@@ -136,6 +136,7 @@ def read_tsv_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_reloaded_adapter_in_a_fresh_process_gives_the_same_probabilities(
     trained: dict, tiny_model: Path, tiny_dataset, tmp_path: Path
 ) -> None:
