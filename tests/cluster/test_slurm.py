@@ -1,8 +1,9 @@
 """The demo workflow submitted to a real one-node SLURM cluster (tests/cluster/start_slurm.sh).
 
-The shared local demo run provides the data stages; the rules that ask for a GPU (train, both
-evaluations, classify) and one that does not (report) are run again through SLURM from there, and
-must give what the local run gave.
+The shared local demo run provides the data stages and the adapter; the scoring rules, which ask
+for a GPU (both evaluations, classify), and one that does not (report) are run again through SLURM
+from there, and must give what the local run gave. Training, the one slow rule, is not run twice:
+its GPU request is read from the cluster dry run.
 
 Skipped where no cluster answers, except in CI, where .ci/run starts one and a missing cluster
 fails the run.
@@ -25,7 +26,7 @@ import pytest
 from conftest import DEMO_CONFIG, REPO
 from forensic_vlm.tables import read_tsv
 
-GPU_RULES = {"train", "evaluate_zeroshot", "evaluate_finetuned", "classify"}
+GPU_RULES = {"evaluate_zeroshot", "evaluate_finetuned", "classify"}
 CLUSTER_RULES = GPU_RULES | {"report"}
 # The CI node has 2 CPUs and ~21 GB: the profile's real-cluster sizes are scaled down here only.
 SMALL_NODE = (
@@ -109,8 +110,8 @@ def test_demo_goes_through_slurm_and_matches_a_local_run(demo_run: dict, tmp_pat
     workdir = tmp_path / "work"
     shutil.copytree(demo_run["workdir"], workdir, symlinks=True)
     shutil.rmtree(workdir / "results" / "cache" / "predictions")  # the cluster must score, not look up
-    # train and evaluate_zeroshot again, and so everything downstream of them.
-    result, seconds = submit(workdir, "--forcerun", "train", "evaluate_zeroshot")
+    # The three scoring rules again, and so the report downstream of them.
+    result, seconds = submit(workdir, "--forcerun", "evaluate_zeroshot", "evaluate_finetuned", "classify")
     assert result.returncode == 0, result.stderr[-4000:]
     log = result.stdout + result.stderr
     jobs = slurm_jobs(log)
@@ -120,7 +121,7 @@ def test_demo_goes_through_slurm_and_matches_a_local_run(demo_run: dict, tmp_pat
         assert records[job]["state"] == "COMPLETED", (rule, records[job])
         assert ("gres/gpu=1" in records[job]["tres"]) == (rule in GPU_RULES), (rule, records[job]["tres"])
     measured(
-        f"SLURM: train, evaluations, classify and report in {seconds:.0f} s; SLURM job ids "
+        f"SLURM: evaluations, classify and report in {seconds:.0f} s; SLURM job ids "
         + ", ".join(f"{r}={j}" for r, j in sorted(jobs.items()))
     )
 
@@ -145,6 +146,13 @@ def test_demo_goes_through_slurm_and_matches_a_local_run(demo_run: dict, tmp_pat
         for root in (local, cluster)
     )
     assert local_triage == cluster_triage
+
+    # Training would ask for its GPU the same way (the plugin's gres comes from the gpu resource).
+    dry, _ = submit(workdir, "-n", "--forcerun", "train")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    train_job = (dry.stdout + dry.stderr).split("rule train:", 1)[1].split("\n\n", 1)[0]
+    resources = re.search(r"resources: (.*)", train_job).group(1).split(", ")
+    assert "gpu=1" in resources, resources
 
 
 def test_a_failing_job_fails_the_run_with_its_slurm_state(tmp_path: Path, measured) -> None:
