@@ -284,6 +284,7 @@ def test_generate_decoding_reproduces_the_reference_way(tiny_model: Path, tiny_d
     assert all(r["p0"] == "" and int(r["predicted"]) in (-1, 0, 1, 2, 3) for r in rows)
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_from_its_checkpoint_and_finishes(
     tiny_model: Path, tiny_dataset, tmp_path: Path
 ) -> None:
