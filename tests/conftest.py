@@ -163,6 +163,16 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"raw_data": raw, "train": root / "train.tsv", "val": root / "val.tsv"}
 
 
+def train_command(config: Path, dataset: dict[str, Path], adapter: Path, log: Path | None = None) -> list[str]:
+    """``forensic-vlm train`` on the tiny dataset in a process of its own (DDP ranks, kills, resumes)."""
+    return [
+        *(sys.executable, "-m", "forensic_vlm", "--config", str(config)),
+        *(("--log", str(log)) if log else ()),
+        *("train", str(dataset["train"]), str(dataset["val"]), "--raw-data", str(dataset["raw_data"])),
+        *("--adapter", str(adapter)),
+    ]
+
+
 DEMO_JOBS = {
     "demo_data",
     "demo_model",

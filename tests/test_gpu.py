@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import train_command
 from forensic_vlm.config import DEFAULT_CLASSES, EvaluateConfig, ModelConfig, TrainConfig
 from forensic_vlm.evaluate import evaluate_split
 from forensic_vlm.modeling import compute_dtype, load_base_model, resolve_device
@@ -117,20 +117,7 @@ def test_ddp_qlora_training_on_two_gpus(tiny_model: Path, tiny_dataset, tmp_path
         )
     )
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "forensic_vlm",
-            "--config",
-            str(config),
-            "train",
-            str(tiny_dataset["train"]),
-            str(tiny_dataset["val"]),
-            "--raw-data",
-            str(tiny_dataset["raw_data"]),
-            "--adapter",
-            str(tmp_path / "adapter"),
-        ],
+        train_command(config, tiny_dataset, tmp_path / "adapter"),
         check=True,
     )
     card = json.loads((tmp_path / "adapter" / "training.json").read_text())

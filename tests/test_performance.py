@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import train_command
 from forensic_vlm.batches import TokenGroupedBatches
 from forensic_vlm.config import DEFAULT_CLASSES, REFERENCE_QUESTION, ConfigError, EvaluateConfig, ModelConfig
 from forensic_vlm.demo_model import grid_pinpoints
@@ -148,22 +148,7 @@ def test_ddp_training_on_two_processes_saves_one_adapter(tiny_model: Path, tiny_
     )
     log = tmp_path / "train.log"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "forensic_vlm",
-            "--config",
-            str(config),
-            "--log",
-            str(log),
-            "train",
-            str(tiny_dataset["train"]),
-            str(tiny_dataset["val"]),
-            "--raw-data",
-            str(tiny_dataset["raw_data"]),
-            "--adapter",
-            str(tmp_path / "adapter"),
-        ],
+        train_command(config, tiny_dataset, tmp_path / "adapter", log=log),
         check=True,
         capture_output=True,
         timeout=None,

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import train_command
 from forensic_vlm.batches import MODEL_INPUTS, Collator, examples_from_table
 from forensic_vlm.config import DEFAULT_CLASSES, REFERENCE_QUESTION, EvaluateConfig, ModelConfig, TrainConfig
 from forensic_vlm.evaluate import evaluate_split
@@ -297,20 +298,7 @@ def test_killed_training_resumes_from_its_checkpoint_and_finishes(
             }
         )
     )
-    command = [
-        sys.executable,
-        "-m",
-        "forensic_vlm",
-        "--config",
-        str(config),
-        "train",
-        str(tiny_dataset["train"]),
-        str(tiny_dataset["val"]),
-        "--raw-data",
-        str(tiny_dataset["raw_data"]),
-        "--adapter",
-        str(tmp_path / "adapter"),
-    ]
+    command = train_command(config, tiny_dataset, tmp_path / "adapter")
     last = tmp_path / "checkpoints" / "last.ckpt"
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while process.poll() is None and not (last.exists() and _step(last) >= 4):
