@@ -163,6 +163,42 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"raw_data": raw, "train": root / "train.tsv", "val": root / "val.tsv"}
 
 
+#: Training settings that make the tiny model learn in seconds on the CPU.
+FAST = {
+    "learning_rate": 3e-3,
+    "batch_size": 4,
+    "accumulate_grad_batches": 1,
+    "precision": "32-true",
+    "gradient_checkpointing": False,
+    "num_workers": 0,
+}
+
+
+def model_config(tiny_model: Path, quantization: str = "none"):
+    from forensic_vlm.config import ModelConfig
+
+    return ModelConfig(name_or_path=str(tiny_model), quantization=quantization, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model: Path, tiny_dataset, tmp_path_factory) -> dict:
+    """An adapter of the tiny model, trained once for the tests that score with one."""
+    from forensic_vlm.config import DEFAULT_CLASSES, TrainConfig
+    from forensic_vlm.train import load_training_data, train_adapter
+
+    work = tmp_path_factory.mktemp("train")
+    data = load_training_data(tiny_dataset["train"], tiny_dataset["val"], tiny_dataset["raw_data"], None)
+    metrics = train_adapter(
+        data,
+        list(DEFAULT_CLASSES),
+        model_config=model_config(tiny_model),
+        config=TrainConfig(**FAST, epochs=2),
+        adapter_dir=work / "adapter",
+        work_dir=work,
+    )
+    return {"work": work, "adapter": work / "adapter", "metrics": metrics}
+
+
 def train_command(config: Path, dataset: dict[str, Path], adapter: Path, log: Path | None = None) -> list[str]:
     """``forensic-vlm train`` on the tiny dataset in a process of its own (DDP ranks, kills, resumes)."""
     return [

@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import train_command
+from conftest import FAST, model_config, train_command
 from forensic_vlm.batches import MODEL_INPUTS, Collator, examples_from_table
-from forensic_vlm.config import DEFAULT_CLASSES, REFERENCE_QUESTION, EvaluateConfig, ModelConfig, TrainConfig
+from forensic_vlm.config import DEFAULT_CLASSES, REFERENCE_QUESTION, EvaluateConfig, TrainConfig
 from forensic_vlm.evaluate import evaluate_split
 from forensic_vlm.images import load_checked_image
 from forensic_vlm.modeling import add_lora, load_base_model, load_processor
@@ -26,18 +26,6 @@ from forensic_vlm.tables import read_tsv
 from forensic_vlm.train import load_training_data, train_adapter
 
 LABELS = [0, 1, 2, 3]
-FAST = {
-    "learning_rate": 3e-3,
-    "batch_size": 4,
-    "accumulate_grad_batches": 1,
-    "precision": "32-true",
-    "gradient_checkpointing": False,
-    "num_workers": 0,
-}
-
-
-def model_config(tiny_model: Path, quantization: str = "none") -> ModelConfig:
-    return ModelConfig(name_or_path=str(tiny_model), quantization=quantization, device="cpu")
 
 
 @pytest.mark.parametrize("quantization", ["none", pytest.param("nf4", marks=pytest.mark.slow)])
@@ -100,21 +88,6 @@ def test_every_module_trains_in_train_mode(tiny_model: Path, tiny_dataset, tmp_p
         work_dir=tmp_path,
     )
     assert seen and set(seen) == {0}, seen  # also after each validation pass
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_model: Path, tiny_dataset, tmp_path_factory) -> dict:
-    work = tmp_path_factory.mktemp("train")
-    data = load_training_data(tiny_dataset["train"], tiny_dataset["val"], tiny_dataset["raw_data"], None)
-    metrics = train_adapter(
-        data,
-        list(DEFAULT_CLASSES),
-        model_config=model_config(tiny_model),
-        config=TrainConfig(**FAST, epochs=2),
-        adapter_dir=work / "adapter",
-        work_dir=work,
-    )
-    return {"work": work, "adapter": work / "adapter", "metrics": metrics}
 
 
 def test_adapter_folder_holds_peft_safetensors_processor_and_card(trained: dict) -> None:

@@ -87,11 +87,13 @@ class TokenGroupedBatches(Sampler[list[int]]):
     ) -> None:
         self.tokens, self.batch_size, self.shuffle, self.seed, self.epoch = list(tokens), batch_size, shuffle, seed, 0
         self.rank, self.replicas = rank, replicas
+        self.start = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def batches(self) -> list[list[int]]:
+    def order(self) -> list[list[int]]:
+        """This epoch's batches, in order, before they are dealt to the ranks."""
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         groups: dict[int, list[int]] = defaultdict(list)
         for index, count in enumerate(self.tokens):
@@ -105,13 +107,20 @@ class TokenGroupedBatches(Sampler[list[int]]):
         batches = [ordered[i : i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
         if self.shuffle:
             rng.shuffle(batches)
+        return batches
+
+    def batches(self) -> list[list[int]]:
+        """This rank's batches of this epoch."""
+        batches = self.order()
         if self.replicas > 1:
             padded = (batches * self.replicas)[: len(self) * self.replicas]
             return padded[self.rank :: self.replicas]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
+        # A resumed epoch starts after the batches already trained (``start``, set on resume).
+        start, self.start = self.start, 0
+        return iter(self.batches()[start:])
 
     def __len__(self) -> int:
         """Batches per rank."""

@@ -239,11 +239,6 @@ def listing_sha256(inspections: list[Inspection]) -> str:
     return digest.hexdigest()
 
 
-def _folder_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file of a model or adapter folder (a full read: seconds per GB)."""
-    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def custody_record(
     *,
     root: Path,
@@ -259,7 +254,6 @@ def custody_record(
     triage: Path,
 ) -> dict:
     """The chain-of-custody record: when, where, with what, and what came out."""
-    model_folder = Path(model_config.name_or_path)
     configuration = {name: to_dict(section) for name, section in settings.items()}
     scored = [r for r in rows if r["status"] == SCORED]
     return {
@@ -274,9 +268,10 @@ def custody_record(
         "model": {
             "name_or_path": model_config.name_or_path,
             "quantization": model_config.quantization,
-            "files_sha256": _folder_hashes(model_folder) if model_folder.is_dir() else "hub id; files not local",
+            # The hashes the run verified and keyed its predictions by, taken before loading.
+            "files_sha256": scores.model_files_sha256,
         },
-        "adapter": {"path": str(adapter), "files_sha256": _folder_hashes(Path(adapter))} if adapter else None,
+        "adapter": {"path": str(adapter), "files_sha256": scores.adapter_files_sha256} if adapter else None,
         "review_thresholds": thresholds or "none: zero-shot has no validated thresholds; every image needs review",
         "configuration_sha256": config_sha256(configuration),
         "configuration": configuration,

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from forensic_vlm.errors import ConfigError
+from forensic_vlm.errors import ConfigError, InputNotFoundError
 
 REFERENCE_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
 
@@ -64,6 +64,9 @@ class ModelConfig:
     max_tiles: int | None = None
     """Cap on anyres tiles (besides the overview tile): only grid shapes of at most this many tiles
     are used, fewer tokens per image for speed. null: every shape the model knows (the reference)."""
+    files_sha256: str | None = None
+    """A SHA256SUMS listing, or an earlier run's custody.json, that the model's files must match
+    before they are used; null: the files are hashed and recorded, not checked against a record."""
 
     def __post_init__(self) -> None:
         if self.max_sequence_tokens < 16:
@@ -310,6 +313,34 @@ class Config:
         unknown = set(self.augment.per_image) - set(ids)
         if unknown:
             raise ConfigError(f"augment.per_image names classes that do not exist: {sorted(unknown)}")
+
+    def input_paths(self) -> dict[str, str]:
+        """Every configured path the run reads, by config key (a hub id is not a path)."""
+        paths = {"raw_data": self.raw_data}
+        name = self.model.name_or_path
+        hub_id = name.count("/") == 1 and not name.startswith(("/", ".", "~")) and not Path(name).exists()
+        if not hub_id:
+            paths["model.name_or_path"] = name
+        if self.model.files_sha256 is not None:
+            paths["model.files_sha256"] = self.model.files_sha256
+        if self.classify.input_dir is not None:
+            paths["classify.input_dir"] = self.classify.input_dir
+        return paths
+
+    def require_input_paths(self, made_by_workflow: set[str] = frozenset()) -> None:
+        """Stop, naming each config key, where a configured input path does not exist.
+
+        Checked before anything runs, whether or not outputs exist: a mistyped evidence path must
+        never end in "nothing to be done". Paths the workflow itself writes (the demo's) are left out.
+        """
+        made = {Path(p) for p in made_by_workflow}
+        missing = [
+            f"{key}: {path} does not exist"
+            for key, path in self.input_paths().items()
+            if Path(path) not in made and not Path(path).expanduser().exists()
+        ]
+        if missing:
+            raise InputNotFoundError("; ".join(missing))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:

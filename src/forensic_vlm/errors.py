@@ -42,3 +42,11 @@ class DeviceError(ForensicVlmError, RuntimeError):
 
 class ScoringProcessError(ForensicVlmError, RuntimeError):
     """A scoring process on another device failed or ended early; the message carries why."""
+
+
+class IntegrityError(ForensicVlmError, RuntimeError):
+    """A model, adapter or cache file differs from its record, or a record is damaged."""
+
+
+class ResumeError(ForensicVlmError, RuntimeError):
+    """A checkpoint cannot be resumed exactly (it is not this run's); the message says what to do."""

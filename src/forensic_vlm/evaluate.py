@@ -78,6 +78,8 @@ def evaluate_split(
             "quantization": model_config.quantization,
             "adapter": str(adapter) if adapter else None,
             **result.run_facts(),
+            "model_files_sha256": result.model_files_sha256,
+            "adapter_files_sha256": result.adapter_files_sha256,
         }
     )
     rows = []

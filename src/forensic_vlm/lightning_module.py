@@ -7,6 +7,9 @@ class (gathered over every rank under DDP). Checkpoints hold only the trained we
 
 from __future__ import annotations
 
+import hashlib
+import json
+import random
 import time
 
 import numpy as np
@@ -18,6 +21,8 @@ from torch.utils.data import DataLoader
 from forensic_vlm.batches import MODEL_INPUTS
 from forensic_vlm.config import TrainConfig
 from forensic_vlm.decoding import class_probabilities, to_device
+from forensic_vlm.errors import ResumeError
+from forensic_vlm.faults import fault_point
 from forensic_vlm.prompting import AnswerTokens
 from forensic_vlm.thresholds import choose_thresholds
 
@@ -57,6 +62,7 @@ class ClassifierModule(pl.LightningModule):
         # All ranks together: each does the same number of steps at the same time.
         images = len(batch["indices"]) * self.trainer.world_size
         self.log("train_images_per_s", images / (time.perf_counter() - self._step_start))
+        fault_point("train.batch_end")  # after this batch's checkpoint, if one was due
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         loss = self.model(**self._inputs(batch), labels=batch["labels"]).loss
@@ -114,12 +120,64 @@ class ClassifierModule(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
 
 
-class EpochToSampler(pl.Callback):
-    """Tell the token-grouped sampler the epoch, so each epoch shuffles differently (and a resumed
-    run repeats the order it would have had)."""
+class ResumableLoader(DataLoader):
+    """A DataLoader whose place in the epoch is part of every checkpoint, for an exact resume.
+
+    Lightning saves ``state_dict()`` with each checkpoint and, on resume, calls ``load_state_dict``
+    before it creates the interrupted epoch's iterator: the sampler then yields that epoch's
+    batches from the first one not yet trained. The random number generators' states go with it
+    (LoRA dropout draws from them), and the order's digest is compared, so a resumed run trains
+    exactly what the interrupted one would have. The loader draws worker seeds from a generator of
+    its own (``generator=``), never from the global one the checkpoint restores.
+    """
+
+    completed = 0  # batches of the current epoch already trained (counted by TrainingPosition)
+
+    def state_dict(self) -> dict:
+        sampler = self.batch_sampler
+        return {
+            "epoch": sampler.epoch,
+            "completed": self.completed,
+            "order_sha256": _order_digest(sampler.order()),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        sampler = self.batch_sampler
+        sampler.set_epoch(state["epoch"])
+        if _order_digest(sampler.order()) != state["order_sha256"]:
+            raise ResumeError(
+                f"the checkpoint's batch order for epoch {state['epoch']} is not this run's; delete the checkpoints"
+            )
+        sampler.start = self.completed = state["completed"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+
+
+def _order_digest(batches: list[list[int]]) -> str:
+    return hashlib.sha256(json.dumps(batches).encode()).hexdigest()
+
+
+class TrainingPosition(pl.Callback):
+    """Counts the batches trained in the current epoch, for ``ResumableLoader.state_dict``.
+
+    Lightning runs checkpoint callbacks after the others, so a checkpoint written at the end of a
+    batch counts that batch. ``on_train_epoch_start`` is not called for an epoch resumed part way.
+    """
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        trainer.train_dataloader.batch_sampler.set_epoch(trainer.current_epoch)
+        trainer.train_dataloader.completed = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs, batch, index: int) -> None:
+        trainer.train_dataloader.completed += 1
 
 
 @torch.no_grad()

@@ -1,49 +1,38 @@
 """Content-addressed store of predictions, so an image is never scored twice by the same model.
 
-The key covers everything a prediction depends on: the base model's files, the adapter's bytes,
-the prompt, the decoding and the class tokens. Each key has one append-only TSV under the cache
-folder (``results/cache/predictions/`` in the workflow), keyed inside by image sha256. Appending
-after every batch also lets an interrupted evaluation go on where it stopped.
+The key covers everything a prediction depends on: the sha256 of every file of the base model and
+of the adapter, the prompt, the decoding and the class tokens. Each key has one append-only TSV
+under the cache folder (``results/cache/predictions/`` in the workflow), keyed inside by image
+sha256; appending after every batch lets an interrupted run go on where it stopped.
+
+A kill or a power cut can leave the last row cut short, so every row is checked when the file is
+read. Rows are appended whole (one ``write`` of complete lines) and flushed to disk (``fsync``)
+after each batch, so only the last line can ever be torn: a last line without its newline is
+dropped (cut off the file) and that image is scored again. Any other row that does not parse, or
+whose probabilities do not sum to 1, stops the run naming the file and line: it was not written
+by this tool, and nothing read from that file can be trusted.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import logging
+import math
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
-SAMPLE_BYTES = 1 << 20
+from forensic_vlm.errors import IntegrityError
 
+log = logging.getLogger(__name__)
 
-def model_fingerprint(name_or_path: str) -> str:
-    """A local folder: its files' names and sizes, config.json, and the first and last MiB of each
-    weight file (hashing many GB at every evaluation would cost minutes). A hub id: the id."""
-    folder = Path(name_or_path)
-    if not folder.is_dir():
-        return f"hub:{name_or_path}"
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(folder)}\0{size}\0".encode())
-        with open(path, "rb") as handle:
-            if path.suffix == ".safetensors" and size > 2 * SAMPLE_BYTES:
-                digest.update(handle.read(SAMPLE_BYTES))
-                handle.seek(size - SAMPLE_BYTES)
-                digest.update(handle.read())
-            elif path.suffix in (".json", ".safetensors", ".jinja", ".model"):
-                digest.update(handle.read())
-    return digest.hexdigest()
-
-
-def adapter_fingerprint(adapter: Path | None) -> str:
-    if adapter is None:
-        return "none"
-    digest = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        digest.update(name.encode() + (Path(adapter) / name).read_bytes())
-    return digest.hexdigest()
+#: Probabilities are written with 6 decimals: their sum is 1 within this.
+SUM_TOLERANCE = 1e-4
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class PredictionCache:
@@ -54,24 +43,111 @@ class PredictionCache:
         self.path = Path(folder) / f"{self.key}.tsv" if folder else None
         self.rows: dict[str, dict[str, str]] = {}
         if self.path and self.path.exists():
-            with open(self.path, encoding="utf-8", newline="") as handle:
-                self.rows = {r["sha256"]: r for r in csv.DictReader(handle, delimiter="\t")}
+            self.rows = self._read(self.path)
 
     def get(self, sha256: str) -> dict[str, str] | None:
         return self.rows.get(sha256)
 
+    def _read(self, path: Path) -> dict[str, dict[str, str]]:
+        data = path.read_bytes()
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):  # the tail of an append that never finished
+            line = data[:complete].count(b"\n") + 1
+            log.warning(
+                "%s, line %d: cut short (an interrupted write); dropped, that image is scored again", path, line
+            )
+            with open(path, "r+b") as handle:
+                handle.truncate(complete)
+                os.fsync(handle.fileno())
+            data = data[:complete]
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise IntegrityError(f"{path}: not UTF-8 text at byte {error.start}; move it away") from error
+        # csv, not lines: a generated answer may hold a (quoted) newline.
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
+        header = next(reader, None)
+        if header != self.columns:
+            raise IntegrityError(f"{path}, line 1: header is not {' '.join(self.columns)}")
+        rows: dict[str, dict[str, str]] = {}
+        for fields in reader:
+            row = dict(zip(self.columns, fields, strict=False)) if len(fields) == len(self.columns) else None
+            problem = f"{len(fields)} fields, not {len(self.columns)}" if row is None else self._problem(row)
+            if problem or row is None:
+                raise IntegrityError(
+                    f"{path}, line {reader.line_num}: {problem}; the cache cannot be trusted, move it away"
+                )
+            earlier = rows.setdefault(row["sha256"], row)
+            if earlier != row:
+                raise IntegrityError(
+                    f"{path}, line {reader.line_num}: a second, different row for image {row['sha256']}"
+                )
+        return rows
+
+    def _problem(self, row: dict[str, str]) -> str | None:
+        """What is wrong with a row, or None."""
+        if not SHA256.fullmatch(row["sha256"]):
+            return f"sha256 {row['sha256']!r} is not a hex digest"
+        if not re.fullmatch(r"-?\d+", row["predicted"]):
+            return f"predicted {row['predicted']!r} is not a class"
+        texts = [row[c] for c in self.columns if c.startswith("p") and c != "predicted"]
+        if not any(texts):  # generate decoding: an answer, no probabilities
+            return None
+        try:
+            values = [float(t) for t in texts]
+        except ValueError:
+            return f"probabilities {texts} do not all parse"
+        if not all(math.isfinite(v) and 0 <= v <= 1 for v in values) or abs(sum(values) - 1) > SUM_TOLERANCE:
+            return f"probabilities {texts} do not sum to 1"
+        return None
+
     def add(self, rows: Sequence[dict[str, object]]) -> None:
-        fresh = [r for r in rows if r["sha256"] not in self.rows]
-        for row in fresh:
-            self.rows[str(row["sha256"])] = {c: str(row.get(c, "")) for c in self.columns}
+        """Keep ``rows`` and append the new ones to the file, whole and flushed to disk."""
+        fresh = []
+        for row in rows:
+            if row["sha256"] not in self.rows:
+                text = {c: str(row.get(c, "")) for c in self.columns}
+                self.rows[text["sha256"]] = text
+                fresh.append(text)
         if not self.path or not fresh:
             return
+        if not self.path.exists():
+            self._create()
+        buffer = io.StringIO()
+        csv.DictWriter(buffer, fieldnames=self.columns, delimiter="\t", lineterminator="\n").writerows(fresh)
+        _append(self.path, buffer.getvalue().encode("utf-8"))
+
+    def _create(self) -> None:
+        """The header and the key's description, written in full before the file appears."""
+        assert self.path is not None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        new_file = not self.path.exists()
-        with open(self.path, "a", encoding="utf-8", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.columns, delimiter="\t", lineterminator="\n")
-            if new_file:
-                writer.writeheader()
-                # What the opaque file name stands for, for whoever opens the folder.
-                self.path.with_suffix(".json").write_text(json.dumps(self.description, indent=2) + "\n")
-            writer.writerows({c: row.get(c, "") for c in self.columns} for row in fresh)
+        # What the opaque file name stands for, for whoever opens the folder.
+        description = json.dumps(self.description, indent=2) + "\n"
+        _write_new(self.path.with_suffix(".json"), description.encode("utf-8"))
+        _write_new(self.path, ("\t".join(self.columns) + "\n").encode("utf-8"))
+
+
+def _append(path: Path, data: bytes) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        written = os.write(descriptor, data)
+        if written != len(data):  # a full disk: the short tail is dropped by the next read
+            raise IntegrityError(f"{path}: only {written} of {len(data)} bytes could be appended")
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary file, flushed, then renamed over it."""
+    temporary = path.with_name(path.name + ".partial")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

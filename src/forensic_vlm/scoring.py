@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +35,8 @@ from forensic_vlm.modeling import (
     require_gpus,
     resolve_device,
 )
-from forensic_vlm.prediction_cache import PredictionCache, adapter_fingerprint, model_fingerprint
+from forensic_vlm.integrity import model_files, verify_adapter
+from forensic_vlm.prediction_cache import PredictionCache
 from forensic_vlm.prompting import AnswerTokens, TokenCounter, answer_tokens, build_prompt, preflight
 
 log = logging.getLogger(__name__)
@@ -300,6 +301,8 @@ class Scores:
     devices: int
     device: str
     cache_key: str
+    model_files_sha256: dict[str, str]  # every file of the base model, hashed in full before use
+    adapter_files_sha256: dict[str, str] | None  # and of the adapter, verified against its SHA256SUMS
 
     def run_facts(self) -> dict:
         """The figures a stage records about its scoring run."""
@@ -331,6 +334,11 @@ def score_examples(
     it stopped. Identical images (same sha256) are scored once.
     """
     device = resolve_device(model_config)
+    # Every model and adapter file hashed in full (and verified) before anything is loaded; the
+    # model is then loaded from the folder that was hashed.
+    base = model_files(model_config.name_or_path, model_config.files_sha256)
+    tuned = verify_adapter(Path(adapter)) if adapter else None
+    model_config = replace(model_config, name_or_path=str(base.folder))
     # The adapter folder carries the processor it was trained with; the base model's otherwise.
     processor = load_processor(adapter or model_config.name_or_path, model_config.max_tiles)
     prompt = build_prompt(processor, model_config.question)
@@ -340,9 +348,9 @@ def score_examples(
     cache = PredictionCache(
         cache_dir,
         {
-            "model": model_fingerprint(model_config.name_or_path),
+            "model": base.hashes,
             "quantization": model_config.quantization,
-            "adapter": adapter_fingerprint(Path(adapter) if adapter else None),
+            "adapter": tuned.hashes if tuned else "none",
             "prompt": prompt,
             "max_tiles": model_config.max_tiles,
             "decoding": config.decoding,
@@ -393,6 +401,9 @@ def score_examples(
         for shard in shards
     ]
     seconds, steady = _score(jobs, devices[: len(jobs)], cache, kind)
+    for state in (base, tuned):
+        if state:
+            state.check_unchanged()
     return Scores(
         rows=[cache.get(e.sha256) for e in examples],
         images_scored=len(todo),
@@ -402,4 +413,6 @@ def score_examples(
         devices=len(jobs),
         device=device_name(device),
         cache_key=cache.key,
+        model_files_sha256=base.hashes,
+        adapter_files_sha256=tuned.hashes if tuned else None,
     )

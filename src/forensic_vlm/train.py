@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -32,7 +32,8 @@ from forensic_vlm.batches import (
     examples_from_table,
 )
 from forensic_vlm.config import ClassSpec, ModelConfig, TrainConfig, to_dict
-from forensic_vlm.lightning_module import ClassifierModule, EpochToSampler, review_thresholds
+from forensic_vlm.integrity import FolderState, model_files, write_listing
+from forensic_vlm.lightning_module import ClassifierModule, ResumableLoader, TrainingPosition, review_thresholds
 from forensic_vlm.modeling import (
     add_lora,
     compute_dtype,
@@ -68,23 +69,31 @@ def load_training_data(train_table: Path, val_table: Path, raw_data: Path, augme
 
 
 def _loader(examples: list[Example], collator: Collator, *, sampler: TokenGroupedBatches, workers: int) -> DataLoader:
-    return DataLoader(
+    return ResumableLoader(
         ImageDataset(examples),
         batch_sampler=sampler,
         collate_fn=LabelledCollator(collator, examples),
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
+        # Worker seeds from a generator of its own: the global one is part of the checkpoint.
+        generator=torch.Generator().manual_seed(sampler.seed),
     )
 
 
-def run_fingerprint(model: ModelConfig, train: TrainConfig, data: TrainingData) -> str:
-    """What a checkpoint may be resumed under: same settings, same data, same training code."""
+def run_fingerprint(model: ModelConfig, train: TrainConfig, data: TrainingData, base: dict[str, str]) -> str:
+    """What a checkpoint may be resumed under: same settings, data, model files and training code."""
     code = hashlib.sha256()
     for module in ("train", "lightning_module", "modeling", "batches", "prompting", "decoding"):
         code.update((Path(__file__).parent / f"{module}.py").read_bytes())
     payload = json.dumps(
-        {"model": to_dict(model), "train": to_dict(train), "data": data.manifest_sha256, "code": code.hexdigest()},
+        {
+            "model": to_dict(model),
+            "train": to_dict(train),
+            "data": data.manifest_sha256,
+            "base_model_files": base,
+            "code": code.hexdigest(),
+        },
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -108,6 +117,7 @@ class TrainingRun:
     precision: str
     scoring_collator: Collator
     val_tokens: list[int]
+    base: FolderState  # the base model's files, hashed before loading
 
 
 def train_adapter(
@@ -123,20 +133,30 @@ def train_adapter(
     """Fine-tune, keep the best epoch by validation macro-F1, save the adapter; returns its metrics."""
     if threads:
         torch.set_num_threads(threads)
-    run = set_up(data, classes, model_config=model_config, config=config, work_dir=Path(work_dir))
+    # Hashed in full (and verified against model.files_sha256 if set) before it is loaded.
+    base = model_files(model_config.name_or_path, model_config.files_sha256)
+    run = set_up(data, classes, model_config=model_config, config=config, work_dir=Path(work_dir), base=base)
     fit(run)
+    base.check_unchanged()
     if run.trainer.global_rank != 0:
         return {"rank": run.trainer.global_rank}
     return finish(run, data, classes, model_config=model_config, config=config, adapter_dir=Path(adapter_dir))
 
 
 def set_up(
-    data: TrainingData, classes: list[ClassSpec], *, model_config: ModelConfig, config: TrainConfig, work_dir: Path
+    data: TrainingData,
+    classes: list[ClassSpec],
+    *,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    work_dir: Path,
+    base: FolderState,
 ) -> TrainingRun:
     """Seed, decide whether to resume, load the model with LoRA, and build the loaders and trainer."""
     pl.seed_everything(config.seed, workers=True)
     checkpoints = work_dir / "checkpoints"
-    fingerprint = run_fingerprint(model_config, config, data)
+    fingerprint = run_fingerprint(model_config, config, data, base.hashes)
+    model_config = replace(model_config, name_or_path=str(base.folder))  # load the files that were hashed
     # Under DDP, Lightning starts ranks 1..N-1 by running this same command again with LOCAL_RANK
     # set; they load the model on their own device and leave files to rank 0.
     rank = int(os.environ.get("LOCAL_RANK", "0")) if config.devices > 1 else 0
@@ -207,6 +227,7 @@ def set_up(
         precision=precision,
         scoring_collator=scoring,
         val_tokens=val_tokens,
+        base=base,
     )
 
 
@@ -241,7 +262,7 @@ def finish(
         "train_peak_memory_GiB": run.module.peak_memory_gib,
     }
     # The base model's processor, uncapped: model.max_tiles is applied again wherever it is loaded.
-    _save_adapter(run.module.model, load_processor(model_config.name_or_path), adapter_dir)
+    _save_adapter(run.module.model, load_processor(run.base.folder), adapter_dir)
     # On the whole validation set (under DDP this rank saw only its share) with the best weights.
     full_val = _loader(
         data.val,
@@ -263,7 +284,17 @@ def finish(
     # Finished: a later run (new settings, or forced) trains afresh; only a crash is resumed.
     for finished in (run.checkpoints / "last.ckpt", run.checkpoints / "run.json"):
         finished.unlink(missing_ok=True)
-    write_model_card(adapter_dir, model_config=model_config, config=config, classes=classes, data=data, metrics=metrics)
+    write_model_card(
+        adapter_dir,
+        model_config=model_config,
+        config=config,
+        classes=classes,
+        data=data,
+        metrics=metrics,
+        base_files=run.base.hashes,
+    )
+    # Last: every other file of the adapter, for evaluate and classify to verify before use.
+    write_listing(adapter_dir)
     log.info(
         "train: best epoch %d, validation macro-F1 %.4f; adapter in %s",
         metrics["best_epoch"],
@@ -306,7 +337,7 @@ def _trainer(
         accumulate_grad_batches=config.accumulate_grad_batches,
         gradient_clip_val=config.gradient_clip_val,
         precision=precision,
-        callbacks=[best, last, EpochToSampler(), TQDMProgressBar(refresh_rate=max(1, steps_per_epoch // 20))],
+        callbacks=[best, last, TrainingPosition(), TQDMProgressBar(refresh_rate=max(1, steps_per_epoch // 20))],
         # Flushed every step, so the curves of a run that crashes survive to be joined on resume.
         logger=logs,
         log_every_n_steps=1,
@@ -393,11 +424,14 @@ def write_model_card(
     classes: list[ClassSpec],
     data: TrainingData,
     metrics: dict,
+    base_files: dict[str, str],
 ) -> None:
-    """``training.json`` (every setting, the data's hash, the validation metrics) and a README."""
+    """``training.json`` (every setting, the data's and base model's hashes, the validation metrics)
+    and a README."""
     versions = package_versions()
     card = {
         "base_model": model_config.name_or_path,
+        "base_model_files_sha256": base_files,
         "classes": [to_dict(c) for c in classes],
         "model": to_dict(model_config),
         "train": to_dict(config),

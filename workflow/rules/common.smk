@@ -23,6 +23,10 @@ DEMO_MODEL = "results/demo/model"
 DEMO_EXTRACTION = "results/demo/extraction"
 DEMO_EXTRACTION_LISTING = "results/demo/extraction.tsv"
 
+# Every configured input path must exist, whatever outputs are already there: a mistyped
+# evidence path stops here, naming its key, instead of ending in "Nothing to be done".
+SETTINGS.require_input_paths({DEMO_RAW_DATA, DEMO_MODEL, DEMO_EXTRACTION})
+
 
 def uses_demo_data():
     """True when raw_data is the synthetic folder that rule demo_data writes."""
