@@ -23,7 +23,7 @@ from conftest import FAST, model_config, snakemake, train_command
 from forensic_vlm.config import DEFAULT_CLASSES, EvaluateConfig
 from forensic_vlm.errors import ForensicVlmError
 from forensic_vlm.evaluate import evaluate_split
-from forensic_vlm.tables import read_tsv, sha256_file
+from forensic_vlm.tables import sha256_file
 
 CONFIG = EvaluateConfig(num_workers=0, bootstrap_samples=20)
 

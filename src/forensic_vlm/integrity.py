@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from forensic_vlm.errors import IntegrityError, InputNotFoundError
+from forensic_vlm.errors import InputNotFoundError, IntegrityError
 from forensic_vlm.tables import sha256_file
 
 log = logging.getLogger(__name__)

@@ -176,7 +176,7 @@ class TrainingPosition(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         trainer.train_dataloader.completed = 0
 
-    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs, batch, index: int) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:  # args: module, outputs, batch, index
         trainer.train_dataloader.completed += 1
 
 

@@ -26,6 +26,7 @@ from forensic_vlm.batches import Collator, Example, ImageDataset, TokenGroupedBa
 from forensic_vlm.config import EvaluateConfig, ModelConfig
 from forensic_vlm.decoding import class_probabilities, generate_answers, parse_finetuned, parse_zeroshot, to_device
 from forensic_vlm.errors import ScoringProcessError
+from forensic_vlm.integrity import model_files, verify_adapter
 from forensic_vlm.modeling import (
     compute_dtype,
     device_name,
@@ -35,7 +36,6 @@ from forensic_vlm.modeling import (
     require_gpus,
     resolve_device,
 )
-from forensic_vlm.integrity import model_files, verify_adapter
 from forensic_vlm.prediction_cache import PredictionCache
 from forensic_vlm.prompting import AnswerTokens, TokenCounter, answer_tokens, build_prompt, preflight
 
