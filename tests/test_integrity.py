@@ -7,6 +7,7 @@ the fix (the failure it gave is quoted in docs/reliability.md).
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -174,14 +175,14 @@ def test_the_base_model_is_verified_against_a_custody_record(tiny_model, tiny_da
 def test_a_killed_and_resumed_training_ends_with_the_uninterrupted_adapter(tiny_model, tiny_dataset, tmp_path) -> None:
     settings = {
         "model": {"name_or_path": str(tiny_model), "quantization": "none", "device": "cpu"},
-        "train": {**FAST, "batch_size": 2, "epochs": 2, "checkpoint_every_n_steps": 2},
+        "train": {**FAST, "batch_size": 2, "epochs": 3, "checkpoint_every_n_steps": 2},
     }
 
     def command(run: str) -> list[str]:
         (tmp_path / run).mkdir()
         config = tmp_path / run / "config.yaml"
         config.write_text(yaml.safe_dump(settings))
-        return train_command(config, tiny_dataset, tmp_path / run / "adapter")
+        return train_command(config, tiny_dataset, tmp_path / run / "adapter", log=tmp_path / run / "train.log")
 
     subprocess.run(command("whole"), check=True, capture_output=True)
     killed = command("killed")
@@ -192,11 +193,25 @@ def test_a_killed_and_resumed_training_ends_with_the_uninterrupted_adapter(tiny_
     assert process.poll() is None, "training finished before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+    killed_at = _step(last)
+    assert 14 <= killed_at < 24  # 12 steps an epoch: killed part way through the second
     subprocess.run(killed, check=True, capture_output=True)
-    for name in ("adapter_model.safetensors", "thresholds.json"):
+    assert f"resuming from {last}" in (tmp_path / "killed" / "train.log").read_text()
+    resumed = [int(row["step"]) for row in _curves(next((tmp_path / "killed" / "logs").glob("*")))]
+    assert min(resumed) == killed_at  # the second run's own curve starts where the checkpoint was
+    for name in ("adapter_model.safetensors", "review_thresholds.json"):
         assert (tmp_path / "killed" / "adapter" / name).read_bytes() == (
             tmp_path / "whole" / "adapter" / name
         ).read_bytes()
+    # The adapter is the best epoch's, which may come before the kill: every step's loss after it
+    # shows the resumed run trained the same batches, with the same dropout, from the same weights.
+    assert _curves(tmp_path / "killed") == _curves(tmp_path / "whole")
+
+
+def _curves(run: Path) -> list[dict[str, str]]:
+    """Every value of every step in ``run``'s metrics.csv, but the timings."""
+    with open(run / "metrics.csv", encoding="utf-8") as handle:
+        return [{k: v for k, v in row.items() if k != "train_images_per_s"} for row in csv.DictReader(handle)]
 
 
 def _step(checkpoint: Path) -> int:

@@ -143,7 +143,7 @@ class ResumableLoader(DataLoader):
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "python": random.getstate(),
-                "numpy": np.random.get_state(),
+                "numpy": _numpy_state(),
             },
         }
 
@@ -159,7 +159,14 @@ class ResumableLoader(DataLoader):
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        name, keys, position, has_gauss, cached = state["rng"]["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+
+
+def _numpy_state() -> tuple:
+    """NumPy's generator state in plain types: checkpoints are loaded with ``weights_only``."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return name, keys.tolist(), int(position), int(has_gauss), float(cached)
 
 
 def _order_digest(batches: list[list[int]]) -> str:
