@@ -23,9 +23,10 @@ import numpy as np
 from PIL import Image
 
 from forensic_vlm.config import AugmentConfig
+from forensic_vlm.faults import fault_point
 from forensic_vlm.images import load_evidence_image
 from forensic_vlm.parallel import ordered_map
-from forensic_vlm.tables import read_tsv, sha256_bytes, write_tsv
+from forensic_vlm.tables import read_tsv, sha256_bytes, write_atomically, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,10 @@ def _augment_one(
     lineage = []
     for index in range(1, job.count + 1):
         name = f"{job.row['sha256']}_{index}.png"
-        cached = cache / name if cache else None
-        if cached and cached.exists() and cached.with_suffix(".json").exists():
+        cached = _cached_child(cache / name) if cache else None
+        if cached:
             # A child of an unchanged parent under unchanged settings: reuse it, do not recompute.
-            data, record = cached.read_bytes(), json.loads(cached.with_suffix(".json").read_text())
+            data, record = cached
         else:
             if pixels is None:
                 pixels = np.asarray(load_evidence_image(raw_data, job.row))
@@ -114,9 +115,13 @@ def _augment_one(
             }
             if cache:
                 cache.mkdir(parents=True, exist_ok=True)
-                cached.write_bytes(data)
-                cached.with_suffix(".json").write_text(json.dumps({**record, "reused": True}))
-        (images_dir / name).write_bytes(data)
+                # Each file whole (renamed into place), and the record carries the image's sha256,
+                # checked on reuse: no fsync needed, a torn or stale pair is simply computed again.
+                write_atomically(cache / name, data, durable=False)
+                cached_record = {**record, "reused": True, "sha256": sha256_bytes(data)}
+                write_atomically((cache / name).with_suffix(".json"), json.dumps(cached_record).encode(), durable=False)
+        (images_dir / name).write_bytes(data)  # a stage output: Snakemake reruns a stage it saw cut short
+        fault_point("augment.child")
         lineage.append(
             {
                 "child": f"images/{name}",
@@ -128,6 +133,20 @@ def _augment_one(
             }
         )
     return lineage
+
+
+def _cached_child(path: Path) -> tuple[bytes, dict] | None:
+    """A cached child and its record, or None when either is missing or they do not match (a
+    cache written by an older version, or damaged: the child is then computed again, exactly)."""
+    try:
+        record = json.loads(path.with_suffix(".json").read_text())
+        data = path.read_bytes()
+    except (OSError, ValueError):
+        return None
+    if record.pop("sha256", None) != sha256_bytes(data):
+        log.warning("augment cache: %s does not match its record; computed again", path)
+        return None
+    return data, record
 
 
 def augment_training_set(

@@ -39,6 +39,7 @@ from forensic_vlm.config import (
     to_dict,
 )
 from forensic_vlm.errors import InputNotFoundError
+from forensic_vlm.faults import fault_point
 from forensic_vlm.inspection import Inspection
 from forensic_vlm.manifest import bad_input_error, inspector, table_path, walk
 from forensic_vlm.parallel import ordered_map
@@ -145,6 +146,7 @@ def classify_folder(
         row["rank"] = rank
     out_dir.mkdir(parents=True, exist_ok=True)
     write_tsv(out_dir / "triage.tsv", triage_columns(labels), rows)
+    fault_point("classify.triage_written")  # the table written, the page and custody record not yet
 
     custody = custody_record(
         root=root,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from forensic_vlm.config import ClassSpec, ManifestConfig
 from forensic_vlm.errors import BadInputError, InputNotFoundError
+from forensic_vlm.faults import fault_point
 from forensic_vlm.inspection import Inspection, inspect_file
 from forensic_vlm.parallel import ordered_map
 from forensic_vlm.tables import NON_UTF8_FLAG, encode_path, write_tsv
@@ -141,6 +142,7 @@ def build_manifest(
         to_inspect, ordered_map(inspect, relatives, workers, "manifest"), strict=True
     ):
         labelled.append((result, label, folder))
+        fault_point("manifest.file")
 
     accepted, rejected = _resolve_conflicts(labelled)
     if config.on_bad_input == "fail" and rejected:
@@ -148,6 +150,7 @@ def build_manifest(
         raise bad_input_error(raw_data / first["path"], first["reason"], first["message"], len(rejected))
     out_dir = Path(out_dir)
     write_tsv(out_dir / "manifest.tsv", MANIFEST_COLUMNS, accepted)
+    fault_point("manifest.tables")  # one table written, the other not yet
     write_tsv(out_dir / "rejects.tsv", REJECT_COLUMNS, rejected)
     summary = ManifestSummary(
         accepted=sum(1 for r in accepted if not r["duplicate_of"]),

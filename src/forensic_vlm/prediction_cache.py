@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from forensic_vlm.errors import IntegrityError
+from forensic_vlm.tables import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,8 @@ class PredictionCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # What the opaque file name stands for, for whoever opens the folder.
         description = json.dumps(self.description, indent=2) + "\n"
-        _write_new(self.path.with_suffix(".json"), description.encode("utf-8"))
-        _write_new(self.path, ("\t".join(self.columns) + "\n").encode("utf-8"))
+        write_atomically(self.path.with_suffix(".json"), description.encode("utf-8"))
+        write_atomically(self.path, ("\t".join(self.columns) + "\n").encode("utf-8"))
 
 
 def _append(path: Path, data: bytes) -> None:
@@ -136,18 +137,3 @@ def _append(path: Path, data: bytes) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all: a temporary file, flushed, then renamed over it."""
-    temporary = path.with_name(path.name + ".partial")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

@@ -26,6 +26,7 @@ from forensic_vlm.batches import Collator, Example, ImageDataset, TokenGroupedBa
 from forensic_vlm.config import EvaluateConfig, ModelConfig
 from forensic_vlm.decoding import class_probabilities, generate_answers, parse_finetuned, parse_zeroshot, to_device
 from forensic_vlm.errors import ScoringProcessError
+from forensic_vlm.faults import fault_point
 from forensic_vlm.integrity import model_files, verify_adapter
 from forensic_vlm.modeling import (
     compute_dtype,
@@ -167,6 +168,7 @@ class _Progress:
 
     def add(self, rows: list[dict]) -> None:
         self.cache.add(rows)
+        fault_point("scoring.batch")  # this batch's rows on disk, the rest not scored yet
         self.done += len(rows)
         elapsed = time.perf_counter() - self.start
         new_percent = self.done * 100 // self.total > self.logged_done * 100 // self.total

@@ -10,24 +10,62 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 from urllib.parse import quote, unquote_to_bytes
 
 NON_UTF8_FLAG = "non_utf8_name"
 
 
 def write_tsv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, object]]) -> int:
-    """Write ``rows`` (dicts) with a header; returns the number of rows written."""
+    """Write ``rows`` (dicts) with a header, whole or not at all; returns the number of rows written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    with open(path, "w", encoding="utf-8", newline="") as handle:
+    with _replacing(path) as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns), delimiter="\t", lineterminator="\n")
         writer.writeheader()
         for row in rows:
             writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in columns})
             count += 1
     return count
+
+
+def write_atomically(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``path`` whole or not at all, as :func:`write_tsv` does (``durable``: fsync too)."""
+    with _replacing(path, binary=True, durable=durable) as handle:
+        handle.write(data)
+
+
+@contextmanager
+def _replacing(path: Path, binary: bool = False, durable: bool = True) -> Iterator[IO]:
+    """A temporary file beside ``path``, renamed over it when the block ends.
+
+    A kill leaves the old file or the new one, never a part: the rename is atomic. ``durable``
+    also flushes the data and then the rename to disk, so a power cut cannot leave a renamed
+    file whose data never reached the disk. An exception leaves the old file.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        with open(
+            temporary, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})
+        ) as handle:
+            yield handle
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    if not durable:
+        return
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself, on disk
+    finally:
+        os.close(directory)
 
 
 def read_tsv(path: Path) -> list[dict[str, str]]:
