@@ -1,8 +1,9 @@
 """Fault points: where the fault-injection tests kill a stage, as a power cut or ``kill -9`` would.
 
 ``FORENSIC_VLM_KILL_AT=<point>:<n>`` makes the process send itself SIGKILL the n-th time it
-reaches ``<point>`` (no clean-up, no flushing, no exception handler runs). Unset, a fault point
-costs one dictionary lookup. The points, and what the suite compares after each, are listed in
+reaches ``<point>`` (no clean-up, no flushing, no exception handler runs); ``<point>:<n>:group``
+kills its whole process group instead (a workflow and its running job at once, as a power cut
+would). Unset, a fault point costs one dictionary lookup. The points, and what the suite compares after each, are listed in
 docs/reliability.md.
 """
 
@@ -21,9 +22,11 @@ def fault_point(name: str) -> None:
     wanted = os.environ.get(ENVIRONMENT)
     if not wanted:
         return
-    point, _, count = wanted.partition(":")
+    point, count, scope = ([*wanted.split(":"), "", ""])[:3]
     if point != name:
         return
     _reached[name] += 1
     if _reached[name] == int(count or 1):
+        if scope == "group":
+            os.killpg(os.getpgrp(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
 
@@ -63,6 +64,9 @@ class ClassifierModule(pl.LightningModule):
         images = len(batch["indices"]) * self.trainer.world_size
         self.log("train_images_per_s", images / (time.perf_counter() - self._step_start))
         fault_point("train.batch_end")  # after this batch's checkpoint, if one was due
+
+    def on_validation_end(self) -> None:
+        fault_point("train.validation_end")  # after the best checkpoint, if this epoch was better
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         loss = self.model(**self._inputs(batch), labels=batch["labels"]).loss
@@ -155,6 +159,11 @@ class ResumableLoader(DataLoader):
                 f"the checkpoint's batch order for epoch {state['epoch']} is not this run's; delete the checkpoints"
             )
         sampler.start = self.completed = state["completed"]
+        if state["completed"] >= len(sampler):
+            # Saved after an epoch's last batch: Lightning goes on with the next epoch, from the
+            # iterator it creates now.
+            sampler.set_epoch(state["epoch"] + 1)
+            sampler.start = self.completed = 0
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -171,6 +180,19 @@ def _numpy_state() -> tuple:
 
 def _order_digest(batches: list[list[int]]) -> str:
     return hashlib.sha256(json.dumps(batches).encode()).hexdigest()
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every n optimizer steps, except after an epoch's last batch.
+
+    Resumed from there, Lightning starts the next epoch without validating the one that ended
+    (measured: the epoch's validation row and its best-checkpoint decision were lost, and the
+    curves differed after it). A kill there resumes from the step before and validates as usual.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:  # args: module, outputs, batch, index
+        if trainer.train_dataloader.completed < trainer.num_training_batches:
+            super().on_train_batch_end(trainer, *args)
 
 
 class TrainingPosition(pl.Callback):

@@ -32,8 +32,15 @@ from forensic_vlm.batches import (
     examples_from_table,
 )
 from forensic_vlm.config import ClassSpec, ModelConfig, TrainConfig, to_dict
+from forensic_vlm.faults import fault_point
 from forensic_vlm.integrity import FolderState, model_files, write_listing
-from forensic_vlm.lightning_module import ClassifierModule, ResumableLoader, TrainingPosition, review_thresholds
+from forensic_vlm.lightning_module import (
+    ClassifierModule,
+    ResumableLoader,
+    StepCheckpoint,
+    TrainingPosition,
+    review_thresholds,
+)
 from forensic_vlm.modeling import (
     add_lora,
     compute_dtype,
@@ -281,9 +288,6 @@ def finish(
     write_thresholds(adapter_dir, thresholds)
     metrics["review_thresholds"] = {label: c["threshold"] for label, c in thresholds["classes"].items()}
     _write_curves(joined, run.work_dir / "metrics.csv")
-    # Finished: a later run (new settings, or forced) trains afresh; only a crash is resumed.
-    for finished in (run.checkpoints / "last.ckpt", run.checkpoints / "run.json"):
-        finished.unlink(missing_ok=True)
     write_model_card(
         adapter_dir,
         model_config=model_config,
@@ -293,8 +297,13 @@ def finish(
         metrics=metrics,
         base_files=run.base.hashes,
     )
-    # Last: every other file of the adapter, for evaluate and classify to verify before use.
+    fault_point("train.finish")  # the adapter written, its listing not yet
+    # Every other file of the adapter, for evaluate and classify to verify before use.
     write_listing(adapter_dir)
+    # Finished: a later run (new settings, or forced) trains afresh. Until here a killed run
+    # resumes from the final checkpoint and writes the adapter again.
+    for finished in (run.checkpoints / "last.ckpt", run.checkpoints / "run.json"):
+        finished.unlink(missing_ok=True)
     log.info(
         "train: best epoch %d, validation macro-F1 %.4f; adapter in %s",
         metrics["best_epoch"],
@@ -326,7 +335,7 @@ def _trainer(
     logs: CSVLogger,
     steps_per_epoch: int,
 ) -> pl.Trainer:
-    last = ModelCheckpoint(
+    last = StepCheckpoint(
         dirpath=checkpoints, save_last=True, save_top_k=0, every_n_train_steps=config.checkpoint_every_n_steps
     )
     return pl.Trainer(
