@@ -27,11 +27,13 @@ from forensic_vlm.tables import sha256_file
 log = logging.getLogger(__name__)
 
 LISTING = "SHA256SUMS"
+#: Not part of a model: the listing itself, and the empty marker Snakemake puts into a folder output.
+NOT_HASHED = {LISTING, ".snakemake_timestamp"}
 
 
 def folder_files(folder: Path) -> list[Path]:
-    """Every file under ``folder``, in a fixed order (the listing itself left out)."""
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != LISTING)
+    """Every file under ``folder``, in a fixed order (``NOT_HASHED`` left out)."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name not in NOT_HASHED)
 
 
 def hash_files(folder: Path) -> dict[str, str]:
