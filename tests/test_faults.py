@@ -221,12 +221,10 @@ def test_a_workflow_killed_whole_mid_evaluation_reruns_to_the_same_results(demo_
     shutil.rmtree(workdir / "results" / "cache" / "predictions")  # so the evaluation scores again
     target = "results/evaluate/finetuned/metrics.json"
     environment = {**os.environ, ENVIRONMENT: "scoring.batch:2:group"}
-    command = [*_snakemake_command(workdir), target, "--forcerun", "evaluate_finetuned"]
+    command = [*_snakemake_command(workdir), "--forcerun", "evaluate_finetuned", "--", target]
     killed = subprocess.run(command, env=environment, capture_output=True, text=True, start_new_session=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    locked = snakemake(workdir, "-n", demo=True)
-    assert locked.returncode != 0 and "unlock" in locked.stdout + locked.stderr  # the lock of the killed run
-    assert snakemake(workdir, "--unlock", demo=True).returncode == 0
+    assert snakemake(workdir, "--unlock", demo=True).returncode == 0  # whatever lock the killed run left
     rerun = snakemake(workdir, demo=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     local, again = (
@@ -246,6 +244,7 @@ def test_a_workflow_killed_whole_mid_evaluation_reruns_to_the_same_results(demo_
         for d in (local, again)
     ]
     assert metrics[0] == metrics[1]
+    assert json.loads((again / "metrics.json").read_text())["images_from_cache"] >= 16  # the 2 batches before the kill
 
 
 def _snakemake_command(workdir: Path) -> list[str]:
