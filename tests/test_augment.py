@@ -100,3 +100,16 @@ def test_children_of_unchanged_parents_come_from_the_cache(raw_tree: Path, split
     assert [(r["seed"], r["transforms"]) for r in a] == [(r["seed"], r["transforms"]) for r in b]
     augment_training_set(split_tree / "train.tsv", raw_tree, tmp_path / "c", AugmentConfig(seed=9), cache_dir=cache)
     assert {r["reused"] for r in read_tsv(tmp_path / "c" / "lineage.tsv")} == {"False"}  # other settings, other key
+
+
+def test_a_torn_or_changed_cached_child_is_computed_again(raw_tree: Path, split_tree: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    augment_training_set(split_tree / "train.tsv", raw_tree, tmp_path / "a", AugmentConfig(), cache_dir=cache)
+    children = sorted(cache.rglob("*.png"))
+    children[0].write_bytes(children[0].read_bytes()[:50])  # cut short, as a power cut can leave it
+    children[1].write_bytes(children[1].read_bytes() + b"\0")  # changed after it was recorded
+    augment_training_set(split_tree / "train.tsv", raw_tree, tmp_path / "b", AugmentConfig(), cache_dir=cache)
+    a, b = read_tsv(tmp_path / "a" / "lineage.tsv"), read_tsv(tmp_path / "b" / "lineage.tsv")
+    assert [r["child_sha256"] for r in a] == [r["child_sha256"] for r in b]  # the same children, exactly
+    recomputed = {r["child"].removeprefix("images/") for r in b if r["reused"] == "False"}
+    assert recomputed == {children[0].name, children[1].name}

@@ -29,3 +29,11 @@ def test_the_readme_names_the_commands_it_promises() -> None:
     text = (REPO / "README.md").read_text(encoding="utf-8")
     assert ".venv/bin/snakemake --profile profiles/demo" in text and ".venv/bin/python -m pytest" in text
     assert "../shared" not in text
+
+
+def test_the_reliability_page_lists_every_injected_fault() -> None:
+    from test_faults import FAULTS
+
+    page = (REPO / "docs" / "reliability.md").read_text(encoding="utf-8")
+    missing = [fault.id for fault in FAULTS if f"`{fault.id}`" not in page]
+    assert not missing, f"docs/reliability.md does not list {missing}"
