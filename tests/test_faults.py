@@ -225,7 +225,7 @@ def test_a_workflow_killed_whole_mid_evaluation_reruns_to_the_same_results(demo_
     killed = subprocess.run(command, env=environment, capture_output=True, text=True, start_new_session=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert snakemake(workdir, "--unlock", demo=True).returncode == 0  # whatever lock the killed run left
-    rerun = snakemake(workdir, demo=True)
+    rerun = snakemake(workdir, demo=True)  # the whole workflow, as a user would run it again
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     local, again = (
         demo_run["workdir"] / "results" / "evaluate" / "finetuned",

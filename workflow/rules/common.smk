@@ -102,7 +102,15 @@ def get_classify_fingerprint(wildcards):
 
 
 def get_final_outputs():
+    # The evaluations too, not only the report built from them: Snakemake does not remake a
+    # missing file that an up-to-date target no longer needs, so an evaluation killed with
+    # Snakemake (its outputs already removed) would otherwise leave "Nothing to be done".
     outputs = ["results/report/index.html"]
+    outputs += [
+        f"results/evaluate/{kind}/{name}"
+        for kind in ("zeroshot", "finetuned")
+        for name in ("metrics.json", "predictions.tsv")
+    ]
     if SETTINGS.classify.input_dir:
         case = f"results/classify/{SETTINGS.classify.case}"
         outputs += [f"{case}/triage.tsv", f"{case}/triage.html", f"{case}/custody.json"]
