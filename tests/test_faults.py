@@ -214,7 +214,9 @@ def test_a_killed_stage_reruns_to_the_uninterrupted_outputs(
     measured(f"fault {fault.id}: killed, rerun, outputs identical ({time.monotonic() - start:.0f} s both runs)")
 
 
-def test_a_workflow_killed_whole_mid_evaluation_reruns_to_the_same_results(demo_run: dict, tmp_path: Path) -> None:
+def test_a_workflow_killed_whole_mid_evaluation_reruns_to_the_same_results(
+    demo_run: dict, tmp_path: Path, measured
+) -> None:
     """Snakemake and its running job killed together (a power cut), then --unlock and run again."""
     workdir = tmp_path / "work"
     shutil.copytree(demo_run["workdir"], workdir, symlinks=True)
@@ -222,6 +224,7 @@ def test_a_workflow_killed_whole_mid_evaluation_reruns_to_the_same_results(demo_
     target = "results/evaluate/finetuned/metrics.json"
     environment = {**os.environ, ENVIRONMENT: "scoring.batch:2:group"}
     command = [*_snakemake_command(workdir), "--forcerun", "evaluate_finetuned", "--", target]
+    start = time.monotonic()
     killed = subprocess.run(command, env=environment, capture_output=True, text=True, start_new_session=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert snakemake(workdir, "--unlock", demo=True).returncode == 0  # whatever lock the killed run left
@@ -245,6 +248,9 @@ def test_a_workflow_killed_whole_mid_evaluation_reruns_to_the_same_results(demo_
     ]
     assert metrics[0] == metrics[1]
     assert json.loads((again / "metrics.json").read_text())["images_from_cache"] >= 16  # the 2 batches before the kill
+    measured(
+        f"fault workflow scoring.batch:2:group: killed, unlocked, rerun, identical ({time.monotonic() - start:.0f} s)"
+    )
 
 
 def _snakemake_command(workdir: Path) -> list[str]:
