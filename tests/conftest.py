@@ -228,18 +228,12 @@ PROFILE = ("--profile", str(REPO / "profiles" / "demo"))
 DEMO_CONFIG = (str(REPO / "config.yaml"), str(REPO / "profiles" / "demo" / "demo.yaml"))
 
 
-def snakemake(
-    workdir: Path, *args: str, read_only: Path | None = None, demo: bool = False
-) -> subprocess.CompletedProcess:
-    """Run the repository's workflow in ``workdir`` (the demo profile's config files are named
-    explicitly, since a profile's relative paths are read from the working directory).
-
-    Only a dry run (``-n``) is allowed outside the slow tier: ``pytest -m "not slow"`` runs no workflow.
-    """
-    if "-n" not in args and not _CURRENT["slow"]:
-        pytest.fail("a test that runs the workflow must be marked slow")
+def snakemake_command(workdir: Path, *args: str, demo: bool = False) -> list[str]:
+    """The command line that runs the repository's workflow in ``workdir`` (the demo profile's
+    config files are named explicitly, since a profile's relative paths are read from the working
+    directory)."""
     configs = DEMO_CONFIG if demo else DEMO_CONFIG[:1]
-    command = [
+    return [
         sys.executable,
         "-m",
         "snakemake",
@@ -252,9 +246,31 @@ def snakemake(
         *configs,
         *args,
     ]
+
+
+def snakemake(
+    workdir: Path, *args: str, read_only: Path | None = None, demo: bool = False
+) -> subprocess.CompletedProcess:
+    """Run ``snakemake_command``; optionally with ``read_only`` mounted read-only.
+
+    Only a dry run (``-n``) is allowed outside the slow tier: ``pytest -m "not slow"`` runs no workflow.
+    """
+    if "-n" not in args and not _CURRENT["slow"]:
+        pytest.fail("a test that runs the workflow must be marked slow")
+    command = snakemake_command(workdir, *args, demo=demo)
     if read_only is not None:
         command = read_only_command(read_only, command)
     return subprocess.run(command, capture_output=True, text=True)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The global step of a Lightning checkpoint, or -1 while it is being written."""
+    import torch
+
+    try:
+        return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
+    except Exception:  # being written at this very moment
+        return -1
 
 
 def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:

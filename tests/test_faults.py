@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FAST, REPO, snakemake, tree_hashes
+from conftest import FAST, snakemake, snakemake_command, tree_hashes
 from forensic_vlm.faults import ENVIRONMENT
+from forensic_vlm.tables import read_tsv
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -138,7 +139,7 @@ def _outputs(stage: str, work: Path) -> dict:
     if stage == "manifest":
         return {name: (out / name).read_bytes() for name in ("manifest.tsv", "rejects.tsv")}
     if stage == "augment":
-        lineage = [{k: v for k, v in row.items() if k != "reused"} for row in _tsv(out / "lineage.tsv")]
+        lineage = [{k: v for k, v in row.items() if k != "reused"} for row in read_tsv(out / "lineage.tsv")]
         return {
             "table": (out / "train_augmented.tsv").read_bytes(),
             "lineage": lineage,
@@ -163,12 +164,6 @@ def _outputs(stage: str, work: Path) -> dict:
     for key in ("started_utc", "finished_utc", "scoring"):
         custody.pop(key)
     return {"triage": (out / "triage.tsv").read_bytes(), "custody": custody}
-
-
-def _tsv(path: Path) -> list[dict]:
-    from forensic_vlm.tables import read_tsv
-
-    return read_tsv(path)
 
 
 def _csv(path: Path) -> list[dict]:
@@ -223,7 +218,7 @@ def test_a_workflow_killed_whole_mid_evaluation_reruns_to_the_same_results(
     shutil.rmtree(workdir / "results" / "cache" / "predictions")  # so the evaluation scores again
     target = "results/evaluate/finetuned/metrics.json"
     environment = {**os.environ, ENVIRONMENT: "scoring.batch:2:group"}
-    command = [*_snakemake_command(workdir), "--forcerun", "evaluate_finetuned", "--", target]
+    command = snakemake_command(workdir, "--forcerun", "evaluate_finetuned", "--", target, demo=True)
     start = time.monotonic()
     killed = subprocess.run(command, env=environment, capture_output=True, text=True, start_new_session=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -251,20 +246,3 @@ def test_a_workflow_killed_whole_mid_evaluation_reruns_to_the_same_results(
     measured(
         f"fault workflow scoring.batch:2:group: killed, unlocked, rerun, identical ({time.monotonic() - start:.0f} s)"
     )
-
-
-def _snakemake_command(workdir: Path) -> list[str]:
-    from conftest import DEMO_CONFIG, PROFILE
-
-    return [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(REPO / "Snakefile"),
-        "-d",
-        str(workdir),
-        *PROFILE,
-        "--configfile",
-        *DEMO_CONFIG,
-    ]

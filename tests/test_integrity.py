@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from conftest import FAST, model_config, snakemake, train_command
+from conftest import FAST, checkpoint_step, model_config, snakemake, train_command
 from forensic_vlm.config import DEFAULT_CLASSES, EvaluateConfig
 from forensic_vlm.errors import ForensicVlmError
 from forensic_vlm.evaluate import evaluate_split
@@ -188,12 +187,12 @@ def test_a_killed_and_resumed_training_ends_with_the_uninterrupted_adapter(tiny_
     killed = command("killed")
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     process = subprocess.Popen(killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while process.poll() is None and not (last.exists() and _step(last) >= 14):  # in the second epoch
+    while process.poll() is None and not (last.exists() and checkpoint_step(last) >= 14):  # in the second epoch
         time.sleep(0.1)
     assert process.poll() is None, "training finished before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    killed_at = _step(last)
+    killed_at = checkpoint_step(last)
     assert 14 <= killed_at < 24  # 12 steps an epoch: killed part way through the second
     subprocess.run(killed, check=True, capture_output=True)
     assert f"resuming from {last}" in (tmp_path / "killed" / "train.log").read_text()
@@ -212,13 +211,6 @@ def _curves(run: Path) -> list[dict[str, str]]:
     """Every value of every step in ``run``'s metrics.csv, but the timings."""
     with open(run / "metrics.csv", encoding="utf-8") as handle:
         return [{k: v for k, v in row.items() if k != "train_images_per_s"} for row in csv.DictReader(handle)]
-
-
-def _step(checkpoint: Path) -> int:
-    try:
-        return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
-    except Exception:  # being written at this very moment
-        return -1
 
 
 # --- 5. configured paths that do not exist --------------------------------------------------------

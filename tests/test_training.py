@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import FAST, model_config, train_command
+from conftest import FAST, checkpoint_step, model_config, train_command
 from forensic_vlm.batches import MODEL_INPUTS, Collator, examples_from_table
 from forensic_vlm.config import DEFAULT_CLASSES, REFERENCE_QUESTION, EvaluateConfig, TrainConfig
 from forensic_vlm.evaluate import evaluate_split
@@ -274,12 +274,12 @@ def test_killed_training_resumes_from_its_checkpoint_and_finishes(
     command = train_command(config, tiny_dataset, tmp_path / "adapter")
     last = tmp_path / "checkpoints" / "last.ckpt"
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while process.poll() is None and not (last.exists() and _step(last) >= 4):
+    while process.poll() is None and not (last.exists() and checkpoint_step(last) >= 4):
         time.sleep(0.2)
     assert process.poll() is None, "training finished before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    killed_at = _step(last)
+    killed_at = checkpoint_step(last)
     assert 4 <= killed_at < 36 and not (tmp_path / "adapter").exists()
 
     log = tmp_path / "resume.log"
@@ -296,10 +296,3 @@ def test_killed_training_resumes_from_its_checkpoint_and_finishes(
     from peft import PeftConfig
 
     assert PeftConfig.from_pretrained(str(tmp_path / "adapter")).r == 16
-
-
-def _step(checkpoint: Path) -> int:
-    try:
-        return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
-    except Exception:  # being written at this very moment
-        return -1
