@@ -51,8 +51,16 @@ LANGUAGE_MODEL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj
 class ModelConfig:
     name_or_path: str = REFERENCE_MODEL
     """Hub id or local folder of the LLaVA-NeXT model (weights are read from safetensors only)."""
-    quantization: Literal["nf4", "none"] = "nf4"
-    """nf4: bitsandbytes 4-bit NormalFloat with double quantization (QLoRA); none: full weights."""
+    quantization: Literal["nf4", "none", "fp8"] = "nf4"
+    """How evaluate and classify load the base model. nf4: bitsandbytes 4-bit NormalFloat with double
+    quantization (QLoRA); none: full weights (bf16 on a GPU), with the adapter merged in; fp8 (GPU of
+    compute capability 8.9 or more): full weights, the adapter merged in, then the decoder's linear
+    layers in FP8 with rowwise dynamic scaling (torchao, the speed extra), compiled so the scaling is
+    fused. Training is governed by train.quantization."""
+    kernels: Literal["auto", "liger", "none"] = "auto"
+    """Fused Triton kernels (Liger) for the decoder's RMSNorm, SwiGLU and rotary embeddings, in
+    training and scoring. auto: on a CUDA GPU when liger-kernel (the speed extra) is installed;
+    liger: required (a named error without it); none: transformers' own. Never used on the CPU."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to transformers."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -91,8 +99,14 @@ class TrainConfig:
     """Lightning precision; auto is bf16-mixed on a GPU and 32-true on the CPU."""
     gradient_clip_val: float = 1.0
     """Gradient norm clipping."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass to save memory."""
+    quantization: Literal["auto", "nf4", "none"] = "auto"
+    """Base weights while training. auto: bf16 where the plan fits the card's memory, else nf4
+    (QLoRA); on the CPU, model.quantization. nf4 or none force one (docs/performance.md)."""
+    gradient_checkpointing: Literal["auto", True, False] = "auto"
+    """Recompute activations in the backward pass to save memory. auto: as few decoder layers as
+    the card's memory needs (none where everything fits; every layer on the CPU); true: every layer."""
+    memory_budget_gib: float | None = None
+    """GPU memory the auto plan may use, in GiB; null: the card's free memory when training starts."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
@@ -127,6 +141,8 @@ class TrainConfig:
             raise ConfigError("train: learning_rate must be positive; epochs, batch_size, accumulate_grad_batches >= 1")
         if self.lora_r < 1 or not self.lora_target_modules:
             raise ConfigError("train.lora_r must be at least 1 and train.lora_target_modules not empty")
+        if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:
+            raise ConfigError("train.memory_budget_gib must be positive, or null for the card's free memory")
 
 
 @dataclass(frozen=True)

@@ -110,19 +110,23 @@ def lora_target_pattern(modules: tuple[str, ...]) -> str:
     return rf"^model\.language_model\..*\.({'|'.join(modules)})$"
 
 
-def add_lora(model, config: TrainConfig, quantized: bool):
+def add_lora(model, config: TrainConfig, *, quantized: bool, checkpointed_layers: int):
+    """LoRA on the language model; the first ``checkpointed_layers`` decoder layers recompute their
+    activations in the backward pass (``training_plan`` chooses how many)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    checkpointing = checkpointed_layers > 0
     if quantized:
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=config.gradient_checkpointing,
+            use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif config.gradient_checkpointing:
+    elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.gradient_checkpointing:
+    if checkpointing:
         model.enable_input_require_grads()
+        set_checkpointed_layers(model, checkpointed_layers)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -132,6 +136,7 @@ def add_lora(model, config: TrainConfig, quantized: bool):
         bias="none",
     )
     model = get_peft_model(model, lora)
+    _vision_tower_without_autograd(model)
     # from_pretrained returns eval mode and Lightning keeps the modes it finds: without this,
     # gradient checkpointing and LoRA dropout (both active only in train mode) would be silently off.
     model.train()
@@ -139,6 +144,33 @@ def add_lora(model, config: TrainConfig, quantized: bool):
     total = sum(p.numel() for p in model.parameters())
     log.info("trainable parameters: %.2f M of %.1f M", trainable / 1e6, total / 1e6)
     return model
+
+
+def _vision_tower_without_autograd(model) -> None:
+    """Run the frozen vision tower under ``no_grad``: nothing of it is kept for the backward pass
+    (nor recomputed), whatever hooks or checkpointing would otherwise make autograd record."""
+    tower = model.get_base_model().model.vision_tower
+    if any(p.requires_grad for p in tower.parameters()):
+        return  # something in it is trained (train.trainable): it needs its graph
+    tower.forward = torch.no_grad()(tower.forward)
+
+
+def decoder_layers(model) -> list:
+    """The language model's decoder layers, in order (under PEFT's wrappers too)."""
+    return [
+        module
+        for name, module in model.named_modules()
+        if "language_model" in name and type(module).__name__.endswith("DecoderLayer")
+    ]
+
+
+def set_checkpointed_layers(model, count: int) -> None:
+    """Recompute only the first ``count`` decoder layers. Checkpointing must be enabled on the
+    model already; it is switched off for the rest, which then keep their activations."""
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index < count
+    log.info("%d of %d decoder layers recompute their activations in the backward pass", count, len(layers))
 
 
 def load_adapter(model, adapter: Path):

@@ -28,8 +28,10 @@ from forensic_vlm.decoding import class_probabilities, generate_answers, parse_f
 from forensic_vlm.errors import ScoringProcessError
 from forensic_vlm.faults import fault_point
 from forensic_vlm.integrity import model_files, verify_adapter
+from forensic_vlm.kernels import apply_fused_kernels, fused_kernels_wanted, require_fp8, to_fp8
 from forensic_vlm.modeling import (
     compute_dtype,
+    decoder_layers,
     device_name,
     load_adapter,
     load_base_model,
@@ -59,6 +61,7 @@ class ScoringJob:
     max_new_tokens: int
     num_workers: int
     compile: bool = False
+    fused_kernels: bool = False
 
 
 def _score_batches(
@@ -96,14 +99,35 @@ def _score_batches(
 
 
 def _load_model(job: ScoringJob, device: torch.device):
-    """The base model on ``device``, with the job's adapter if any, in eval mode (compiled if asked)."""
-    model = load_base_model(job.model, device)
+    """The base model on ``device`` in eval mode, set up as ``model.quantization`` and
+    ``model.kernels`` say, with the job's adapter if any (merged into full weights)."""
+    fp8 = job.model.quantization == "fp8"
+    if fp8:
+        require_fp8(device)
+    model = load_base_model(replace(job.model, quantization="none") if fp8 else job.model, device)
+    if job.fused_kernels:
+        apply_fused_kernels(model)
     if job.adapter:
         model = load_adapter(model, Path(job.adapter))
+        if job.model.quantization != "nf4":
+            # One weight per projection again: the LoRA branch's extra products cost time every batch.
+            model = model.merge_and_unload()
     model.eval()
-    if job.compile:
+    if fp8:
+        to_fp8(model)
+    if job.compile or fp8:
         compile_decoder_layers(model)
     return model
+
+
+def scoring_path(model_config: ModelConfig, config: EvaluateConfig, device: torch.device) -> dict:
+    """How the model will run: part of the prediction cache's key and of the stage's record.
+
+    Liger is not combined with compilation: Inductor fuses the same element-wise work itself.
+    """
+    compiled = config.compile or model_config.quantization == "fp8"
+    fused = not compiled and fused_kernels_wanted(model_config, device)
+    return {"kernels": "liger" if fused else "transformers", "compiled": compiled}
 
 
 def _batch_rows(job: ScoringJob, model, tokenizer, *, inputs: dict, index: list[int]) -> list[dict]:
@@ -133,11 +157,7 @@ def compile_decoder_layers(model) -> int:
     All layers share one compiled graph (parameters are graph inputs); the sequence length is
     dynamic, so new token counts do not recompile.
     """
-    layers = [
-        module
-        for name, module in model.named_modules()
-        if "language_model" in name and type(module).__name__.endswith("DecoderLayer")
-    ]
+    layers = decoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=True)
     log.info("compiled %d decoder layers", len(layers))
@@ -305,6 +325,7 @@ class Scores:
     cache_key: str
     model_files_sha256: dict[str, str]  # every file of the base model, hashed in full before use
     adapter_files_sha256: dict[str, str] | None  # and of the adapter, verified against its SHA256SUMS
+    path: dict  # kernels and compilation (``scoring_path``)
 
     def run_facts(self) -> dict:
         """The figures a stage records about its scoring run."""
@@ -317,6 +338,7 @@ class Scores:
             "images_per_second_after_first_batch": round(self.steady_images_per_second, 2) if scored else None,
             "devices": self.devices,
             "device": self.device,
+            **self.path,
         }
 
 
@@ -347,11 +369,13 @@ def score_examples(
     answer = answer_tokens(processor.tokenizer, prompt, labels)
     max_new = config.max_new_tokens_finetuned if adapter else config.max_new_tokens_zeroshot
     score_columns = ["sha256", "predicted", *[f"p{label}" for label in labels], "answer"]
+    path = scoring_path(model_config, config, device)
     cache = PredictionCache(
         cache_dir,
         {
             "model": base.hashes,
             "quantization": model_config.quantization,
+            **path,
             "adapter": tuned.hashes if tuned else "none",
             "prompt": prompt,
             "max_tiles": model_config.max_tiles,
@@ -398,7 +422,8 @@ def score_examples(
             decoding=config.decoding,
             max_new_tokens=max_new,
             num_workers=config.num_workers,
-            compile=config.compile,
+            compile=path["compiled"],
+            fused_kernels=path["kernels"] == "liger",
         )
         for shard in shards
     ]
@@ -417,4 +442,5 @@ def score_examples(
         cache_key=cache.key,
         model_files_sha256=base.hashes,
         adapter_files_sha256=tuned.hashes if tuned else None,
+        path=path,
     )

@@ -34,6 +34,7 @@ from forensic_vlm.batches import (
 from forensic_vlm.config import ClassSpec, ModelConfig, TrainConfig, to_dict
 from forensic_vlm.faults import fault_point
 from forensic_vlm.integrity import FolderState, model_files, write_listing
+from forensic_vlm.kernels import apply_fused_kernels, fused_kernels_wanted
 from forensic_vlm.lightning_module import (
     ClassifierModule,
     ResumableLoader,
@@ -54,6 +55,7 @@ from forensic_vlm.prompting import TokenCounter, answer_tokens, build_prompt, pr
 from forensic_vlm.provenance import package_versions
 from forensic_vlm.tables import read_tsv
 from forensic_vlm.thresholds import write_thresholds
+from forensic_vlm.training_plan import ModelShape, TrainingPlan, choose_plan, memory_budget
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +90,19 @@ def _loader(examples: list[Example], collator: Collator, *, sampler: TokenGroupe
     )
 
 
-def run_fingerprint(model: ModelConfig, train: TrainConfig, data: TrainingData, base: dict[str, str]) -> str:
-    """What a checkpoint may be resumed under: same settings, data, model files and training code."""
+def run_fingerprint(
+    model: ModelConfig, train: TrainConfig, data: TrainingData, base: dict[str, str], *, resolved: dict
+) -> str:
+    """What a checkpoint may be resumed under: same settings (``resolved``: as the plan resolved
+    them), data, model files and training code."""
     code = hashlib.sha256()
-    for module in ("train", "lightning_module", "modeling", "batches", "prompting", "decoding"):
+    for module in ("train", "lightning_module", "modeling", "batches", "prompting", "decoding", "kernels"):
         code.update((Path(__file__).parent / f"{module}.py").read_bytes())
     payload = json.dumps(
         {
             "model": to_dict(model),
             "train": to_dict(train),
+            "resolved": resolved,
             "data": data.manifest_sha256,
             "base_model_files": base,
             "code": code.hexdigest(),
@@ -125,6 +131,8 @@ class TrainingRun:
     scoring_collator: Collator
     val_tokens: list[int]
     base: FolderState  # the base model's files, hashed before loading
+    plan: TrainingPlan  # base weights and recomputed layers, as resolved for this card
+    fused_kernels: bool
 
 
 def train_adapter(
@@ -162,12 +170,10 @@ def set_up(
     """Seed, decide whether to resume, load the model with LoRA, and build the loaders and trainer."""
     pl.seed_everything(config.seed, workers=True)
     checkpoints = work_dir / "checkpoints"
-    fingerprint = run_fingerprint(model_config, config, data, base.hashes)
     model_config = replace(model_config, name_or_path=str(base.folder))  # load the files that were hashed
     # Under DDP, Lightning starts ranks 1..N-1 by running this same command again with LOCAL_RANK
     # set; they load the model on their own device and leave files to rank 0.
     rank = int(os.environ.get("LOCAL_RANK", "0")) if config.devices > 1 else 0
-    resume = _resumable(checkpoints, fingerprint) if rank == 0 else (checkpoints / "last.ckpt").exists()
     device = _training_device(model_config, config, rank)
 
     processor = load_processor(model_config.name_or_path, model_config.max_tiles)
@@ -186,7 +192,25 @@ def set_up(
         len(data.val),
     )
 
-    model = add_lora(load_base_model(model_config, device), config, quantized=model_config.quantization == "nf4")
+    plan = choose_plan(
+        ModelShape.from_folder(base.folder, config),
+        model=model_config,
+        train=config,
+        batch_tokens=max(train_tokens) * config.batch_size,
+        budget_bytes=memory_budget(config, device),
+    )
+    fused = fused_kernels_wanted(model_config, device)
+    log.info("train: plan: %s; kernels: %s", plan.reason, "Liger" if fused else "transformers")
+    # The plan's quantization and the kernels change the numbers, so a checkpoint resumes only
+    # under the same ones; how many layers recompute does not.
+    fingerprint = run_fingerprint(
+        model_config, config, data, base.hashes, resolved={"quantization": plan.quantization, "fused_kernels": fused}
+    )
+    resume = _resumable(checkpoints, fingerprint) if rank == 0 else (checkpoints / "last.ckpt").exists()
+    model = load_base_model(replace(model_config, quantization=plan.quantization), device)
+    if fused:
+        apply_fused_kernels(model)
+    model = add_lora(model, config, quantized=plan.quantization == "nf4", checkpointed_layers=plan.checkpointed_layers)
     module = ClassifierModule(model, answer, config, compute_dtype(device))
     shard = {"seed": config.seed, "rank": rank, "replicas": config.devices}
     scoring = Collator(processor, prompt, answer, labels=labels, mode="score")
@@ -235,6 +259,8 @@ def set_up(
         scoring_collator=scoring,
         val_tokens=val_tokens,
         base=base,
+        plan=plan,
+        fused_kernels=fused,
     )
 
 
@@ -267,6 +293,8 @@ def finish(
         "devices": config.devices,
         "device": device_name(run.device),
         "train_peak_memory_GiB": run.module.peak_memory_gib,
+        "plan": run.plan.as_dict(),
+        "kernels": "liger" if run.fused_kernels else "transformers",
     }
     # The base model's processor, uncapped: model.max_tiles is applied again wherever it is loaded.
     _save_adapter(run.module.model, load_processor(run.base.folder), adapter_dir)
@@ -454,7 +482,8 @@ def write_model_card(
     lines = [
         "# forensic-vlm adapter",
         "",
-        f"LoRA adapter for `{model_config.name_or_path}` ({model_config.quantization}) that answers the fixed question",
+        f"LoRA adapter for `{model_config.name_or_path}` (trained on a {metrics['plan']['quantization']} base) "
+        "that answers the fixed question",
         "with one class digit: " + ", ".join(f"{c.id} {c.ko} ({c.en})" for c in classes) + ".",
         "",
         f"- Validation macro-F1 {metrics['val_macro_f1']}, accuracy {metrics['val_accuracy']} "

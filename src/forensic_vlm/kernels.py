@@ -1,0 +1,90 @@
+"""GPU speed paths: Liger's fused kernels and FP8 linear layers, both from the ``speed`` extra.
+
+Neither is ever used on the CPU, and neither is imported unless asked for, so the CPU demo and CI
+never need them. Both act on the Mistral language model inside LLaVA-NeXT: Liger has no LLaVA-NeXT
+entry point, but its Mistral patch applies to that inner model instance.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from forensic_vlm.config import ModelConfig
+from forensic_vlm.errors import ConfigError, DeviceError
+
+log = logging.getLogger(__name__)
+
+SPEED_EXTRA = "pip install 'forensic-vlm[speed]'"
+
+
+def fused_kernels_wanted(config: ModelConfig, device: torch.device) -> bool:
+    """Whether ``model.kernels`` asks for Liger on this device; a named error when it cannot be had."""
+    if config.kernels == "none" or device.type != "cuda":
+        if config.kernels == "liger" and device.type != "cuda":
+            raise DeviceError("model.kernels is liger, which needs a CUDA GPU; use auto or none on the CPU")
+        return False
+    available = importlib.util.find_spec("liger_kernel") is not None
+    if config.kernels == "liger" and not available:
+        raise ConfigError(f"model.kernels is liger but liger-kernel is not installed ({SPEED_EXTRA})")
+    return available
+
+
+def apply_fused_kernels(model) -> int:
+    """Liger's RMSNorm, SwiGLU and rotary embeddings on the language model; returns the layers patched.
+
+    Call before LoRA is added: the patched MLP calls its projections by attribute, so the LoRA
+    wrappers PEFT puts there later are used. Cross-entropy is left alone: the loss is computed on
+    the answer positions only (``ClassifierModule``), which is smaller than any fused version.
+    """
+    from liger_kernel.transformers import apply_liger_kernel_to_mistral
+
+    language_model = model.model.language_model
+    apply_liger_kernel_to_mistral(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
+        model=language_model,
+    )  # fmt: skip
+    log.info("Liger fused RMSNorm, SwiGLU and rotary embeddings on %d decoder layers", len(language_model.layers))
+    return len(language_model.layers)
+
+
+def require_fp8(device: torch.device) -> None:
+    """FP8 matrix products need compute capability 8.9 (Ada) or 9.0 (Hopper) and torchao."""
+    if device.type != "cuda":
+        raise DeviceError("model.quantization is fp8, which needs a CUDA GPU; use nf4 or none on the CPU")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        raise DeviceError(
+            f"model.quantization is fp8, which needs compute capability 8.9 or more; "
+            f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}"
+        )
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError(f"model.quantization is fp8 but torchao is not installed ({SPEED_EXTRA})")
+
+
+def to_fp8(model) -> int:
+    """The language model's decoder projections in FP8: weights per output row, activations per
+    token, scaled dynamically (torchao). The vision tower, projector and lm_head stay bf16.
+
+    Returns how many linear layers were converted. Compile the decoder layers afterwards: eager,
+    quantizing each activation is a separate pass and FP8 lost to bf16 on an H200 (issue 14).
+    """
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    converted = []
+
+    def in_decoder(module: torch.nn.Module, name: str) -> bool:
+        chosen = isinstance(module, torch.nn.Linear) and ".layers." in f".{name}"
+        if chosen:
+            converted.append(name)
+        return chosen
+
+    quantize_(
+        model.model.language_model,
+        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+        filter_fn=in_decoder,
+    )
+    log.info("FP8 (rowwise, dynamic) on %d linear layers of the language model", len(converted))
+    return len(converted)

@@ -1,0 +1,184 @@
+"""The training plan (train.quantization / gradient_checkpointing: auto), the answer-only loss, the
+vision tower without autograd, and the scoring paths' named errors: all on the CPU with the tiny model.
+What they buy on a GPU is measured by benchmarks/gpu_full_scale.py (docs/performance.md)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, model_config
+
+from forensic_vlm.batches import MODEL_INPUTS, Collator, examples_from_table
+from forensic_vlm.config import REFERENCE_QUESTION, EvaluateConfig, ModelConfig, TrainConfig
+from forensic_vlm.errors import ConfigError, DeviceError
+from forensic_vlm.images import load_checked_image
+from forensic_vlm.kernels import fused_kernels_wanted, require_fp8
+from forensic_vlm.lightning_module import answer_loss
+from forensic_vlm.modeling import add_lora, decoder_layers, load_adapter, load_base_model, load_processor
+from forensic_vlm.prompting import answer_tokens, build_prompt
+from forensic_vlm.scoring import scoring_path
+from forensic_vlm.tables import read_tsv
+from forensic_vlm.training_plan import GiB, ModelShape, choose_plan
+
+LABELS = [0, 1, 2, 3]
+CPU = torch.device("cpu")
+#: LLaVA-1.6-Mistral-7B's shape (its config and parameter counts), without its files.
+MISTRAL_7B = ModelShape(
+    layers=32,
+    hidden_size=4096,
+    intermediate_size=14336,
+    quantizable_parameters=6_979_321_856 - 2 * 32064 * 4096 - 32 * 2 * 4096 - 4096,
+    other_parameters=7_566_747_648 - (6_979_321_856 - 2 * 32064 * 4096 - 32 * 2 * 4096 - 4096),
+    lora_parameters=41_943_040,
+)
+
+
+def plan_for(budget_gib: float | None, tokens: int = 3013, **train):
+    return choose_plan(
+        MISTRAL_7B,
+        model=ModelConfig(quantization="nf4"),
+        train=TrainConfig(**train),
+        batch_tokens=tokens,
+        budget_bytes=None if budget_gib is None else budget_gib * GiB,
+    )
+
+
+def test_auto_plan_takes_the_fastest_plan_that_fits_the_card() -> None:
+    roomy = plan_for(139)
+    assert (roomy.quantization, roomy.checkpointed_layers) == ("none", 0)
+    assert roomy.estimated_peak_GiB <= 139 and "bf16 base with 0 of 32" in roomy.reason
+    middle = plan_for(32)  # bf16 weights fit, not every layer's activations
+    assert middle.quantization == "none" and 0 < middle.checkpointed_layers < 32
+    assert middle.estimated_peak_GiB <= 32
+    fewer = plan_for(32, tokens=1500)  # shorter batches: fewer layers need to recompute
+    assert fewer.checkpointed_layers < middle.checkpointed_layers
+    small = plan_for(16)  # a 16 GB card: only the 4-bit base fits
+    assert small.quantization == "nf4" and small.estimated_peak_GiB <= 16
+    assert plan_for(12).quantization == "nf4" and plan_for(24).quantization == "none"  # bf16 recomputing fits 24
+
+
+def test_a_plan_that_cannot_fit_says_so_and_takes_the_smallest(caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        tiny_card = plan_for(6)
+    assert (tiny_card.quantization, tiny_card.checkpointed_layers) == ("nf4", 32)
+    assert "nothing estimated to fit 6" in tiny_card.reason
+    assert "lower train.batch_size or model.max_tiles" in caplog.text
+
+
+def test_fixed_settings_are_kept_and_the_cpu_follows_the_model_setting() -> None:
+    forced = plan_for(139, quantization="nf4", gradient_checkpointing=True)
+    assert (forced.quantization, forced.checkpointed_layers) == ("nf4", 32)
+    assert plan_for(139, gradient_checkpointing=False).checkpointed_layers == 0
+    cpu = plan_for(None)
+    assert (cpu.quantization, cpu.checkpointed_layers) == ("nf4", 32)  # model.quantization nf4
+    assert cpu.reason.startswith("no GPU") and cpu.estimated_peak_GiB is None
+    assert plan_for(None, quantization="none", gradient_checkpointing=False).checkpointed_layers == 0
+
+
+def test_model_shape_is_read_from_the_files_without_loading(tiny_model: Path) -> None:
+    shape = ModelShape.from_folder(tiny_model, TrainConfig())
+    model = load_base_model(model_config(tiny_model), CPU)
+    projections = sum(
+        p.numel() for n, p in model.named_parameters() if "language_model.layers." in n and n.endswith("proj.weight")
+    )
+    assert shape.quantizable_parameters == projections
+    assert shape.quantizable_parameters + shape.other_parameters == sum(p.numel() for p in model.parameters())
+    lora = add_lora(model, TrainConfig(**FAST), quantized=False, checkpointed_layers=0)
+    assert shape.lora_parameters == sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+    assert shape.layers == len(decoder_layers(lora))
+
+
+def _batch(tiny_model: Path, tiny_dataset) -> dict:
+    processor = load_processor(tiny_model)
+    prompt = build_prompt(processor, REFERENCE_QUESTION)
+    answer = answer_tokens(processor.tokenizer, prompt, LABELS)
+    examples = examples_from_table(read_tsv(tiny_dataset["train"]), tiny_dataset["raw_data"])[::4]
+    items = [(i, load_checked_image(e.path, e.sha256)) for i, e in enumerate(examples)]
+    return Collator(processor, prompt, answer, labels=LABELS, mode="train")(items, [e.label for e in examples])
+
+
+def test_answer_loss_equals_the_models_own_loss_from_the_answer_logits_only(tiny_model: Path, tiny_dataset) -> None:
+    batch = _batch(tiny_model, tiny_dataset)
+    model = add_lora(
+        load_base_model(model_config(tiny_model), CPU), TrainConfig(**FAST), quantized=False, checkpointed_layers=0
+    ).eval()  # no dropout: both losses from the same function
+    inputs = {k: batch[k] for k in MODEL_INPUTS}
+    answer_length = int((batch["labels"] != -100).any(dim=0).sum())
+    kept = []
+    model.register_forward_hook(lambda module, args, out: kept.append(out.logits.shape[1]))
+    with torch.no_grad():
+        own = model(**inputs, labels=batch["labels"]).loss
+        ours = answer_loss(model, inputs, batch["labels"])
+    assert ours.item() == pytest.approx(own.item(), rel=1e-5)
+    assert kept == [batch["labels"].shape[1], answer_length + 1]  # the full sequence, then the answer only
+    with pytest.raises(ValueError, match="no answer tokens"):
+        answer_loss(model, inputs, torch.full_like(batch["labels"], -100))
+
+
+@pytest.mark.parametrize("checkpointed", [0, 1])
+def test_vision_tower_keeps_no_graph_and_only_the_chosen_layers_recompute(
+    tiny_model: Path, tiny_dataset, checkpointed: int
+) -> None:
+    batch = _batch(tiny_model, tiny_dataset)
+    model = add_lora(
+        load_base_model(model_config(tiny_model), CPU),
+        TrainConfig(**FAST),
+        quantized=False,
+        checkpointed_layers=checkpointed,
+    )
+    assert [layer.gradient_checkpointing for layer in decoder_layers(model)] == [i < checkpointed for i in range(2)]
+    seen = {}
+    base = model.get_base_model().model
+    base.vision_tower.register_forward_hook(lambda m, a, out: seen.update(vision=out.pooler_output.requires_grad))
+    base.multi_modal_projector.register_forward_hook(lambda m, a, out: seen.update(projector=out.requires_grad))
+    loss = answer_loss(model, {k: batch[k] for k in MODEL_INPUTS}, batch["labels"])
+    loss.backward()
+    assert seen == {"vision": False, "projector": False}
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    # A projector trained fully (train.trainable) still gets its gradient through the image features.
+    trained = add_lora(
+        load_base_model(model_config(tiny_model), CPU),
+        TrainConfig(**{**FAST, "trainable": ("multi_modal_projector",)}),
+        quantized=False,
+        checkpointed_layers=checkpointed,
+    )
+    answer_loss(trained, {k: batch[k] for k in MODEL_INPUTS}, batch["labels"]).backward()
+    projector = [p for n, p in trained.named_parameters() if "multi_modal_projector" in n and p.requires_grad]
+    assert projector and all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector)
+
+
+def test_training_records_the_plan_it_took(trained: dict) -> None:
+    plan = trained["metrics"]["plan"]
+    assert plan["quantization"] == "none" and plan["reason"].startswith("no GPU")
+    assert trained["metrics"]["kernels"] == "transformers"
+
+
+def test_gpu_only_paths_stop_with_a_named_error_on_the_cpu() -> None:
+    assert not fused_kernels_wanted(ModelConfig(kernels="auto"), CPU)
+    with pytest.raises(DeviceError, match=r"model\.kernels is liger, which needs a CUDA GPU"):
+        fused_kernels_wanted(ModelConfig(kernels="liger"), CPU)
+    with pytest.raises(DeviceError, match=r"model\.quantization is fp8, which needs a CUDA GPU"):
+        require_fp8(CPU)
+    assert scoring_path(ModelConfig(), EvaluateConfig(), CPU) == {"kernels": "transformers", "compiled": False}
+    with pytest.raises(ConfigError, match=r"train\.memory_budget_gib"):
+        TrainConfig(memory_budget_gib=0)
+
+
+def test_an_adapter_merged_for_scoring_gives_the_same_probabilities(tiny_model: Path, tiny_dataset, trained) -> None:
+    from forensic_vlm.decoding import class_probabilities
+
+    batch = _batch(tiny_model, tiny_dataset)
+    processor = load_processor(tiny_model)
+    answer = answer_tokens(processor.tokenizer, build_prompt(processor, REFERENCE_QUESTION), LABELS)
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k != "labels"}
+    with torch.no_grad():
+        unmerged = load_adapter(load_base_model(model_config(tiny_model), CPU), trained["adapter"]).eval()
+        expected = class_probabilities(unmerged, inputs, answer.class_ids)
+        merged = unmerged.merge_and_unload()
+        assert not any("lora_" in n for n, _ in merged.named_parameters())
+        got = class_probabilities(merged, inputs, answer.class_ids)
+    assert (expected - got).abs().max().item() < 1e-5
+    assert expected.std(dim=0).max() > 0.01  # the adapter's answers depend on the image
