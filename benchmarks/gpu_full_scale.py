@@ -181,11 +181,12 @@ def project_evaluation(
     devices: int = 1,
     compile: bool = False,
     max_tiles: int | None = None,
+    kernels: str = "none",
 ) -> dict:
     from forensic_vlm.evaluate import evaluate_split
 
     reset_peak()
-    model = ModelConfig(name_or_path=str(model_dir), quantization=quantization, max_tiles=max_tiles)
+    model = ModelConfig(name_or_path=str(model_dir), quantization=quantization, max_tiles=max_tiles, kernels=kernels)
     config = EvaluateConfig(
         batch_size=batch, num_workers=workers, bootstrap_samples=100, devices=devices, compile=compile
     )
@@ -209,25 +210,32 @@ def project_evaluation(
         "devices": devices,
         "compile": compile,
         "max_tiles": max_tiles,
+        "kernels": metrics.get("kernels"),
+        "compiled": metrics.get("compiled"),
+        "eval_dir": f"eval_{name}",
     }
 
 
 KERNEL_KINDS = (  # first match wins: cuDNN's attention kernels also carry "sm90" in their names
     ("attention", re.compile(r"flash|fmha|attention|sdpa|efficient_attention", re.I)),
+    ("fp8 matrix products", re.compile(r"f8|fp8|e4m3|scaled_mm", re.I)),
     ("matrix products", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|matmul|sm90_", re.I)),
     ("nf4 dequantize", re.compile(r"dequant|kDequant|bnb", re.I)),
     ("copies", re.compile(r"memcpy|memset|copy", re.I)),
 )
 
 
-def profile_evaluation(table: Path, root: Path, model_dir: Path, workers: int) -> dict:
-    """Where the bf16 scoring's GPU time goes: kernel time by kind, and how busy the GPU was."""
+def profile_evaluation(
+    table: Path, root: Path, model_dir: Path, workers: int, *, quantization: str = "none", kernels: str = "none"
+) -> dict:
+    """Where the scoring's GPU time goes: kernel time by kind, and how busy the GPU was."""
     from torch.profiler import ProfilerActivity, profile
 
     from forensic_vlm.evaluate import evaluate_split
 
+    reset_peak()
     config = EvaluateConfig(batch_size=8, num_workers=workers, bootstrap_samples=10)
-    model = ModelConfig(name_or_path=str(model_dir), quantization="none")
+    model = ModelConfig(name_or_path=str(model_dir), quantization=quantization, kernels=kernels)
     cuda = torch.cuda.is_available()
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as trace:
         metrics = evaluate_split(
@@ -236,7 +244,7 @@ def profile_evaluation(table: Path, root: Path, model_dir: Path, workers: int) -
             classes=list(DEFAULT_CLASSES),
             model_config=model,
             config=config,
-            out_dir=root / "eval_profile",
+            out_dir=root / f"eval_profile_{quantization}_{kernels}",
         )
     kernels: dict[str, float] = {}
     for event in trace.key_averages():
@@ -326,38 +334,164 @@ def reference_evaluation(table: Path, root: Path, model_dir: Path, plan: list[tu
     return results
 
 
-def qlora_training(train_table: Path, val_table: Path, root: Path, model_dir: Path, *, workers: int) -> dict:
+def adapter_training(
+    train_table: Path, val_table: Path, root: Path, model_dir: Path, *, name: str, workers: int, **train
+) -> dict:
+    """``train_adapter`` for one epoch at batch 1 under the given ``train`` settings (the plan is
+    ``auto`` unless they fix it); images/s per step, the peak beside the plan's estimate, every
+    step's loss."""
     from forensic_vlm.train import load_training_data, train_adapter
 
     reset_peak()
+    kernels = train.pop("kernels", "auto")
     data = load_training_data(train_table, val_table, root / "raw_data", None)
     config = TrainConfig(
-        epochs=1,
-        batch_size=1,
-        accumulate_grad_batches=1,
-        gradient_checkpointing=True,
-        num_workers=workers,
-        checkpoint_every_n_steps=10_000,
+        **{
+            "epochs": 1,
+            "batch_size": 1,
+            "accumulate_grad_batches": 1,
+            "num_workers": workers,
+            "checkpoint_every_n_steps": 10_000,
+            **train,
+        }
     )
     start = time.perf_counter()
     metrics = train_adapter(
         data,
         list(DEFAULT_CLASSES),
-        model_config=ModelConfig(name_or_path=str(model_dir), quantization="nf4"),
+        model_config=ModelConfig(name_or_path=str(model_dir), kernels=kernels),
         config=config,
-        adapter_dir=root / "adapter",
-        work_dir=root / "train",
+        adapter_dir=root / f"adapter_{name}",
+        work_dir=root / f"train_{name}",
     )
     seconds = time.perf_counter() - start
+    curve = root / f"train_{name}" / "metrics.csv"
     return {
         "seconds_incl_load_and_val": round(seconds, 1),
         "train_images": len(data.train),
         "val_images": len(data.val),
         "peak_GiB": metrics["train_peak_memory_GiB"],
         "peak_GiB_incl_loading": round(peak_gb(), 1),
+        "plan": metrics["plan"],
+        "kernels": metrics["kernels"],
         "precision": metrics["precision"],
-        "images_per_s": _median_logged(root / "train" / "metrics.csv", "train_images_per_s"),
+        "images_per_s": _median_logged(curve, "train_images_per_s"),
+        "step_losses": _logged_values(curve, "train_loss"),
     }
+
+
+def loss_curve_agreement(runs: dict, fast: str, reference: str) -> dict:
+    """How far the fast plan's per-step losses are from the reference plan's, on the same images."""
+    a, b = runs.get(fast, {}).get("step_losses"), runs.get(reference, {}).get("step_losses")
+    if not a or not b or len(a) != len(b):
+        return {"error": f"no comparable loss curves for {fast} and {reference}"}
+    relative = [abs(x - y) / abs(y) for x, y in zip(a, b, strict=True)]
+    return {
+        "steps": len(a),
+        "max_relative_difference": round(max(relative), 5),
+        "mean_relative_difference": round(float(np.mean(relative)), 5),
+        "first_loss": [round(a[0], 4), round(b[0], 4)],
+        "last_loss": [round(a[-1], 4), round(b[-1], 4)],
+    }
+
+
+def prediction_agreement(root: Path, fast: str, reference: str) -> dict:
+    """The parity gate's figures: same predicted class on >= 99 % of images, and the largest
+    difference in any class probability <= 0.02, against bf16 eager on the same images."""
+    from forensic_vlm.tables import read_tsv
+
+    paths = [root / f"eval_{name}" / "predictions.tsv" for name in (fast, reference)]
+    if not all(path.exists() for path in paths):
+        return {"error": f"predictions missing for {fast} or {reference}"}
+    ours, theirs = ({r["sha256"]: r for r in read_tsv(path)} for path in paths)
+    columns = [c for c in next(iter(ours.values())) if re.fullmatch(r"p\d+", c)]
+    same = [ours[k]["predicted"] == theirs[k]["predicted"] for k in theirs]
+    differences = [abs(float(ours[k][c]) - float(theirs[k][c])) for k in theirs for c in columns]
+    top = [max(float(theirs[k][c]) for c in columns) for k in theirs]
+    agreement, largest = float(np.mean(same)), max(differences)
+    return {
+        "images": len(same),
+        "same_class_share": round(agreement, 4),
+        "largest_probability_difference": round(largest, 4),
+        "mean_probability_difference": round(float(np.mean(differences)), 5),
+        "reference_mean_top_probability": round(float(np.mean(top)), 3),
+        "reference_classes_predicted": sorted({r["predicted"] for r in theirs.values()}),
+        "passes_gate": agreement >= 0.99 and largest <= 0.02,
+    }
+
+
+def sharpen_class_logits(model_dir: Path, table: Path, root: Path, *, images: int = 64, spread: float = 2.0) -> dict:
+    """Give the random model answers that depend on the image and are far from uniform.
+
+    A random model's answer-position state varies little between images, so its class
+    probabilities are near-uniform and agree under any numerics. The four class rows of lm_head are
+    set to the main directions in which that state varies between images (orthogonal to its mean),
+    scaled so each class logit varies with a standard deviation of ``spread`` across images: the
+    parity check then sees probabilities like a trained model's, that rounding could flip.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from forensic_vlm.batches import MODEL_INPUTS, Collator, examples_from_table
+    from forensic_vlm.decoding import to_device
+    from forensic_vlm.images import load_checked_image
+    from forensic_vlm.modeling import compute_dtype, load_base_model, load_processor, resolve_device
+    from forensic_vlm.prompting import answer_tokens, build_prompt
+    from forensic_vlm.tables import read_tsv
+
+    marker = model_dir.parent / "sharpened.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    config = ModelConfig(name_or_path=str(model_dir), quantization="none", kernels="none")
+    device = resolve_device(config)
+    model = load_base_model(config, device).eval()
+    processor = load_processor(model_dir)
+    prompt = build_prompt(processor, REFERENCE_QUESTION)
+    answer = answer_tokens(processor.tokenizer, prompt, [0, 1, 2, 3])
+    collate = Collator(processor, prompt, answer, labels=[0, 1, 2, 3], mode="score")
+    examples = examples_from_table(read_tsv(table), root / "raw_data")[:images]
+    states: list[torch.Tensor] = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: states.append(args[0][:, -1].float().cpu()))
+    with torch.no_grad():
+        for i in range(0, len(examples), 4):
+            items = [(j, load_checked_image(e.path, e.sha256)) for j, e in enumerate(examples[i : i + 4])]
+            batch = collate(items)
+            model(**to_device({k: batch[k] for k in MODEL_INPUTS}, device, compute_dtype(device)), logits_to_keep=1)
+    hook.remove()
+    del model
+    reset_peak()
+    state = torch.cat(states).double()
+    mean = state.mean(0)
+    centred = state - mean
+    _, _, directions = torch.linalg.svd(centred, full_matrices=False)
+    unit_mean = mean / mean.norm()
+    rows = directions[:4] - (directions[:4] @ unit_mean)[:, None] * unit_mean[None, :]
+    rows = rows * (spread / (centred @ rows.T).std(0))[:, None]
+    from safetensors import safe_open
+
+    def output_rows(path: Path) -> str | None:
+        """The name of lm_head's weight in this file (the input embeddings' where they are tied)."""
+        with safe_open(str(path), framework="pt") as handle:
+            names = list(handle.keys())
+        tied = [n for n in names if n.endswith("embed_tokens.weight") and "language_model" in n]
+        return "lm_head.weight" if "lm_head.weight" in names else (tied[0] if tied else None)
+
+    found = [(path, output_rows(path)) for path in sorted(model_dir.glob("*.safetensors"))]
+    lm_head = [(path, name) for path, name in found if name == "lm_head.weight"]
+    shard, name = (lm_head or [(p, n) for p, n in found if n])[0]
+    tensors = load_file(str(shard))
+    weight = tensors[name]
+    weight[list(answer.class_ids)] = rows.to(weight.dtype)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    logits = (state @ rows.T).float()
+    top = torch.softmax(logits, dim=-1).max(dim=-1).values
+    facts = {
+        "images": state.shape[0],
+        "class_logit_std": [round(v, 3) for v in logits.std(0).tolist()],
+        "mean_top_probability": round(float(top.mean()), 3),
+        "classes_predicted": sorted(set(logits.argmax(-1).tolist())),
+    }
+    marker.write_text(json.dumps(facts))
+    return facts
 
 
 def cli_training(
@@ -372,8 +506,9 @@ def cli_training(
     config.write_text(
         yaml.safe_dump(
             {
-                "model": {"name_or_path": str(model_dir), "quantization": "nf4"},
+                "model": {"name_or_path": str(model_dir), "quantization": "nf4", "kernels": "none"},
                 "train": {
+                    "quantization": "nf4",
                     "epochs": 1,
                     "batch_size": 1,
                     "accumulate_grad_batches": 1,
@@ -417,12 +552,16 @@ def cli_training(
     }
 
 
-def _median_logged(csv_path: Path, column: str) -> float | None:
-    """Median of a per-step value in the training log, leaving out the first two (warm-up) steps."""
+def _logged_values(csv_path: Path, column: str) -> list[float]:
     import csv
 
     with open(csv_path) as handle:
-        values = [float(r[column]) for r in csv.DictReader(handle) if r.get(column)]
+        return [float(r[column]) for r in csv.DictReader(handle) if r.get(column)]
+
+
+def _median_logged(csv_path: Path, column: str) -> float | None:
+    """Median of a per-step value in the training log, leaving out the first two (warm-up) steps."""
+    values = _logged_values(csv_path, column)
     return round(float(np.median(values[2:] or values)), 3) if values else None
 
 
@@ -476,19 +615,37 @@ def main() -> None:
     def evaluation(name: str, **options):
         return lambda: project_evaluation(eval_table, root, model_dir, name, workers=w, **options)
 
+    def training(name: str, **train):
+        return lambda: adapter_training(train_table, val_table, root, model_dir, name=name, workers=w, **train)
+
     steps = {
         "matmul_ceiling": matmul_ceiling,
-        "project_bf16_scores": evaluation("bf16"),
+        # First: every evaluation below, and the parity gate, use the sharpened class rows.
+        "sharpen_class_logits": lambda: sharpen_class_logits(model_dir, eval_table, root),
+        "project_bf16_scores": evaluation("bf16"),  # eager, transformers' kernels: the parity reference
+        "project_bf16_liger_scores": evaluation("bf16_liger", kernels="liger"),
+        "project_fp8_compiled_scores": evaluation("fp8", quantization="fp8"),
         "project_bf16_scores_batch16": evaluation("bf16_b16", batch=16),
         "project_bf16_scores_compile": evaluation("bf16_compile", compile=True),
         "project_bf16_scores_max_tiles2": evaluation("bf16_tiles2", max_tiles=2),
         "project_nf4_scores": evaluation("nf4", quantization="nf4"),
+        "project_nf4_liger_scores": evaluation("nf4_liger", quantization="nf4", kernels="liger"),
         "profile_bf16_scores": lambda: profile_evaluation(write_images(root, 64, sizes, seed=4), root, model_dir, w),
+        "profile_fp8_scores": lambda: profile_evaluation(
+            write_images(root, 64, sizes, seed=4), root, model_dir, w, quantization="fp8"
+        ),
         "project_bf16_scores_2gpus": evaluation("bf16_2gpus", devices=2) if gpus >= 2 else None,
         "reference": lambda: reference_evaluation(
             eval_table, root, model_dir, [(8, args.reference_images), (50, args.reference_images // 2)]
         ),
-        "qlora_train_batch1_checkpointing": lambda: qlora_training(train_table, val_table, root, model_dir, workers=w),
+        "train_auto": training("auto"),
+        # The same steps on a bf16 base with every layer recomputing and transformers' kernels: the
+        # loss curve the fast plan must follow.
+        "train_reference_plan": training("reference", quantization="none", gradient_checkpointing=True, kernels="none"),
+        "train_16GiB_budget": training("budget16", memory_budget_gib=16.0),
+        "qlora_train_batch1_checkpointing": training(
+            "qlora", quantization="nf4", gradient_checkpointing=True, kernels="none"
+        ),
         "qlora_train_cli_1gpu": lambda: cli_training(train_table, val_table, root, model_dir, workers=w, devices=1),
         "qlora_train_cli_ddp_2gpus": (
             lambda: cli_training(train_table, val_table, root, model_dir, workers=w, devices=2)
@@ -513,32 +670,57 @@ def main() -> None:
     processor_folder = args.processor or root / "processor"
     processor.save_pretrained(processor_folder) if not args.processor else None
     _add_derived(result, sizes, processor_folder)
+    _add_agreement(result, root)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"\n{device} x{gpus}; random-weight LLaVA-1.6-Mistral-7B architecture")
-    print("| run | images/s | tokens/s | MFU (datasheet / measured) | peak GiB |\n|---|---|---|---|---|")
+    print("| run | images/s | tokens/s | MFU (datasheet / measured) | peak GiB | same class / max dp |")
+    print("|---|---|---|---|---|---|")
     for name, run in runs.items():
         if "images_per_s" in run:
             mfu = f"{run.get('mfu_vs_989_TFLOPs', '')} / {run.get('mfu_vs_measured', '')}"
+            gate = run.get("agreement_with_bf16_eager", {})
+            parity = f"{gate.get('same_class_share', '')} / {gate.get('largest_probability_difference', '')}"
             print(
-                f"| {name} | {run['images_per_s']} | {run.get('tokens_per_s', '')} | {mfu} | {run.get('peak_GiB', '')} |"
+                f"| {name} | {run['images_per_s']} | {run.get('tokens_per_s', '')} | {mfu} | "
+                f"{run.get('peak_GiB', '')} | {parity} |"
             )
+    print("loss curve, auto plan against the reference plan:", result.get("loss_curve_agreement"))
 
 
 STEPS = (
     "matmul_ceiling",
+    "sharpen_class_logits",
     "project_bf16_scores",
+    "project_bf16_liger_scores",
+    "project_fp8_compiled_scores",
     "project_bf16_scores_batch16",
     "project_bf16_scores_compile",
     "project_bf16_scores_max_tiles2",
     "project_nf4_scores",
+    "project_nf4_liger_scores",
     "profile_bf16_scores",
+    "profile_fp8_scores",
     "project_bf16_scores_2gpus",
     "reference",
+    "train_auto",
+    "train_reference_plan",
+    "train_16GiB_budget",
     "qlora_train_batch1_checkpointing",
     "qlora_train_cli_1gpu",
     "qlora_train_cli_ddp_2gpus",
 )
+
+
+def _add_agreement(result: dict, root: Path) -> None:
+    """The parity figures of every evaluation against bf16 eager, and of the fast training plan's
+    loss curve against the reference plan's."""
+    runs = result["runs"]
+    for run in runs.values():
+        if run.get("eval_dir") and run["eval_dir"] != "eval_bf16" and "project_bf16_scores" in runs:
+            run["agreement_with_bf16_eager"] = prediction_agreement(root, run["eval_dir"][5:], "bf16")
+    if "train_auto" in runs and "train_reference_plan" in runs:
+        result["loss_curve_agreement"] = loss_curve_agreement(runs, "train_auto", "train_reference_plan")
 
 
 def _add_derived(result: dict, sizes, processor_source) -> None:
