@@ -420,51 +420,83 @@ def prediction_agreement(root: Path, fast: str, reference: str) -> dict:
     }
 
 
-def sharpen_class_logits(model_dir: Path, table: Path, root: Path, *, images: int = 64, spread: float = 2.0) -> dict:
+def answer_states(model_dir: Path, examples: list, dtype: torch.dtype) -> torch.Tensor:
+    """The state lm_head reads at the answer position, one row per image, with the model in ``dtype``."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    from forensic_vlm.batches import MODEL_INPUTS, Collator
+    from forensic_vlm.decoding import to_device
+    from forensic_vlm.images import load_checked_image
+    from forensic_vlm.modeling import load_processor
+    from forensic_vlm.prompting import answer_tokens, build_prompt
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = LlavaNextForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype, device_map={"": device})
+    model.eval()
+    processor = load_processor(model_dir)
+    prompt = build_prompt(processor, REFERENCE_QUESTION)
+    answer = answer_tokens(processor.tokenizer, prompt, [0, 1, 2, 3])
+    collate = Collator(processor, prompt, answer, labels=[0, 1, 2, 3], mode="score")
+    states: list[torch.Tensor] = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: states.append(args[0][:, -1].double().cpu()))
+    with torch.no_grad():
+        for i in range(0, len(examples), 4):
+            batch = collate([(j, load_checked_image(e.path, e.sha256)) for j, e in enumerate(examples[i : i + 4])])
+            model(**to_device({k: batch[k] for k in MODEL_INPUTS}, device, dtype), logits_to_keep=1)
+    hook.remove()
+    del model
+    reset_peak()
+    return torch.cat(states)
+
+
+def sharpen_class_logits(
+    model_dir: Path, calibration: Path, root: Path, *, spread: float = 2.0, subspace: int = 32
+) -> dict:
     """Give the random model answers that depend on the image and are far from uniform.
 
     A random model's answer-position state varies little between images, so its class
     probabilities are near-uniform and agree under any numerics. The four class rows of lm_head are
-    set to the main directions in which that state varies between images (orthogonal to its mean),
-    scaled so each class logit varies with a standard deviation of ``spread`` across images: the
-    parity check then sees probabilities like a trained model's, that rounding could flip.
+    set to directions in which that state differs between images, scaled so that each class logit
+    varies with a standard deviation of ``spread``: the parity check then sees confident answers
+    that differ between images, as a trained model's do.
+
+    The directions are chosen on calibration images that are not evaluated, as those along which
+    the images differ most *relative to how far bf16 rounding moves the state* (states computed in
+    bf16 and in float32 with TF32 products). A trained model's answer does not hinge on rounding
+    noise; directions picked by variance alone did (the first run of issue 14: bf16 with Liger
+    agreed with bf16 on only 96 % of the images, which measured the noise, not the kernels).
     """
     from safetensors.torch import load_file, save_file
 
-    from forensic_vlm.batches import MODEL_INPUTS, Collator, examples_from_table
-    from forensic_vlm.decoding import to_device
-    from forensic_vlm.images import load_checked_image
-    from forensic_vlm.modeling import compute_dtype, load_base_model, load_processor, resolve_device
-    from forensic_vlm.prompting import answer_tokens, build_prompt
+    from forensic_vlm.batches import examples_from_table
     from forensic_vlm.tables import read_tsv
 
     marker = model_dir.parent / "sharpened.json"
     if marker.exists():
         return json.loads(marker.read_text())
-    config = ModelConfig(name_or_path=str(model_dir), quantization="none", kernels="none")
-    device = resolve_device(config)
-    model = load_base_model(config, device).eval()
-    processor = load_processor(model_dir)
-    prompt = build_prompt(processor, REFERENCE_QUESTION)
-    answer = answer_tokens(processor.tokenizer, prompt, [0, 1, 2, 3])
-    collate = Collator(processor, prompt, answer, labels=[0, 1, 2, 3], mode="score")
-    examples = examples_from_table(read_tsv(table), root / "raw_data")[:images]
-    states: list[torch.Tensor] = []
-    hook = model.lm_head.register_forward_hook(lambda m, args, out: states.append(args[0][:, -1].float().cpu()))
-    with torch.no_grad():
-        for i in range(0, len(examples), 4):
-            items = [(j, load_checked_image(e.path, e.sha256)) for j, e in enumerate(examples[i : i + 4])]
-            batch = collate(items)
-            model(**to_device({k: batch[k] for k in MODEL_INPUTS}, device, compute_dtype(device)), logits_to_keep=1)
-    hook.remove()
-    del model
-    reset_peak()
-    state = torch.cat(states).double()
-    mean = state.mean(0)
-    centred = state - mean
-    _, _, directions = torch.linalg.svd(centred, full_matrices=False)
+    examples = examples_from_table(read_tsv(calibration), root / "raw_data")
+    rounded = answer_states(model_dir, examples, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        exact = answer_states(model_dir, examples, torch.float32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    mean = exact.mean(0)
+    centred, noise = exact - mean, rounded - exact
+    _, singular, basis = torch.linalg.svd(centred, full_matrices=False)
+    basis = basis[:subspace]  # where the images differ at all (n - 1 directions at most)
+    signal_cov = torch.diag(singular[:subspace] ** 2) / len(examples)
+    projected_noise = noise @ basis.T
+    noise_cov = projected_noise.T @ projected_noise / len(examples)
+    noise_cov += torch.eye(subspace, dtype=noise_cov.dtype) * (1e-6 * noise_cov.trace() / subspace + 1e-30)
+    # Largest signal-to-noise: the generalised eigenproblem S w = l N w, through N^-1/2.
+    values, vectors = torch.linalg.eigh(noise_cov)
+    whiten = vectors @ torch.diag(values.clamp_min(values.max() * 1e-12) ** -0.5) @ vectors.T
+    ratios, chosen = torch.linalg.eigh(whiten @ signal_cov @ whiten)
+    directions = (whiten @ chosen[:, -4:]).T @ basis  # the four best, back in the state's space
     unit_mean = mean / mean.norm()
-    rows = directions[:4] - (directions[:4] @ unit_mean)[:, None] * unit_mean[None, :]
+    rows = directions - (directions @ unit_mean)[:, None] * unit_mean[None, :]
     rows = rows * (spread / (centred @ rows.T).std(0))[:, None]
     from safetensors import safe_open
 
@@ -480,13 +512,21 @@ def sharpen_class_logits(model_dir: Path, table: Path, root: Path, *, images: in
     shard, name = (lm_head or [(p, n) for p, n in found if n])[0]
     tensors = load_file(str(shard))
     weight = tensors[name]
-    weight[list(answer.class_ids)] = rows.to(weight.dtype)
+    from forensic_vlm.modeling import load_processor
+    from forensic_vlm.prompting import answer_tokens, build_prompt
+
+    processor = load_processor(model_dir)
+    class_ids = answer_tokens(processor.tokenizer, build_prompt(processor, REFERENCE_QUESTION), [0, 1, 2, 3]).class_ids
+    weight[list(class_ids)] = rows.to(weight.dtype)
     save_file(tensors, str(shard), metadata={"format": "pt"})
-    logits = (state @ rows.T).float()
+    logits = (exact @ rows.T).float()
     top = torch.softmax(logits, dim=-1).max(dim=-1).values
     facts = {
-        "images": state.shape[0],
+        "calibration_images": exact.shape[0],
         "class_logit_std": [round(v, 3) for v in logits.std(0).tolist()],
+        # How far bf16 rounding moves each class logit, against the spread between images.
+        "bf16_noise_std_of_class_logits": [round(v, 4) for v in (noise @ rows.T).std(0).tolist()],
+        "signal_to_noise_variance_ratios": [round(v, 1) for v in ratios[-4:].tolist()],
         "mean_top_probability": round(float(top.mean()), 3),
         "classes_predicted": sorted(set(logits.argmax(-1).tolist())),
     }
@@ -621,7 +661,7 @@ def main() -> None:
     steps = {
         "matmul_ceiling": matmul_ceiling,
         # First: every evaluation below, and the parity gate, use the sharpened class rows.
-        "sharpen_class_logits": lambda: sharpen_class_logits(model_dir, eval_table, root),
+        "sharpen_class_logits": lambda: sharpen_class_logits(model_dir, write_images(root, 96, sizes, seed=5), root),
         "project_bf16_scores": evaluation("bf16"),  # eager, transformers' kernels: the parity reference
         "project_bf16_liger_scores": evaluation("bf16_liger", kernels="liger"),
         "project_fp8_compiled_scores": evaluation("fp8", quantization="fp8"),
