@@ -663,8 +663,11 @@ def main() -> None:
         # First: every evaluation below, and the parity gate, use the sharpened class rows.
         "sharpen_class_logits": lambda: sharpen_class_logits(model_dir, write_images(root, 96, sizes, seed=5), root),
         "project_bf16_scores": evaluation("bf16"),  # eager, transformers' kernels: the parity reference
-        "project_bf16_liger_scores": evaluation("bf16_liger", kernels="liger"),
+        "reference": lambda: reference_evaluation(
+            eval_table, root, model_dir, [(8, args.reference_images), (50, args.reference_images // 2)]
+        ),
         "project_fp8_compiled_scores": evaluation("fp8", quantization="fp8"),
+        "project_bf16_liger_scores": evaluation("bf16_liger", kernels="liger"),
         "project_bf16_scores_batch16": evaluation("bf16_b16", batch=16),
         "project_bf16_scores_compile": evaluation("bf16_compile", compile=True),
         "project_bf16_scores_max_tiles2": evaluation("bf16_tiles2", max_tiles=2),
@@ -675,9 +678,6 @@ def main() -> None:
             write_images(root, 64, sizes, seed=4), root, model_dir, w, quantization="fp8"
         ),
         "project_bf16_scores_2gpus": evaluation("bf16_2gpus", devices=2) if gpus >= 2 else None,
-        "reference": lambda: reference_evaluation(
-            eval_table, root, model_dir, [(8, args.reference_images), (50, args.reference_images // 2)]
-        ),
         "train_auto": training("auto"),
         # The same steps on a bf16 base with every layer recomputing and transformers' kernels: the
         # loss curve the fast plan must follow.

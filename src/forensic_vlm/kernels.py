@@ -33,20 +33,33 @@ def fused_kernels_wanted(config: ModelConfig, device: torch.device) -> bool:
 
 
 def apply_fused_kernels(model) -> int:
-    """Liger's RMSNorm, SwiGLU and rotary embeddings on the language model; returns the layers patched.
+    """Liger's RMSNorm and SwiGLU on this model's language model only; returns the layers patched.
+
+    Liger's Mistral patch also replaces module-level names of transformers (the RMSNorm and MLP
+    classes, the rotary function), which would silently change every Mistral model built later in
+    the same process while its record said otherwise; found in issue 14's first benchmark runs.
+    Those names are put back at once, so only this instance is changed, and the rotary embeddings
+    stay transformers' (Liger's rotary kernel exists only as such a module-level replacement).
 
     Call before LoRA is added: the patched MLP calls its projections by attribute, so the LoRA
     wrappers PEFT puts there later are used. Cross-entropy is left alone: the loss is computed on
     the answer positions only (``ClassifierModule``), which is smaller than any fused version.
     """
     from liger_kernel.transformers import apply_liger_kernel_to_mistral
+    from transformers.models.mistral import modeling_mistral
 
     language_model = model.model.language_model
-    apply_liger_kernel_to_mistral(
-        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
-        model=language_model,
-    )  # fmt: skip
-    log.info("Liger fused RMSNorm, SwiGLU and rotary embeddings on %d decoder layers", len(language_model.layers))
+    module_names = ("MistralRMSNorm", "MistralMLP", "apply_rotary_pos_emb")
+    saved = {name: getattr(modeling_mistral, name) for name in module_names}
+    try:
+        apply_liger_kernel_to_mistral(
+            rope=False, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
+            model=language_model,
+        )  # fmt: skip
+    finally:
+        for name, value in saved.items():
+            setattr(modeling_mistral, name, value)
+    log.info("Liger fused RMSNorm and SwiGLU on %d decoder layers of this model", len(language_model.layers))
     return len(language_model.layers)
 
 
