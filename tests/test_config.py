@@ -143,3 +143,14 @@ def test_configuration_reference_page_is_generated_from_the_schema(tmp_path) -> 
         assert f"`{key}" in expected, key
     main([str(SCHEMA), str(tmp_path / "out.md")])  # the command the page names writes the same page
     assert (tmp_path / "out.md").read_text(encoding="utf-8") == expected
+
+
+def test_gradient_checkpointing_takes_auto_or_a_boolean_also_from_the_command_line() -> None:
+    from forensic_vlm.config import coerce_strings
+
+    schema = yaml.safe_load(SCHEMA.read_text(encoding="utf-8"))
+    for given, expected in (("true", True), ("false", False), ("auto", "auto")):
+        typed = coerce_strings({"train": {"gradient_checkpointing": given}}, schema)
+        assert Config.from_dict(typed).train.gradient_checkpointing == expected
+    with pytest.raises(ConfigError, match=r"train\.gradient_checkpointing: 'sometimes' is not one of"):
+        Config.from_dict({"train": {"gradient_checkpointing": "sometimes"}})

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, model_config
 
+from conftest import FAST, model_config
 from forensic_vlm.batches import MODEL_INPUTS, Collator, examples_from_table
 from forensic_vlm.config import REFERENCE_QUESTION, EvaluateConfig, ModelConfig, TrainConfig
 from forensic_vlm.errors import ConfigError, DeviceError

@@ -57,10 +57,11 @@ class ModelConfig:
     compute capability 8.9 or more): full weights, the adapter merged in, then the decoder's linear
     layers in FP8 with rowwise dynamic scaling (torchao, the speed extra), compiled so the scaling is
     fused. Training is governed by train.quantization."""
-    kernels: Literal["auto", "liger", "none"] = "auto"
-    """Fused Triton kernels (Liger) for the decoder's RMSNorm, SwiGLU and rotary embeddings, in
-    training and scoring. auto: on a CUDA GPU when liger-kernel (the speed extra) is installed;
-    liger: required (a named error without it); none: transformers' own. Never used on the CPU."""
+    kernels: Literal["none", "auto", "liger"] = "none"
+    """Fused Triton kernels (Liger) for the decoder's RMSNorm and SwiGLU, in training and scoring.
+    none: transformers' own (the default: Liger failed the accuracy parity gate, docs/performance.md);
+    auto: Liger on a CUDA GPU when liger-kernel (the speed extra) is installed; liger: required (a
+    named error without it). Never used on the CPU."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to transformers."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -49,7 +49,9 @@ def _table(properties: dict, prefix: str) -> str:
 
 def _type(spec: dict) -> str:
     if "enum" in spec:
-        return "one of " + ", ".join(f"`{value}`" for value in spec["enum"])
+        return "one of " + ", ".join(
+            f"`{json.dumps(value) if isinstance(value, bool) else value}`" for value in spec["enum"]
+        )
     kind = spec.get("type", "any")
     kinds = kind if isinstance(kind, list) else [kind]
     if "array" in kinds and isinstance(spec.get("items"), dict) and "type" in spec["items"]:
