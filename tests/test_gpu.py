@@ -39,7 +39,9 @@ def test_nf4_on_cuda_quantizes_the_language_model_only(tiny_model: Path) -> None
 def test_qlora_training_and_scoring_on_cuda(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
     data = load_training_data(tiny_dataset["train"], tiny_dataset["val"], tiny_dataset["raw_data"], None)
     model = ModelConfig(name_or_path=str(tiny_model), quantization="nf4")
-    train = TrainConfig(learning_rate=3e-3, epochs=2, batch_size=4, accumulate_grad_batches=1, num_workers=0)
+    train = TrainConfig(
+        learning_rate=3e-3, epochs=2, batch_size=4, accumulate_grad_batches=1, num_workers=0, quantization="nf4"
+    )
     metrics = train_adapter(
         data,
         list(DEFAULT_CLASSES),
@@ -123,3 +125,65 @@ def test_ddp_qlora_training_on_two_gpus(tiny_model: Path, tiny_dataset, tmp_path
     card = json.loads((tmp_path / "adapter" / "training.json").read_text())
     assert card["validation"]["devices"] == 2 and card["validation"]["precision"] == "bf16-mixed"
     assert card["validation"]["global_step"] == 12  # 12 batches of 2 a epoch, 6 per GPU, 2 epochs
+
+
+def test_auto_plan_on_cuda_takes_bf16_without_recomputation_and_its_estimate_covers_the_peak(
+    tiny_model: Path, tiny_dataset, tmp_path: Path
+) -> None:
+    data = load_training_data(tiny_dataset["train"], tiny_dataset["val"], tiny_dataset["raw_data"], None)
+    metrics = train_adapter(
+        data,
+        list(DEFAULT_CLASSES),
+        model_config=ModelConfig(name_or_path=str(tiny_model)),
+        config=TrainConfig(epochs=1, batch_size=4, accumulate_grad_batches=1, num_workers=0),
+        adapter_dir=tmp_path / "adapter",
+        work_dir=tmp_path,
+    )
+    plan = metrics["plan"]
+    assert (plan["quantization"], plan["checkpointed_layers"]) == ("none", 0), plan
+    assert plan["estimated_peak_GiB"] >= metrics["train_peak_memory_GiB"]
+    small = TrainConfig(epochs=1, batch_size=4, accumulate_grad_batches=1, num_workers=0, memory_budget_gib=0.001)
+    tight = train_adapter(
+        data,
+        list(DEFAULT_CLASSES),
+        model_config=ModelConfig(name_or_path=str(tiny_model)),
+        config=small,
+        adapter_dir=tmp_path / "adapter_tight",
+        work_dir=tmp_path / "tight",
+    )
+    assert tight["plan"]["quantization"] == "nf4" and "nothing estimated to fit" in tight["plan"]["reason"]
+
+
+def test_liger_changes_only_the_model_it_was_applied_to(tiny_model: Path) -> None:
+    pytest.importorskip("liger_kernel")
+    from transformers.models.mistral import modeling_mistral
+
+    from forensic_vlm.kernels import apply_fused_kernels
+
+    before = {n: getattr(modeling_mistral, n) for n in ("MistralRMSNorm", "MistralMLP", "apply_rotary_pos_emb")}
+    config = ModelConfig(name_or_path=str(tiny_model), quantization="none")
+    patched = load_base_model(config, resolve_device(config))
+    apply_fused_kernels(patched)
+    assert {n: getattr(modeling_mistral, n) for n in before} == before
+    assert type(patched.model.language_model.layers[0].mlp).__name__ == "LigerSwiGLUMLP"
+    later = load_base_model(config, resolve_device(config))
+    assert type(later.model.language_model.layers[0].mlp).__name__ == "MistralMLP"
+    assert type(later.model.language_model.norm).forward is modeling_mistral.MistralRMSNorm.forward
+
+
+def test_fp8_scoring_is_compiled_and_recorded(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
+    pytest.importorskip("torchao")
+    results = {}
+    for quantization in ("none", "fp8"):
+        results[quantization] = evaluate_split(
+            tiny_dataset["val"],
+            tiny_dataset["raw_data"],
+            classes=list(DEFAULT_CLASSES),
+            model_config=ModelConfig(name_or_path=str(tiny_model), quantization=quantization),
+            config=EvaluateConfig(num_workers=0),
+            out_dir=tmp_path / quantization,
+        )
+    assert results["fp8"]["compiled"] is True and results["none"]["compiled"] is False
+    assert results["fp8"]["quantization"] == "fp8"
+    rows = {q: read_tsv(tmp_path / q / "predictions.tsv") for q in results}
+    assert [r["sha256"] for r in rows["fp8"]] == [r["sha256"] for r in rows["none"]]
