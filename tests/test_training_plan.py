@@ -182,3 +182,14 @@ def test_an_adapter_merged_for_scoring_gives_the_same_probabilities(tiny_model: 
         got = class_probabilities(merged, inputs, answer.class_ids)
     assert (expected - got).abs().max().item() < 1e-5
     assert expected.std(dim=0).max() > 0.01  # the adapter's answers depend on the image
+
+
+def test_ddp_ranks_take_rank_0s_plan_and_stop_without_one(tmp_path: Path) -> None:
+    from forensic_vlm.errors import ResumeError
+    from forensic_vlm.train import _shared_plan
+
+    with pytest.raises(ResumeError, match="rank 1 found no plan from rank 0"):
+        _shared_plan(tmp_path, 1, lambda: pytest.fail("only rank 0 chooses"))
+    chosen = plan_for(32)
+    assert _shared_plan(tmp_path, 0, lambda: chosen) == chosen
+    assert _shared_plan(tmp_path, 1, lambda: plan_for(139)) == chosen  # not its own card's plan

@@ -32,6 +32,7 @@ from forensic_vlm.batches import (
     examples_from_table,
 )
 from forensic_vlm.config import ClassSpec, ModelConfig, TrainConfig, to_dict
+from forensic_vlm.errors import ResumeError
 from forensic_vlm.faults import fault_point
 from forensic_vlm.integrity import FolderState, model_files, write_listing
 from forensic_vlm.kernels import apply_fused_kernels, fused_kernels_wanted
@@ -53,7 +54,7 @@ from forensic_vlm.modeling import (
 )
 from forensic_vlm.prompting import TokenCounter, answer_tokens, build_prompt, preflight
 from forensic_vlm.provenance import package_versions
-from forensic_vlm.tables import read_tsv
+from forensic_vlm.tables import read_tsv, write_atomically
 from forensic_vlm.thresholds import write_thresholds
 from forensic_vlm.training_plan import ModelShape, TrainingPlan, choose_plan, memory_budget
 
@@ -192,12 +193,16 @@ def set_up(
         len(data.val),
     )
 
-    plan = choose_plan(
-        ModelShape.from_folder(base.folder, config),
-        model=model_config,
-        train=config,
-        batch_tokens=max(train_tokens) * config.batch_size,
-        budget_bytes=memory_budget(config, device),
+    plan = _shared_plan(
+        work_dir,
+        rank,
+        lambda: choose_plan(
+            ModelShape.from_folder(base.folder, config),
+            model=model_config,
+            train=config,
+            batch_tokens=max(train_tokens) * config.batch_size,
+            budget_bytes=memory_budget(config, device),
+        ),
     )
     fused = fused_kernels_wanted(model_config, device)
     log.info("train: plan: %s; kernels: %s", plan.reason, "Liger" if fused else "transformers")
@@ -339,6 +344,21 @@ def finish(
         adapter_dir,
     )
     return metrics
+
+
+def _shared_plan(work_dir: Path, rank: int, choose) -> TrainingPlan:
+    """Rank 0 chooses the plan and writes it down; the other DDP ranks, which Lightning starts
+    later (after rank 0 has loaded its model), take the same one instead of measuring a card
+    that may differ. Every rank must train the same model."""
+    record = work_dir / "plan.json"
+    if rank == 0:
+        plan = choose()
+        work_dir.mkdir(parents=True, exist_ok=True)
+        write_atomically(record, (json.dumps(plan.as_dict(), indent=2) + "\n").encode())
+        return plan
+    if not record.exists():
+        raise ResumeError(f"train: rank {rank} found no plan from rank 0 at {record}")
+    return TrainingPlan(**json.loads(record.read_text()))
 
 
 def _training_device(model_config: ModelConfig, config: TrainConfig, rank: int) -> torch.device:
