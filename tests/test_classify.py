@@ -122,6 +122,7 @@ def test_demo_custody_record_names_what_was_used(demo_run: dict) -> None:
     assert custody["counts"]["needs_review"] == sum(r["needs_review"] == "true" for r in rows)
     assert set(custody["adapter"]["files_sha256"]) >= {"adapter_model.safetensors", "review_thresholds.json"}
     assert "model.safetensors" in custody["model"]["files_sha256"]
+    assert (custody["model"]["kernels"], custody["model"]["compiled"]) == ("transformers", False)
     assert len(custody["input_listing_sha256"]) == 64 and len(custody["configuration_sha256"]) == 64
     assert custody["versions"]["torch"] and custody["scoring"]["device"]
     from forensic_vlm.tables import sha256_file

@@ -270,6 +270,7 @@ def custody_record(
         "model": {
             "name_or_path": model_config.name_or_path,
             "quantization": model_config.quantization,
+            **scores.path,  # which kernels ran, and whether the decoder was compiled
             # The hashes the run verified and keyed its predictions by, taken before loading.
             "files_sha256": scores.model_files_sha256,
         },
