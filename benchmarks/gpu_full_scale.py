@@ -131,7 +131,13 @@ def phone_like(seed: int, size: tuple[int, int]) -> Image.Image:
 
 
 def write_images(root: Path, count: int, sizes, seed: int) -> Path:
-    """Phone-like JPEGs in class folders and a split-style table of them; returns the table."""
+    """Phone-like JPEGs in class folders and a split-style table of them; returns the table.
+
+    The images are the same for the same seed and count, so an existing table is reused (each step
+    runs in a process of its own)."""
+    table = root / f"table_{seed}_{count}.tsv"
+    if table.exists():
+        return table
     rows = []
     for i in range(count):
         spec = DEFAULT_CLASSES[i % 4]
@@ -153,7 +159,6 @@ def write_images(root: Path, count: int, sizes, seed: int) -> Path:
                 "height": size[1],
             }
         )
-    table = root / f"table_{seed}.tsv"
     write_tsv(table, SPLIT_COLUMNS, rows)
     return table
 
@@ -449,6 +454,56 @@ def answer_states(model_dir: Path, examples: list, dtype: torch.dtype) -> torch.
     return torch.cat(states)
 
 
+def float32_reference(model_dir: Path, table: Path, root: Path) -> dict:
+    """The evaluation's class probabilities computed in float32 (TF32 products), written as
+    ``eval_fp32/predictions.tsv``: the yardstick that says whether an option is less accurate than
+    bf16 eager or only different from it."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    from forensic_vlm.batches import MODEL_INPUTS, Collator, examples_from_table
+    from forensic_vlm.decoding import class_probabilities, to_device
+    from forensic_vlm.images import load_checked_image
+    from forensic_vlm.modeling import load_processor
+    from forensic_vlm.prompting import answer_tokens, build_prompt
+    from forensic_vlm.tables import read_tsv
+
+    reset_peak()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = LlavaNextForConditionalGeneration.from_pretrained(
+        str(model_dir), dtype=torch.float32, device_map={"": device}
+    ).eval()
+    processor = load_processor(model_dir)
+    prompt = build_prompt(processor, REFERENCE_QUESTION)
+    answer = answer_tokens(processor.tokenizer, prompt, [0, 1, 2, 3])
+    collate = Collator(processor, prompt, answer, labels=[0, 1, 2, 3], mode="score")
+    examples = examples_from_table(read_tsv(table), root / "raw_data")
+    rows, tf32 = [], torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(examples), 4):
+                part = examples[i : i + 4]
+                batch = collate([(j, load_checked_image(e.path, e.sha256)) for j, e in enumerate(part)])
+                inputs = to_device({k: batch[k] for k in MODEL_INPUTS}, device, torch.float32)
+                for e, row in zip(
+                    part, class_probabilities(model, inputs, answer.class_ids).cpu().numpy(), strict=True
+                ):
+                    rows.append(
+                        {
+                            "sha256": e.sha256,
+                            "predicted": int(row.argmax()),
+                            **{f"p{k}": f"{v:.6f}" for k, v in enumerate(row)},
+                        }
+                    )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    seconds = time.perf_counter() - start
+    (root / "eval_fp32").mkdir(exist_ok=True)
+    write_tsv(root / "eval_fp32" / "predictions.tsv", ["sha256", "predicted", "p0", "p1", "p2", "p3"], rows)
+    return {"n": len(rows), "seconds": round(seconds, 1), "peak_GiB": round(peak_gb(), 1), "reference_dir": "eval_fp32"}
+
+
 def sharpen_class_logits(
     model_dir: Path, calibration: Path, root: Path, *, spread: float = 2.0, subspace: int = 32
 ) -> dict:
@@ -617,6 +672,12 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the demo's tiny geometry, on the CPU")
     parser.add_argument("--steps", nargs="*", default=None, help=f"steps to run (default: all): {' '.join(STEPS)}")
     parser.add_argument("--json-name", default="gpu_full_scale.json")
+    parser.add_argument(
+        "--same-process",
+        action="store_true",
+        help="run every step in this process (default: each step in a process of its own, so that no "
+        "step's global settings, such as a library's patches or Inductor's configuration, reach the next)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from forensic_vlm.demo_model import build_processor
@@ -663,6 +724,7 @@ def main() -> None:
         # First: every evaluation below, and the parity gate, use the sharpened class rows.
         "sharpen_class_logits": lambda: sharpen_class_logits(model_dir, write_images(root, 96, sizes, seed=5), root),
         "project_bf16_scores": evaluation("bf16"),  # eager, transformers' kernels: the parity reference
+        "float32_reference": lambda: float32_reference(model_dir, eval_table, root),
         "reference": lambda: reference_evaluation(
             eval_table, root, model_dir, [(8, args.reference_images), (50, args.reference_images // 2)]
         ),
@@ -700,7 +762,7 @@ def main() -> None:
             continue
         log.info("step %s", name)
         try:
-            outcome = step()
+            outcome = step() if args.same_process or len(args.steps or ()) == 1 else _step_in_process(name, args)
         except Exception as error:  # one failing option must not cost the other figures of the run
             log.exception("step %s failed", name)
             outcome = {"error": f"{type(error).__name__}: {error}"[:500]}
@@ -728,10 +790,30 @@ def main() -> None:
     print("loss curve, auto plan against the reference plan:", result.get("loss_curve_agreement"))
 
 
+def _step_in_process(name: str, args: argparse.Namespace) -> dict:
+    """Run one step by running this script again for it alone; its outcome from that run's JSON."""
+    forwarded = [
+        *("--out-dir", str(args.work_dir / "steps"), "--work-dir", str(args.work_dir)),
+        *("--eval-images", str(args.eval_images), "--reference-images", str(args.reference_images)),
+        *("--train-images", str(args.train_images), "--workers", str(args.workers)),
+        *(("--processor", str(args.processor)) if args.processor else ()),
+        *(("--tiny",) if args.tiny else ()),
+        *("--steps", name, "--json-name", f"{name}.json"),
+    ]
+    done = subprocess.run([sys.executable, __file__, *forwarded], check=False)
+    path = args.work_dir / "steps" / f"{name}.json"
+    if done.returncode != 0 or not path.exists():
+        return {"error": f"the step's process ended with exit code {done.returncode}"}
+    runs = json.loads(path.read_text())["runs"]
+    return runs if name == "reference" else runs.get(name, {"error": "the step wrote no result"})
+
+
 STEPS = (
     "matmul_ceiling",
     "sharpen_class_logits",
     "project_bf16_scores",
+    "float32_reference",
+    "reference",
     "project_bf16_liger_scores",
     "project_fp8_compiled_scores",
     "project_bf16_scores_batch16",
@@ -742,7 +824,6 @@ STEPS = (
     "profile_bf16_scores",
     "profile_fp8_scores",
     "project_bf16_scores_2gpus",
-    "reference",
     "train_auto",
     "train_reference_plan",
     "train_16GiB_budget",
@@ -759,6 +840,8 @@ def _add_agreement(result: dict, root: Path) -> None:
     for run in runs.values():
         if run.get("eval_dir") and run["eval_dir"] != "eval_bf16" and "project_bf16_scores" in runs:
             run["agreement_with_bf16_eager"] = prediction_agreement(root, run["eval_dir"][5:], "bf16")
+        if run.get("eval_dir") and "float32_reference" in runs and "error" not in runs["float32_reference"]:
+            run["agreement_with_float32"] = prediction_agreement(root, run["eval_dir"][5:], "fp32")
     if "train_auto" in runs and "train_reference_plan" in runs:
         result["loss_curve_agreement"] = loss_curve_agreement(runs, "train_auto", "train_reference_plan")
 
