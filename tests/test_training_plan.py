@@ -162,7 +162,11 @@ def test_gpu_only_paths_stop_with_a_named_error_on_the_cpu() -> None:
         fused_kernels_wanted(ModelConfig(kernels="liger"), CPU)
     with pytest.raises(DeviceError, match=r"model\.quantization is fp8, which needs a CUDA GPU"):
         require_fp8(CPU)
-    assert scoring_path(ModelConfig(), EvaluateConfig(), CPU) == {"kernels": "transformers", "compiled": False}
+    assert scoring_path(ModelConfig(quantization="nf4"), EvaluateConfig(), CPU) == {
+        "quantization": "nf4",
+        "kernels": "transformers",
+        "compiled": False,
+    }
     with pytest.raises(ConfigError, match=r"train\.memory_budget_gib"):
         TrainConfig(memory_budget_gib=0)
 
@@ -193,3 +197,24 @@ def test_ddp_ranks_take_rank_0s_plan_and_stop_without_one(tmp_path: Path) -> Non
     chosen = plan_for(32)
     assert _shared_plan(tmp_path, 0, lambda: chosen) == chosen
     assert _shared_plan(tmp_path, 1, lambda: plan_for(139)) == chosen  # not its own card's plan
+
+
+def test_scoring_quantization_auto_follows_the_base_the_adapter_was_trained_on(trained, tmp_path: Path, caplog) -> None:
+    import json
+    import shutil
+
+    from forensic_vlm.scoring import scoring_quantization
+
+    adapter = trained["adapter"]  # trained on the CPU with model.quantization none
+    assert scoring_quantization(ModelConfig(quantization="auto"), adapter) == "none"
+    assert scoring_quantization(ModelConfig(quantization="auto"), None) == "nf4"  # zero-shot: the reference's
+    with caplog.at_level(logging.WARNING):
+        assert scoring_quantization(ModelConfig(quantization="nf4"), adapter) == "nf4"
+    assert "its review thresholds validated on a none base" in caplog.text
+    older = tmp_path / "older"  # an adapter from before the training plan: its model.quantization
+    shutil.copytree(adapter, older)
+    card = json.loads((older / "training.json").read_text())
+    del card["validation"]["plan"]
+    card["model"]["quantization"] = "nf4"
+    (older / "training.json").write_text(json.dumps(card))
+    assert scoring_quantization(ModelConfig(quantization="auto"), older) == "nf4"

@@ -269,8 +269,7 @@ def custody_record(
         "triage_tsv_sha256": sha256_file(triage),
         "model": {
             "name_or_path": model_config.name_or_path,
-            "quantization": model_config.quantization,
-            **scores.path,  # which kernels ran, and whether the decoder was compiled
+            **scores.path,  # the quantization resolved, which kernels ran, whether the decoder was compiled
             # The hashes the run verified and keyed its predictions by, taken before loading.
             "files_sha256": scores.model_files_sha256,
         },

@@ -51,12 +51,14 @@ LANGUAGE_MODEL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj
 class ModelConfig:
     name_or_path: str = REFERENCE_MODEL
     """Hub id or local folder of the LLaVA-NeXT model (weights are read from safetensors only)."""
-    quantization: Literal["nf4", "none", "fp8"] = "nf4"
-    """How evaluate and classify load the base model. nf4: bitsandbytes 4-bit NormalFloat with double
-    quantization (QLoRA); none: full weights (bf16 on a GPU), with the adapter merged in; fp8 (GPU of
-    compute capability 8.9 or more): full weights, the adapter merged in, then the decoder's linear
-    layers in FP8 with rowwise dynamic scaling (torchao, the speed extra), compiled so the scaling is
-    fused. Training is governed by train.quantization."""
+    quantization: Literal["auto", "nf4", "none", "fp8"] = "auto"
+    """How evaluate and classify load the base model. auto: with an adapter, the base it was trained
+    and its review thresholds validated on (its training.json), without one nf4 (the reference's);
+    nf4: bitsandbytes 4-bit NormalFloat with double quantization (QLoRA); none: full weights (bf16 on
+    a GPU), with the adapter merged in; fp8 (GPU of compute capability 8.9 or more): full weights,
+    the adapter merged in, then the decoder's linear layers in FP8 with rowwise dynamic scaling
+    (torchao, the speed extra), compiled so the scaling is fused. Training is governed by
+    train.quantization."""
     kernels: Literal["none", "auto", "liger"] = "none"
     """Fused Triton kernels (Liger) for the decoder's RMSNorm and SwiGLU, in training and scoring.
     none: transformers' own (the default: Liger failed the accuracy parity gate, docs/performance.md);

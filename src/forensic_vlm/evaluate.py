@@ -75,7 +75,6 @@ def evaluate_split(
             "kind": kind,
             "decoding": config.decoding,
             "model": model_config.name_or_path,
-            "quantization": model_config.quantization,
             "adapter": str(adapter) if adapter else None,
             **result.run_facts(),
             "model_files_sha256": result.model_files_sha256,

@@ -10,6 +10,7 @@ failing process stops the run with its traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import sys
@@ -120,14 +121,47 @@ def _load_model(job: ScoringJob, device: torch.device):
     return model
 
 
+def scoring_quantization(model_config: ModelConfig, adapter: Path | None) -> str:
+    """``model.quantization``, with ``auto`` resolved: the base an adapter was trained on, so that
+    the review thresholds validated in training hold for the numbers scoring produces; nf4 (the
+    reference's) without an adapter. An explicit setting that differs from the adapter's base is
+    used, and said in the log."""
+    trained_on = _adapter_base_quantization(adapter) if adapter else None
+    if model_config.quantization == "auto":
+        return trained_on or "nf4"
+    if trained_on and trained_on != model_config.quantization:
+        log.warning(
+            "model.quantization is %s but the adapter %s was trained and its review thresholds validated on a "
+            "%s base; its scores will differ somewhat from those it was validated with",
+            model_config.quantization,
+            adapter,
+            trained_on,
+        )
+    return model_config.quantization
+
+
+def _adapter_base_quantization(adapter: Path) -> str | None:
+    card = json.loads((adapter / "training.json").read_text(encoding="utf-8"))
+    plan = card.get("validation", {}).get("plan")
+    if plan:
+        return plan["quantization"]
+    # Adapters from before the training plan were trained on model.quantization.
+    return {"nf4": "nf4", "none": "none"}.get(card.get("model", {}).get("quantization"))
+
+
 def scoring_path(model_config: ModelConfig, config: EvaluateConfig, device: torch.device) -> dict:
-    """How the model will run: part of the prediction cache's key and of the stage's record.
+    """How the model will run (``model_config.quantization`` resolved already): part of the
+    prediction cache's key and of the stage's record.
 
     Liger is not combined with compilation: Inductor fuses the same element-wise work itself.
     """
     compiled = config.compile or model_config.quantization == "fp8"
     fused = not compiled and fused_kernels_wanted(model_config, device)
-    return {"kernels": "liger" if fused else "transformers", "compiled": compiled}
+    return {
+        "quantization": model_config.quantization,
+        "kernels": "liger" if fused else "transformers",
+        "compiled": compiled,
+    }
 
 
 def _batch_rows(job: ScoringJob, model, tokenizer, *, inputs: dict, index: list[int]) -> list[dict]:
@@ -362,7 +396,8 @@ def score_examples(
     # model is then loaded from the folder that was hashed.
     base = model_files(model_config.name_or_path, model_config.files_sha256)
     tuned = verify_adapter(Path(adapter)) if adapter else None
-    model_config = replace(model_config, name_or_path=str(base.folder))
+    quantization = scoring_quantization(model_config, Path(adapter) if adapter else None)
+    model_config = replace(model_config, name_or_path=str(base.folder), quantization=quantization)
     # The adapter folder carries the processor it was trained with; the base model's otherwise.
     processor = load_processor(adapter or model_config.name_or_path, model_config.max_tiles)
     prompt = build_prompt(processor, model_config.question)
@@ -374,7 +409,6 @@ def score_examples(
         cache_dir,
         {
             "model": base.hashes,
-            "quantization": model_config.quantization,
             **path,
             "adapter": tuned.hashes if tuned else "none",
             "prompt": prompt,

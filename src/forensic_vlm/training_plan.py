@@ -175,7 +175,8 @@ def choose_plan(
 
 
 def _cpu_quantization(model: ModelConfig) -> str:
-    return "nf4" if model.quantization == "nf4" else "none"
+    """The base trained on without a GPU: full weights only where model.quantization asks for them."""
+    return "none" if model.quantization in ("none", "fp8") else "nf4"
 
 
 def memory_budget(train: TrainConfig, device) -> float | None:
