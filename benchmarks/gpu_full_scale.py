@@ -187,11 +187,18 @@ def project_evaluation(
     compile: bool = False,
     max_tiles: int | None = None,
     kernels: str = "none",
+    fp8_scope: str = "decoder",
 ) -> dict:
     from forensic_vlm.evaluate import evaluate_split
 
     reset_peak()
-    model = ModelConfig(name_or_path=str(model_dir), quantization=quantization, max_tiles=max_tiles, kernels=kernels)
+    model = ModelConfig(
+        name_or_path=str(model_dir),
+        quantization=quantization,
+        max_tiles=max_tiles,
+        kernels=kernels,
+        fp8_scope=fp8_scope,
+    )
     config = EvaluateConfig(
         batch_size=batch, num_workers=workers, bootstrap_samples=100, devices=devices, compile=compile
     )
@@ -217,6 +224,7 @@ def project_evaluation(
         "max_tiles": max_tiles,
         "kernels": metrics.get("kernels"),
         "compiled": metrics.get("compiled"),
+        "fp8_scope": metrics.get("fp8_scope"),
         "eval_dir": f"eval_{name}",
     }
 
@@ -729,6 +737,8 @@ def main() -> None:
             eval_table, root, model_dir, [(8, args.reference_images), (50, args.reference_images // 2)]
         ),
         "project_fp8_compiled_scores": evaluation("fp8", quantization="fp8"),
+        "project_fp8_mlp_scores": evaluation("fp8_mlp", quantization="fp8", fp8_scope="mlp"),
+        "project_fp8_inner_scores": evaluation("fp8_inner", quantization="fp8", fp8_scope="inner"),
         "project_bf16_liger_scores": evaluation("bf16_liger", kernels="liger"),
         "project_bf16_scores_batch16": evaluation("bf16_b16", batch=16),
         "project_bf16_scores_compile": evaluation("bf16_compile", compile=True),
@@ -816,6 +826,8 @@ STEPS = (
     "reference",
     "project_bf16_liger_scores",
     "project_fp8_compiled_scores",
+    "project_fp8_mlp_scores",
+    "project_fp8_inner_scores",
     "project_bf16_scores_batch16",
     "project_bf16_scores_compile",
     "project_bf16_scores_max_tiles2",

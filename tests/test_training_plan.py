@@ -218,3 +218,17 @@ def test_scoring_quantization_auto_follows_the_base_the_adapter_was_trained_on(t
     card["model"]["quantization"] = "nf4"
     (older / "training.json").write_text(json.dumps(card))
     assert scoring_quantization(ModelConfig(quantization="auto"), older) == "nf4"
+
+
+def test_fp8_scope_picks_the_decoder_projections_it_names(tiny_model: Path) -> None:
+    from forensic_vlm.kernels import fp8_targets
+
+    language_model = load_base_model(model_config(tiny_model), CPU).model.language_model
+    every = fp8_targets(language_model, "decoder")
+    assert len(every) == 7 * len(language_model.layers)  # q, k, v, o, gate, up, down of each layer
+    assert all(name.startswith("layers.") for name in every)  # never lm_head, embeddings or vision
+    assert fp8_targets(language_model, "mlp") == {n for n in every if ".mlp." in n}
+    with pytest.raises(ConfigError, match="fp8_scope inner leaves no linear layer in FP8 in a model of 2"):
+        fp8_targets(language_model, "inner")  # the tiny model has only its first and last two layers
+    fp8 = ModelConfig(quantization="fp8", fp8_scope="mlp")
+    assert scoring_path(fp8, EvaluateConfig(), CPU)["fp8_scope"] == "mlp"  # part of the cache key

@@ -59,6 +59,9 @@ class ModelConfig:
     the adapter merged in, then the decoder's linear layers in FP8 with rowwise dynamic scaling
     (torchao, the speed extra), compiled so the scaling is fused. Training is governed by
     train.quantization."""
+    fp8_scope: Literal["decoder", "mlp", "inner"] = "decoder"
+    """With quantization fp8, which of the decoder's linear layers are FP8. decoder: all of them; mlp:
+    gate, up and down only; inner: all but those of the first two and last two decoder layers."""
     kernels: Literal["none", "auto", "liger"] = "none"
     """Fused Triton kernels (Liger) for the decoder's RMSNorm and SwiGLU, in training and scoring.
     none: transformers' own (the default: Liger failed the accuracy parity gate, docs/performance.md);

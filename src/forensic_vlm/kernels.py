@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 
 import torch
 
@@ -77,27 +78,44 @@ def require_fp8(device: torch.device) -> None:
         raise ConfigError(f"model.quantization is fp8 but torchao is not installed ({SPEED_EXTRA})")
 
 
-def to_fp8(model) -> int:
-    """The language model's decoder projections in FP8: weights per output row, activations per
-    token, scaled dynamically (torchao). The vision tower, projector and lm_head stay bf16.
+def fp8_targets(language_model, scope: str) -> set[str]:
+    """The linear layers (names inside the language model) that ``model.fp8_scope`` puts in FP8.
+
+    decoder: every projection of every decoder layer; mlp: gate, up and down only (attention stays
+    bf16); inner: every projection except in the first two and the last two decoder layers, where
+    errors have the most layers to grow through or the least to be averaged out.
+    """
+    count = len(language_model.layers)
+    chosen = set()
+    for name, module in language_model.named_modules():
+        match = re.fullmatch(r"layers\.(\d+)\.(self_attn|mlp)\.\w+", name)
+        if not match or not isinstance(module, torch.nn.Linear):
+            continue
+        index, block = int(match[1]), match[2]
+        if (scope == "mlp" and block != "mlp") or (scope == "inner" and not 2 <= index < count - 2):
+            continue
+        chosen.add(name)
+    if not chosen:
+        raise ConfigError(f"model.fp8_scope {scope} leaves no linear layer in FP8 in a model of {count} decoder layers")
+    return chosen
+
+
+def to_fp8(model, scope: str = "decoder") -> int:
+    """The language model's projections chosen by ``fp8_targets`` in FP8: weights per output row,
+    activations per token, scaled dynamically (torchao). The vision tower, projector and lm_head
+    stay bf16.
 
     Returns how many linear layers were converted. Compile the decoder layers afterwards: eager,
     quantizing each activation is a separate pass and FP8 lost to bf16 on an H200 (issue 14).
     """
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    converted = []
-
-    def in_decoder(module: torch.nn.Module, name: str) -> bool:
-        chosen = isinstance(module, torch.nn.Linear) and ".layers." in f".{name}"
-        if chosen:
-            converted.append(name)
-        return chosen
-
+    language_model = model.model.language_model
+    targets = fp8_targets(language_model, scope)
     quantize_(
-        model.model.language_model,
+        language_model,
         Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-        filter_fn=in_decoder,
+        filter_fn=lambda module, name: name in targets,
     )
-    log.info("FP8 (rowwise, dynamic) on %d linear layers of the language model", len(converted))
-    return len(converted)
+    log.info("FP8 (rowwise, dynamic) on %d linear layers of the language model (%s)", len(targets), scope)
+    return len(targets)

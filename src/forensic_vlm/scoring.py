@@ -115,7 +115,7 @@ def _load_model(job: ScoringJob, device: torch.device):
             model = model.merge_and_unload()
     model.eval()
     if fp8:
-        to_fp8(model)
+        to_fp8(model, job.model.fp8_scope)
     if job.compile or fp8:
         compile_decoder_layers(model)
     return model
@@ -157,11 +157,10 @@ def scoring_path(model_config: ModelConfig, config: EvaluateConfig, device: torc
     """
     compiled = config.compile or model_config.quantization == "fp8"
     fused = not compiled and fused_kernels_wanted(model_config, device)
-    return {
-        "quantization": model_config.quantization,
-        "kernels": "liger" if fused else "transformers",
-        "compiled": compiled,
-    }
+    path = {"quantization": model_config.quantization, "kernels": "liger" if fused else "transformers"}
+    if model_config.quantization == "fp8":
+        path["fp8_scope"] = model_config.fp8_scope
+    return {**path, "compiled": compiled}
 
 
 def _batch_rows(job: ScoringJob, model, tokenizer, *, inputs: dict, index: list[int]) -> list[dict]:
