@@ -433,12 +433,13 @@ def prediction_agreement(root: Path, fast: str, reference: str) -> dict:
     }
 
 
-def answer_states(model_dir: Path, examples: list, dtype: torch.dtype) -> torch.Tensor:
-    """The state lm_head reads at the answer position, one row per image, with the model in ``dtype``."""
+def answer_position(model_dir: Path, examples: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each image, the state lm_head reads at the answer position and the class probabilities,
+    with the model loaded in ``dtype`` (float32 with TF32 products: the more precise yardstick)."""
     from transformers import LlavaNextForConditionalGeneration
 
     from forensic_vlm.batches import MODEL_INPUTS, Collator
-    from forensic_vlm.decoding import to_device
+    from forensic_vlm.decoding import class_probabilities, to_device
     from forensic_vlm.images import load_checked_image
     from forensic_vlm.modeling import load_processor
     from forensic_vlm.prompting import answer_tokens, build_prompt
@@ -451,65 +452,43 @@ def answer_states(model_dir: Path, examples: list, dtype: torch.dtype) -> torch.
     answer = answer_tokens(processor.tokenizer, prompt, [0, 1, 2, 3])
     collate = Collator(processor, prompt, answer, labels=[0, 1, 2, 3], mode="score")
     states: list[torch.Tensor] = []
+    probabilities: list[torch.Tensor] = []
     hook = model.lm_head.register_forward_hook(lambda m, args, out: states.append(args[0][:, -1].double().cpu()))
-    with torch.no_grad():
-        for i in range(0, len(examples), 4):
-            batch = collate([(j, load_checked_image(e.path, e.sha256)) for j, e in enumerate(examples[i : i + 4])])
-            model(**to_device({k: batch[k] for k in MODEL_INPUTS}, device, dtype), logits_to_keep=1)
-    hook.remove()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == torch.float32
+    try:
+        with torch.no_grad():
+            for i in range(0, len(examples), 4):
+                batch = collate([(j, load_checked_image(e.path, e.sha256)) for j, e in enumerate(examples[i : i + 4])])
+                inputs = to_device({k: batch[k] for k in MODEL_INPUTS}, device, dtype)
+                probabilities.append(class_probabilities(model, inputs, answer.class_ids).cpu())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        hook.remove()
     del model
     reset_peak()
-    return torch.cat(states)
+    return torch.cat(states), torch.cat(probabilities)
 
 
 def float32_reference(model_dir: Path, table: Path, root: Path) -> dict:
     """The evaluation's class probabilities computed in float32 (TF32 products), written as
     ``eval_fp32/predictions.tsv``: the yardstick that says whether an option is less accurate than
     bf16 eager or only different from it."""
-    from transformers import LlavaNextForConditionalGeneration
-
-    from forensic_vlm.batches import MODEL_INPUTS, Collator, examples_from_table
-    from forensic_vlm.decoding import class_probabilities, to_device
-    from forensic_vlm.images import load_checked_image
-    from forensic_vlm.modeling import load_processor
-    from forensic_vlm.prompting import answer_tokens, build_prompt
+    from forensic_vlm.batches import examples_from_table
     from forensic_vlm.tables import read_tsv
 
     reset_peak()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = LlavaNextForConditionalGeneration.from_pretrained(
-        str(model_dir), dtype=torch.float32, device_map={"": device}
-    ).eval()
-    processor = load_processor(model_dir)
-    prompt = build_prompt(processor, REFERENCE_QUESTION)
-    answer = answer_tokens(processor.tokenizer, prompt, [0, 1, 2, 3])
-    collate = Collator(processor, prompt, answer, labels=[0, 1, 2, 3], mode="score")
     examples = examples_from_table(read_tsv(table), root / "raw_data")
-    rows, tf32 = [], torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
     start = time.perf_counter()
-    try:
-        with torch.no_grad():
-            for i in range(0, len(examples), 4):
-                part = examples[i : i + 4]
-                batch = collate([(j, load_checked_image(e.path, e.sha256)) for j, e in enumerate(part)])
-                inputs = to_device({k: batch[k] for k in MODEL_INPUTS}, device, torch.float32)
-                for e, row in zip(
-                    part, class_probabilities(model, inputs, answer.class_ids).cpu().numpy(), strict=True
-                ):
-                    rows.append(
-                        {
-                            "sha256": e.sha256,
-                            "predicted": int(row.argmax()),
-                            **{f"p{k}": f"{v:.6f}" for k, v in enumerate(row)},
-                        }
-                    )
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+    _, probabilities = answer_position(model_dir, examples, torch.float32)
     seconds = time.perf_counter() - start
+    rows = [
+        {"sha256": e.sha256, "predicted": int(row.argmax()), **{f"p{k}": f"{v:.6f}" for k, v in enumerate(row)}}
+        for e, row in zip(examples, probabilities.numpy(), strict=True)
+    ]
     (root / "eval_fp32").mkdir(exist_ok=True)
     write_tsv(root / "eval_fp32" / "predictions.tsv", ["sha256", "predicted", "p0", "p1", "p2", "p3"], rows)
-    return {"n": len(rows), "seconds": round(seconds, 1), "peak_GiB": round(peak_gb(), 1), "reference_dir": "eval_fp32"}
+    return {"n": len(rows), "seconds_incl_load": round(seconds, 1), "reference_dir": "eval_fp32"}
 
 
 def sharpen_class_logits(
@@ -538,13 +517,8 @@ def sharpen_class_logits(
     if marker.exists():
         return json.loads(marker.read_text())
     examples = examples_from_table(read_tsv(calibration), root / "raw_data")
-    rounded = answer_states(model_dir, examples, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        exact = answer_states(model_dir, examples, torch.float32)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+    rounded, _ = answer_position(model_dir, examples, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    exact, _ = answer_position(model_dir, examples, torch.float32)
     mean = exact.mean(0)
     centred, noise = exact - mean, rounded - exact
     _, singular, basis = torch.linalg.svd(centred, full_matrices=False)
