@@ -174,6 +174,24 @@ FAST = {
 }
 
 
+def training_batch(tiny_model: Path, tiny_dataset: dict, every: int) -> dict:
+    """One ``train``-mode batch (prompt, answer and labels) of every ``every``-th tiny training image."""
+    from forensic_vlm.batches import Collator, examples_from_table
+    from forensic_vlm.config import REFERENCE_QUESTION
+    from forensic_vlm.images import load_checked_image
+    from forensic_vlm.modeling import load_processor
+    from forensic_vlm.prompting import answer_tokens, build_prompt
+    from forensic_vlm.tables import read_tsv
+
+    labels = [0, 1, 2, 3]
+    processor = load_processor(tiny_model)
+    prompt = build_prompt(processor, REFERENCE_QUESTION)
+    answer = answer_tokens(processor.tokenizer, prompt, labels)
+    examples = examples_from_table(read_tsv(tiny_dataset["train"]), tiny_dataset["raw_data"])[::every]
+    items = [(i, load_checked_image(e.path, e.sha256)) for i, e in enumerate(examples)]
+    return Collator(processor, prompt, answer, labels=labels, mode="train")(items, [e.label for e in examples])
+
+
 def model_config(tiny_model: Path, quantization: str = "none"):
     from forensic_vlm.config import ModelConfig
 

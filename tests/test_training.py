@@ -15,13 +15,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import FAST, checkpoint_step, model_config, train_command
-from forensic_vlm.batches import MODEL_INPUTS, Collator, examples_from_table
-from forensic_vlm.config import DEFAULT_CLASSES, REFERENCE_QUESTION, EvaluateConfig, TrainConfig
+from conftest import FAST, checkpoint_step, model_config, train_command, training_batch
+from forensic_vlm.batches import MODEL_INPUTS
+from forensic_vlm.config import DEFAULT_CLASSES, EvaluateConfig, TrainConfig
 from forensic_vlm.evaluate import evaluate_split
-from forensic_vlm.images import load_checked_image
-from forensic_vlm.modeling import add_lora, load_base_model, load_processor
-from forensic_vlm.prompting import answer_tokens, build_prompt
+from forensic_vlm.modeling import add_lora, load_base_model
 from forensic_vlm.tables import read_tsv
 from forensic_vlm.train import load_training_data, train_adapter
 
@@ -31,12 +29,7 @@ LABELS = [0, 1, 2, 3]
 @pytest.mark.parametrize("quantization", ["none", pytest.param("nf4", marks=pytest.mark.slow)])
 def test_training_steps_lower_the_loss_and_touch_only_lora(tiny_model: Path, tiny_dataset, quantization) -> None:
     torch.manual_seed(0)
-    processor = load_processor(tiny_model)
-    prompt = build_prompt(processor, REFERENCE_QUESTION)
-    answer = answer_tokens(processor.tokenizer, prompt, LABELS)
-    examples = examples_from_table(read_tsv(tiny_dataset["train"]), tiny_dataset["raw_data"])[::3]
-    items = [(i, load_checked_image(e.path, e.sha256)) for i, e in enumerate(examples)]
-    batch = Collator(processor, prompt, answer, labels=LABELS, mode="train")(items, [e.label for e in examples])
+    batch = training_batch(tiny_model, tiny_dataset, 3)
     config = TrainConfig(**{**FAST, "gradient_checkpointing": quantization == "nf4"})
     model = add_lora(
         load_base_model(model_config(tiny_model, quantization), torch.device("cpu")),

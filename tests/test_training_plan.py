@@ -10,17 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, model_config
-from forensic_vlm.batches import MODEL_INPUTS, Collator, examples_from_table
+from conftest import FAST, model_config, training_batch
+from forensic_vlm.batches import MODEL_INPUTS
 from forensic_vlm.config import REFERENCE_QUESTION, EvaluateConfig, ModelConfig, TrainConfig
 from forensic_vlm.errors import ConfigError, DeviceError
-from forensic_vlm.images import load_checked_image
 from forensic_vlm.kernels import fused_kernels_wanted, require_fp8
 from forensic_vlm.lightning_module import answer_loss
 from forensic_vlm.modeling import add_lora, decoder_layers, load_adapter, load_base_model, load_processor
 from forensic_vlm.prompting import answer_tokens, build_prompt
 from forensic_vlm.scoring import scoring_path
-from forensic_vlm.tables import read_tsv
 from forensic_vlm.training_plan import GiB, ModelShape, choose_plan
 
 LABELS = [0, 1, 2, 3]
@@ -91,17 +89,8 @@ def test_model_shape_is_read_from_the_files_without_loading(tiny_model: Path) ->
     assert shape.layers == len(decoder_layers(lora))
 
 
-def _batch(tiny_model: Path, tiny_dataset) -> dict:
-    processor = load_processor(tiny_model)
-    prompt = build_prompt(processor, REFERENCE_QUESTION)
-    answer = answer_tokens(processor.tokenizer, prompt, LABELS)
-    examples = examples_from_table(read_tsv(tiny_dataset["train"]), tiny_dataset["raw_data"])[::4]
-    items = [(i, load_checked_image(e.path, e.sha256)) for i, e in enumerate(examples)]
-    return Collator(processor, prompt, answer, labels=LABELS, mode="train")(items, [e.label for e in examples])
-
-
 def test_answer_loss_equals_the_models_own_loss_from_the_answer_logits_only(tiny_model: Path, tiny_dataset) -> None:
-    batch = _batch(tiny_model, tiny_dataset)
+    batch = training_batch(tiny_model, tiny_dataset, 4)
     model = add_lora(
         load_base_model(model_config(tiny_model), CPU), TrainConfig(**FAST), quantized=False, checkpointed_layers=0
     ).eval()  # no dropout: both losses from the same function
@@ -122,7 +111,7 @@ def test_answer_loss_equals_the_models_own_loss_from_the_answer_logits_only(tiny
 def test_vision_tower_keeps_no_graph_and_only_the_chosen_layers_recompute(
     tiny_model: Path, tiny_dataset, checkpointed: int
 ) -> None:
-    batch = _batch(tiny_model, tiny_dataset)
+    batch = training_batch(tiny_model, tiny_dataset, 4)
     model = add_lora(
         load_base_model(model_config(tiny_model), CPU),
         TrainConfig(**FAST),
@@ -174,7 +163,7 @@ def test_gpu_only_paths_stop_with_a_named_error_on_the_cpu() -> None:
 def test_an_adapter_merged_for_scoring_gives_the_same_probabilities(tiny_model: Path, tiny_dataset, trained) -> None:
     from forensic_vlm.decoding import class_probabilities
 
-    batch = _batch(tiny_model, tiny_dataset)
+    batch = training_batch(tiny_model, tiny_dataset, 4)
     processor = load_processor(tiny_model)
     answer = answer_tokens(processor.tokenizer, build_prompt(processor, REFERENCE_QUESTION), LABELS)
     inputs = {k: batch[k] for k in MODEL_INPUTS if k != "labels"}

@@ -358,7 +358,7 @@ class Scores:
     cache_key: str
     model_files_sha256: dict[str, str]  # every file of the base model, hashed in full before use
     adapter_files_sha256: dict[str, str] | None  # and of the adapter, verified against its SHA256SUMS
-    path: dict  # kernels and compilation (``scoring_path``)
+    path: dict  # quantization as resolved, kernels and compilation (``scoring_path``)
 
     def run_facts(self) -> dict:
         """The figures a stage records about its scoring run."""
