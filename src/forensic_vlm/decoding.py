@@ -26,8 +26,13 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 @torch.no_grad()
 def class_probabilities(model, inputs: dict, class_ids: Sequence[int]) -> torch.Tensor:
-    """(batch, classes) probabilities from the last position's logits (inputs are left padded)."""
-    logits = model(**inputs, logits_to_keep=1).logits[:, -1, :]
+    """(batch, classes) probabilities from the last position's logits (inputs are left padded).
+
+    No key/value cache: one forward pass reads none, and filling one costs a copy of every layer's
+    keys and values, and under ``torch.compile`` a recompilation per decoder layer (its guards
+    name the layer's cache slot), which fell back to eager after 8 layers (issue 14).
+    """
+    logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1, :]
     return torch.softmax(logits[:, list(class_ids)].float(), dim=-1)
 
 

@@ -184,7 +184,8 @@ def answer_loss(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
         raise ValueError("a training batch has no answer tokens to learn")
     first = int(answer_columns[0])
     # The logit at position t predicts token t + 1: keep the one before the answer too.
-    logits = model(**inputs, logits_to_keep=labels.shape[1] - first + 1).logits
+    # No key/value cache: without gradient checkpointing transformers would otherwise fill one.
+    logits = model(**inputs, logits_to_keep=labels.shape[1] - first + 1, use_cache=False).logits
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].float().flatten(0, 1), labels[:, first:].flatten(), ignore_index=-100
     )
