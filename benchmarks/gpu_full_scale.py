@@ -117,7 +117,13 @@ def write_random_model(folder: Path, processor, tiny: bool) -> int:
     return parameters
 
 
-def phone_like(seed: int, size: tuple[int, int]) -> Image.Image:
+#: The colour cast that makes an image's class visible in its content (``--check-model labelled``).
+CLASS_TINTS = ((200, 40, 40), (40, 170, 60), (50, 80, 220), (200, 200, 200))
+
+
+def phone_like(seed: int, size: tuple[int, int], tint: tuple[int, int, int] | None = None) -> Image.Image:
+    """A noisy, bar-strewn picture of ``size``; with ``tint``, cast towards that colour, so that a
+    classifier can tell the classes apart from the content as a trained model does."""
     rng = np.random.default_rng(seed)
     small = Image.fromarray(rng.integers(0, 256, (max(2, size[1] // 40), max(2, size[0] // 40), 3), dtype=np.uint8))
     image = small.resize(size, Image.Resampling.BICUBIC)
@@ -127,24 +133,26 @@ def phone_like(seed: int, size: tuple[int, int]) -> Image.Image:
         draw.rectangle(
             (x, y, x + int(rng.integers(5, size[0] // 4)), y + 8), fill=tuple(int(v) for v in rng.integers(0, 256, 3))
         )
-    return image
+    return Image.blend(image, Image.new("RGB", size, tint), 0.4) if tint else image
 
 
-def write_images(root: Path, count: int, sizes, seed: int) -> Path:
+def write_images(root: Path, count: int, sizes, seed: int, *, labelled: bool = False) -> Path:
     """Phone-like JPEGs in class folders and a split-style table of them; returns the table.
+    ``labelled``: each image carries its class's colour cast (``CLASS_TINTS``).
 
     The images are the same for the same seed and count, so an existing table is reused (each step
     runs in a process of its own)."""
-    table = root / f"table_{seed}_{count}.tsv"
+    kind = "_labelled" if labelled else ""
+    table = root / f"table_{seed}_{count}{kind}.tsv"
     if table.exists():
         return table
     rows = []
     for i in range(count):
         spec = DEFAULT_CLASSES[i % 4]
         size = sizes[i % len(sizes)]
-        path = root / "raw_data" / spec.folder / f"{seed}_{i:04d}.jpg"
+        path = root / "raw_data" / spec.folder / f"{seed}_{i:04d}{kind}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        phone_like(seed * 100_000 + i, size).save(path, quality=90)
+        phone_like(seed * 100_000 + i, size, CLASS_TINTS[spec.id] if labelled else None).save(path, quality=90)
         sha = sha256_file(path)
         rows.append(
             {
@@ -356,7 +364,7 @@ def adapter_training(
     from forensic_vlm.train import load_training_data, train_adapter
 
     reset_peak()
-    kernels = train.pop("kernels", "auto")
+    kernels = train.pop("kernels", "none")  # the shipped default; Liger has rows of its own
     data = load_training_data(train_table, val_table, root / "raw_data", None)
     config = TrainConfig(
         **{
@@ -508,8 +516,6 @@ def sharpen_class_logits(
     noise; directions picked by variance alone did (the first run of issue 14: bf16 with Liger
     agreed with bf16 on only 96 % of the images, which measured the noise, not the kernels).
     """
-    from safetensors.torch import load_file, save_file
-
     from forensic_vlm.batches import examples_from_table
     from forensic_vlm.tables import read_tsv
 
@@ -535,27 +541,7 @@ def sharpen_class_logits(
     unit_mean = mean / mean.norm()
     rows = directions - (directions @ unit_mean)[:, None] * unit_mean[None, :]
     rows = rows * (spread / (centred @ rows.T).std(0))[:, None]
-    from safetensors import safe_open
-
-    def output_rows(path: Path) -> str | None:
-        """The name of lm_head's weight in this file (the input embeddings' where they are tied)."""
-        with safe_open(str(path), framework="pt") as handle:
-            names = list(handle.keys())
-        tied = [n for n in names if n.endswith("embed_tokens.weight") and "language_model" in n]
-        return "lm_head.weight" if "lm_head.weight" in names else (tied[0] if tied else None)
-
-    found = [(path, output_rows(path)) for path in sorted(model_dir.glob("*.safetensors"))]
-    lm_head = [(path, name) for path, name in found if name == "lm_head.weight"]
-    shard, name = (lm_head or [(p, n) for p, n in found if n])[0]
-    tensors = load_file(str(shard))
-    weight = tensors[name]
-    from forensic_vlm.modeling import load_processor
-    from forensic_vlm.prompting import answer_tokens, build_prompt
-
-    processor = load_processor(model_dir)
-    class_ids = answer_tokens(processor.tokenizer, build_prompt(processor, REFERENCE_QUESTION), [0, 1, 2, 3]).class_ids
-    weight[list(class_ids)] = rows.to(weight.dtype)
-    save_file(tensors, str(shard), metadata={"format": "pt"})
+    write_class_rows(model_dir, rows)
     logits = (exact @ rows.T).float()
     top = torch.softmax(logits, dim=-1).max(dim=-1).values
     facts = {
@@ -565,6 +551,104 @@ def sharpen_class_logits(
         "bf16_noise_std_of_class_logits": [round(v, 4) for v in (noise @ rows.T).std(0).tolist()],
         "signal_to_noise_variance_ratios": [round(v, 1) for v in ratios[-4:].tolist()],
         "mean_top_probability": round(float(top.mean()), 3),
+        "classes_predicted": sorted(set(logits.argmax(-1).tolist())),
+    }
+    marker.write_text(json.dumps(facts))
+    return facts
+
+
+def write_class_rows(model_dir: Path, rows: torch.Tensor) -> None:
+    """Overwrite the four class tokens' rows of lm_head in the model's safetensors with ``rows``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from forensic_vlm.modeling import load_processor
+    from forensic_vlm.prompting import answer_tokens, build_prompt
+
+    def output_rows(path: Path) -> str | None:
+        """The name of lm_head's weight in this file (the input embeddings' where they are tied)."""
+        with safe_open(str(path), framework="pt") as handle:
+            names = list(handle.keys())
+        # transformers may save it under its older name, language_model.lm_head.weight.
+        heads = [n for n in names if n.split(".")[-2:] == ["lm_head", "weight"]]
+        tied = [n for n in names if n.endswith("embed_tokens.weight") and "language_model" in n]
+        return heads[0] if heads else (tied[0] if tied else None)
+
+    found = [(path, output_rows(path)) for path in sorted(model_dir.glob("*.safetensors"))]
+    lm_head = [(path, name) for path, name in found if name and name.endswith("lm_head.weight")]
+    shard, name = (lm_head or [(p, n) for p, n in found if n])[0]
+    tensors = load_file(str(shard))
+    weight = tensors[name]
+    processor = load_processor(model_dir)
+    class_ids = answer_tokens(processor.tokenizer, build_prompt(processor, REFERENCE_QUESTION), [0, 1, 2, 3]).class_ids
+    weight[list(class_ids)] = rows.to(weight.dtype)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    # The model as scoring loads it must answer with these rows. Matching lm_head by its exact
+    # name once wrote them into the input embeddings instead, unnoticed (transformers saved it as
+    # language_model.lm_head.weight).
+    from transformers import LlavaNextForConditionalGeneration
+
+    loaded = LlavaNextForConditionalGeneration.from_pretrained(
+        str(model_dir), dtype=weight.dtype, device_map={"": "cpu"}
+    )
+    if not torch.equal(loaded.lm_head.weight[list(class_ids)], rows.to(weight.dtype)):
+        raise RuntimeError(f"{shard.name}:{name} was written, but the loaded model's lm_head does not hold the rows")
+    del loaded
+    gc.collect()
+
+
+def fit_class_logits(model_dir: Path, calibration: Path, root: Path, *, confidence: float = 0.9) -> dict:
+    """A check model that classifies by content, as a fine-tuned one does (``--check-model labelled``).
+
+    The sharpened check model's class logits are projections of the state with no class structure,
+    so its decision boundaries run through the middle of the images and many images sit on one:
+    there, bf16 eager itself agreed with float32 on only 94.5 % of the images (issue 14, run 5).
+    Here the calibration images carry their class's colour cast, and lm_head's class rows are the
+    nearest-centroid rule on their answer-position states (float32, TF32 products); one factor
+    scales the rows so that the calibration images' mean top probability is ``confidence``. The
+    boundaries then fall between the classes, as a trained classifier's do. bf16 eager's accuracy
+    on the evaluated images (drawn separately) says how well this check model classifies.
+    """
+    from forensic_vlm.batches import examples_from_table
+    from forensic_vlm.tables import read_tsv
+
+    marker = model_dir.parent / "check_model.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    examples = examples_from_table(read_tsv(calibration), root / "raw_data")
+    labels = torch.tensor([e.label for e in examples])
+    rounded, _ = answer_position(model_dir, examples, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    exact, _ = answer_position(model_dir, examples, torch.float32)
+    # Nearest class centroid, in the state with its shared direction (the mean over all images)
+    # taken out. lm_head has no bias: the centroid rule's -|c_k|^2 / 2 rides on that shared
+    # direction, whose projection is nearly the same for every image.
+    shared = exact.mean(0) / exact.mean(0).norm()
+    along = float((exact @ shared).mean())
+    centroids = torch.stack([exact[labels == k].mean(0) for k in range(4)])
+    centroids = centroids - (centroids @ shared)[:, None] * shared[None, :]
+    bias = -0.5 * (centroids.pow(2).sum(1) - centroids.pow(2).sum(1).mean())
+    rows = centroids - centroids.mean(0) + (bias / along)[:, None] * shared[None, :]
+    scale_low, scale_high = 0.0, 1.0
+    while torch.softmax(exact @ rows.T * scale_high, -1).max(-1).values.mean() < confidence:
+        scale_high *= 2
+        if scale_high > 1e12:
+            raise RuntimeError("the calibration images' classes do not separate in the answer state")
+    for _ in range(60):  # bisection: the mean top probability grows with the scale
+        middle = (scale_low + scale_high) / 2
+        low = torch.softmax(exact @ rows.T * middle, -1).max(-1).values.mean() < confidence
+        scale_low, scale_high = (middle, scale_high) if low else (scale_low, middle)
+    rows = rows * scale_high
+    write_class_rows(model_dir, rows)
+    logits = (exact @ rows.T).float()
+    margins = logits.topk(2, dim=-1).values
+    facts = {
+        "check_model": "labelled",
+        "calibration_images": exact.shape[0],
+        "calibration_accuracy": round(float((logits.argmax(-1) == labels).float().mean()), 4),
+        "mean_top_probability": round(float(torch.softmax(logits, -1).max(-1).values.mean()), 3),
+        "median_top_two_logit_margin": round(float((margins[:, 0] - margins[:, 1]).median()), 3),
+        # How far bf16 rounding moves each class logit, against the margins above.
+        "bf16_noise_std_of_class_logits": [round(v, 4) for v in ((rounded - exact) @ rows.T).std(0).tolist()],
         "classes_predicted": sorted(set(logits.argmax(-1).tolist())),
     }
     marker.write_text(json.dumps(facts))
@@ -655,6 +739,14 @@ def main() -> None:
     parser.add_argument("--steps", nargs="*", default=None, help=f"steps to run (default: all): {' '.join(STEPS)}")
     parser.add_argument("--json-name", default="gpu_full_scale.json")
     parser.add_argument(
+        "--check-model",
+        choices=("labelled", "sharpened"),
+        default="labelled",
+        help="how the check_model step gives the random model answers that matter: labelled (images carry "
+        "their class's colour cast, lm_head's class rows classify them) or sharpened (class logits along the "
+        "directions in which unlabelled images differ most; runs 1-5 of issue 14)",
+    )
+    parser.add_argument(
         "--same-process",
         action="store_true",
         help="run every step in this process (default: each step in a process of its own, so that no "
@@ -680,9 +772,14 @@ def main() -> None:
     parameters = (
         int(json.loads((root / "parameters.json").read_text())) if (root / "parameters.json").exists() else None
     )
-    eval_table = write_images(root, args.eval_images, sizes, seed=1)
-    train_table = write_images(root, args.train_images, sizes, seed=2)
-    val_table = write_images(root, 8, sizes, seed=3)
+    labelled = args.check_model == "labelled"
+    other = root / ("sharpened.json" if labelled else "check_model.json")
+    if other.exists():
+        parser.error(f"{root} holds a model given the other check model ({other.name}); choose another --work-dir")
+    eval_table = write_images(root, args.eval_images, sizes, seed=1, labelled=labelled)
+    train_table = write_images(root, args.train_images, sizes, seed=2, labelled=labelled)
+    val_table = write_images(root, 8, sizes, seed=3, labelled=labelled)
+    calibration = lambda: write_images(root, 96, sizes, seed=5, labelled=labelled)  # noqa: E731
 
     gpus = torch.cuda.device_count()
     device = torch.cuda.get_device_name() if gpus else "CPU"
@@ -703,8 +800,8 @@ def main() -> None:
 
     steps = {
         "matmul_ceiling": matmul_ceiling,
-        # First: every evaluation below, and the parity gate, use the sharpened class rows.
-        "sharpen_class_logits": lambda: sharpen_class_logits(model_dir, write_images(root, 96, sizes, seed=5), root),
+        # First: every evaluation below, and the parity gate, use the check model's class rows.
+        "check_model": lambda: (fit_class_logits if labelled else sharpen_class_logits)(model_dir, calibration(), root),
         "project_bf16_scores": evaluation("bf16"),  # eager, transformers' kernels: the parity reference
         "float32_reference": lambda: float32_reference(model_dir, eval_table, root),
         "reference": lambda: reference_evaluation(
@@ -727,11 +824,11 @@ def main() -> None:
         "train_auto": training("auto"),
         # The same steps on a bf16 base with every layer recomputing and transformers' kernels: the
         # loss curve the fast plan must follow.
-        "train_reference_plan": training("reference", quantization="none", gradient_checkpointing=True, kernels="none"),
+        "train_reference_plan": training("reference", quantization="none", gradient_checkpointing=True),
         "train_16GiB_budget": training("budget16", memory_budget_gib=16.0),
-        "qlora_train_batch1_checkpointing": training(
-            "qlora", quantization="nf4", gradient_checkpointing=True, kernels="none"
-        ),
+        "train_auto_liger": training("auto_liger", kernels="liger"),
+        "train_16GiB_budget_liger": training("budget16_liger", memory_budget_gib=16.0, kernels="liger"),
+        "qlora_train_batch1_checkpointing": training("qlora", quantization="nf4", gradient_checkpointing=True),
         "qlora_train_cli_1gpu": lambda: cli_training(train_table, val_table, root, model_dir, workers=w, devices=1),
         "qlora_train_cli_ddp_2gpus": (
             lambda: cli_training(train_table, val_table, root, model_dir, workers=w, devices=2)
@@ -771,7 +868,7 @@ def main() -> None:
                 f"| {name} | {run['images_per_s']} | {run.get('tokens_per_s', '')} | {mfu} | "
                 f"{run.get('peak_GiB', '')} | {parity} |"
             )
-    print("loss curve, auto plan against the reference plan:", result.get("loss_curve_agreement"))
+    print("loss curves against the reference plan:", result.get("loss_curve_agreement"))
 
 
 def _step_in_process(name: str, args: argparse.Namespace) -> dict:
@@ -782,6 +879,7 @@ def _step_in_process(name: str, args: argparse.Namespace) -> dict:
         *("--train-images", str(args.train_images), "--workers", str(args.workers)),
         *(("--processor", str(args.processor)) if args.processor else ()),
         *(("--tiny",) if args.tiny else ()),
+        *("--check-model", args.check_model),
         *("--steps", name, "--json-name", f"{name}.json"),
     ]
     done = subprocess.run([sys.executable, __file__, *forwarded], check=False)
@@ -794,7 +892,7 @@ def _step_in_process(name: str, args: argparse.Namespace) -> dict:
 
 STEPS = (
     "matmul_ceiling",
-    "sharpen_class_logits",
+    "check_model",
     "project_bf16_scores",
     "float32_reference",
     "reference",
@@ -813,6 +911,8 @@ STEPS = (
     "train_auto",
     "train_reference_plan",
     "train_16GiB_budget",
+    "train_auto_liger",
+    "train_16GiB_budget_liger",
     "qlora_train_batch1_checkpointing",
     "qlora_train_cli_1gpu",
     "qlora_train_cli_ddp_2gpus",
@@ -828,8 +928,11 @@ def _add_agreement(result: dict, root: Path) -> None:
             run["agreement_with_bf16_eager"] = prediction_agreement(root, run["eval_dir"][5:], "bf16")
         if run.get("eval_dir") and "float32_reference" in runs and "error" not in runs["float32_reference"]:
             run["agreement_with_float32"] = prediction_agreement(root, run["eval_dir"][5:], "fp32")
-    if "train_auto" in runs and "train_reference_plan" in runs:
-        result["loss_curve_agreement"] = loss_curve_agreement(runs, "train_auto", "train_reference_plan")
+    for fast in ("train_auto", "train_auto_liger", "train_16GiB_budget", "train_16GiB_budget_liger"):
+        if fast in runs and "train_reference_plan" in runs and "error" not in runs[fast]:
+            result.setdefault("loss_curve_agreement", {})[fast] = loss_curve_agreement(
+                runs, fast, "train_reference_plan"
+            )
 
 
 def _add_derived(result: dict, sizes, processor_source) -> None:

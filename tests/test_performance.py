@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,31 @@ def test_ddp_training_on_two_processes_saves_one_adapter(tiny_model: Path, tiny_
     text = log.read_text()
     assert "[rank 1]" in text and "best epoch" in text  # both ranks logged; rank 0 saved
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_the_benchmarks_labelled_check_model_classifies_held_out_images(tmp_path: Path) -> None:
+    """The GPU benchmark's parity gate is only as good as its check model: its class rows must reach
+    the model scoring loads (they once went into the input embeddings unnoticed), and classify
+    images it was not fitted on. Here at the demo's tiny geometry."""
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_full_scale.py"
+    command = [sys.executable, str(script), "--tiny", "--same-process", "--eval-images", "32"]
+    command += ["--out-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "bench")]
+    run = subprocess.run(
+        [*command, "--steps", "check_model", "project_bf16_scores"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    facts = json.loads((tmp_path / "bench" / "check_model.json").read_text())
+    metrics = json.loads((tmp_path / "bench" / "eval_bf16" / "metrics.json").read_text())
+    assert facts["calibration_accuracy"] >= 0.9 and facts["mean_top_probability"] == pytest.approx(0.9, abs=1e-3)
+    assert metrics["accuracy"] >= 0.9  # 32 held-out images; chance is 0.25
+    again = subprocess.run(  # one work dir holds one check model
+        [*command, "--check-model", "sharpened", "--steps", "check_model"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert again.returncode == 2 and "holds a model given the other check model" in again.stderr
