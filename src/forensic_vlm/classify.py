@@ -10,12 +10,24 @@ nothing. Writes into ``results/classify/<case>/``:
 - ``custody.json``: when, where, with what (input listing, model, adapter and configuration
   hashes, package versions) and the counts, for the case file.
 
+A large case is scored in shards (``classify.shards``, Snakemake's scattergather): rule
+``classify_listing`` inspects the folder once (:func:`list_folder`, ``listing.jsonl``); each rule
+``classify_shard`` job scores its share of the batches (:func:`score_shard`), reading the shared
+prediction cache and writing only a cache of its own; rule ``classify`` merges the parts
+(:func:`assemble_shards`) into the same triage one job writes, and the shards' caches into the
+shared one. Every shard plans the same batches over the folder's distinct images and takes whole
+batches, by their first image's content hash: each image is scored once, in the batch it would
+have had in one job, so the probabilities are the same to the last digit. A file added later can
+move an old file to another batch and shard; it is read from the shared cache there, not scored
+again.
+
 The review threshold of each class comes from the adapter (``review_thresholds.json``, chosen on the
 validation set at training time); without one, every image needs review.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import getpass
 import hashlib
@@ -23,6 +35,7 @@ import json
 import logging
 import os
 import platform
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -38,14 +51,15 @@ from forensic_vlm.config import (
     ReportConfig,
     to_dict,
 )
-from forensic_vlm.errors import InputNotFoundError
+from forensic_vlm.errors import InputNotFoundError, IntegrityError
 from forensic_vlm.faults import fault_point
 from forensic_vlm.inspection import Inspection
 from forensic_vlm.manifest import bad_input_error, inspector, table_path, walk
 from forensic_vlm.parallel import ordered_map
+from forensic_vlm.prediction_cache import merge_caches
 from forensic_vlm.provenance import config_sha256, git_commit, package_versions
 from forensic_vlm.scoring import Scores, score_examples
-from forensic_vlm.tables import encode_path, sha256_file, write_tsv
+from forensic_vlm.tables import encode_path, read_tsv, sha256_file, write_atomically, write_tsv
 from forensic_vlm.thresholds import needs_review, read_thresholds, threshold_of
 from forensic_vlm.triage_page import write_triage_page
 
@@ -96,6 +110,19 @@ def review_order(row: dict, irrelevant: int) -> tuple:
     return (1, confidence, row["path"])
 
 
+def list_folder(input_dir: Path, manifest_config: ManifestConfig, workers: int) -> list[Inspection]:
+    """Every file under ``input_dir``, inspected; stops on the first bad file if the manifest says so."""
+    root = Path(input_dir)
+    if not root.is_dir():
+        raise InputNotFoundError(f"classify.input_dir not found or not a folder: {root}")
+    inspections = inspect_folder(root, manifest_config, workers)
+    rejected = [r for r in inspections if not r.usable]
+    if manifest_config.on_bad_input == "fail" and rejected:
+        first = rejected[0]
+        raise bad_input_error(root / first.path, first.reason, first.message, len(rejected))
+    return inspections
+
+
 def classify_folder(
     input_dir: Path,
     out_dir: Path,
@@ -111,36 +138,81 @@ def classify_folder(
     workers: int = 1,
     threads: int | None = None,
 ) -> dict:
-    """Triage ``input_dir``; write triage.tsv, triage.html and custody.json; returns the custody record."""
+    """Triage ``input_dir`` in one job; write triage.tsv, triage.html and custody.json; returns the custody record."""
     started = dt.datetime.now(dt.UTC)
     if threads:
         torch.set_num_threads(threads)
-    root, out_dir = Path(input_dir), Path(out_dir)
-    if not root.is_dir():
-        raise InputNotFoundError(f"classify.input_dir not found or not a folder: {root}")
-    inspections = inspect_folder(root, manifest_config, workers)
-    rejected = [r for r in inspections if not r.usable]
-    if manifest_config.on_bad_input == "fail" and rejected:
-        first = rejected[0]
-        raise bad_input_error(root / first.path, first.reason, first.message, len(rejected))
+    root = Path(input_dir)
+    inspections = list_folder(root, manifest_config, workers)
     usable = [r for r in inspections if r.usable]
-    # label -1: unknown. The examples only carry images to the model; no label is ever written.
-    examples = [
-        Example(root / r.path, r.sha256, -1, int(r.width), int(r.height), encode_path(r.path)[0]) for r in usable
-    ]
-    labels = [c.id for c in classes]
     kind = "classify (fine-tuned)" if adapter else "classify (zero-shot)"
     scores = score_examples(
-        examples,
-        labels,
+        _examples(root, usable),
+        [c.id for c in classes],
         model_config=model_config,
         config=evaluate_config,
         adapter=adapter,
         cache_dir=cache_dir,
         kind=kind,
     )
+    return write_triage(
+        root,
+        inspections,
+        {row["sha256"]: row for row in scores.rows},
+        Path(out_dir),
+        scoring=scoring_record(scores),
+        classes=classes,
+        model_config=model_config,
+        config=config,
+        report_config=report_config,
+        adapter=adapter,
+        settings={"model": model_config, "evaluate": evaluate_config, "classify": config, "manifest": manifest_config},
+        started=started,
+    )
+
+
+def _examples(root: Path, usable: list[Inspection]) -> list[Example]:
+    # label -1: unknown. The examples only carry images to the model; no label is ever written.
+    return [Example(root / r.path, r.sha256, -1, int(r.width), int(r.height), encode_path(r.path)[0]) for r in usable]
+
+
+def scoring_record(scores: Scores) -> dict:
+    """What custody.json keeps of a scoring run: the model and adapter as hashed, the path, the figures."""
+    return {
+        "path": scores.path,
+        "model_files_sha256": scores.model_files_sha256,
+        "adapter_files_sha256": scores.adapter_files_sha256,
+        "device": scores.device,
+        "facts": scores.run_facts(),
+    }
+
+
+def write_triage(
+    root: Path,
+    inspections: list[Inspection],
+    scored: dict[str, dict[str, str]],
+    out_dir: Path,
+    *,
+    scoring: dict,
+    classes: list[ClassSpec],
+    model_config: ModelConfig,
+    config: ClassifyConfig,
+    report_config: ReportConfig,
+    adapter: Path | None,
+    settings: dict,
+    started: dt.datetime,
+    shards: list[dict] | None = None,
+) -> dict:
+    """triage.tsv, triage.html and custody.json from the listing and every usable file's scores
+    (``scored``, by sha256); returns the custody record."""
+    usable = [r for r in inspections if r.usable]
+    rejected = [r for r in inspections if not r.usable]
+    missing = [r.path for r in usable if r.sha256 not in scored]
+    if missing:
+        raise IntegrityError(f"no score for {len(missing)} usable file(s), the first {missing[0]!r}")
     thresholds = read_thresholds(adapter)
-    rows = triage_rows(usable, rejected, scores.rows, classes=classes, thresholds=thresholds)
+    labels = [c.id for c in classes]
+    rows = triage_rows(usable, rejected, [scored[r.sha256] for r in usable], classes=classes, thresholds=thresholds)
     rows.sort(key=lambda row: review_order(row, config.irrelevant_class))
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
@@ -156,11 +228,13 @@ def classify_folder(
         model_config=model_config,
         adapter=adapter,
         thresholds=thresholds,
-        scores=scores,
-        settings={"model": model_config, "evaluate": evaluate_config, "classify": config, "manifest": manifest_config},
+        scoring=scoring,
+        settings=settings,
         started=started,
         triage=out_dir / "triage.tsv",
     )
+    if shards is not None:
+        custody["shards"] = shards
     write_triage_page(
         out_dir / "triage.html", rows, root=root, classes=classes, config=config, report=report_config, custody=custody
     )
@@ -169,6 +243,175 @@ def classify_folder(
     log.info(
         "classify: %d files: %s; %d need review; %s", len(rows), counts["predicted"], counts["needs_review"], out_dir
     )
+    return custody
+
+
+# Sharded triage: listing, shards, merge -------------------------------------------------------------
+
+SCATTER_ITEM = re.compile(r"(\d+)-of-(\d+)")
+
+
+def parse_scatter_item(item: str) -> tuple[int, int]:
+    """Snakemake's scatter item ``"2-of-3"`` as (shard index from 0, shard count)."""
+    match = SCATTER_ITEM.fullmatch(item)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise ValueError(f"not a scatter item like 2-of-3: {item!r}")
+    return int(match[1]) - 1, int(match[2])
+
+
+def write_listing(path: Path, root: Path, inspections: list[Inspection]) -> None:
+    """The folder's inspection as JSON lines: a header with the folder and the listing's digest (so
+    a changed or damaged listing is caught when read), then one file per line."""
+    header = {"input_dir": str(Path(root).resolve()), "files": len(inspections)}
+    header["input_listing_sha256"] = listing_sha256(inspections)
+    lines = [json.dumps(header)] + [json.dumps(dataclasses.asdict(r)) for r in inspections]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, ("\n".join(lines) + "\n").encode("utf-8"))
+
+
+def classify_listing(input_dir: Path, listing: Path, manifest_config: ManifestConfig, workers: int = 1) -> int:
+    """Stage ``classify_listing``: inspect ``input_dir`` once and write ``listing``; returns the files."""
+    inspections = list_folder(Path(input_dir), manifest_config, workers)
+    write_listing(Path(listing), Path(input_dir), inspections)
+    usable = sum(r.usable for r in inspections)
+    log.info("classify: listing of %d files (%d usable) written to %s", len(inspections), usable, listing)
+    return len(inspections)
+
+
+def read_listing(path: Path) -> tuple[Path, list[Inspection]]:
+    """The folder and its inspections, as :func:`write_listing` wrote them."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    header = json.loads(lines[0]) if lines else {}
+    inspections = [Inspection(**json.loads(line)) for line in lines[1:]]
+    if header.get("files") != len(inspections) or header.get("input_listing_sha256") != listing_sha256(inspections):
+        raise IntegrityError(f"{path}: the listing does not match its header (changed or cut short); rerun it")
+    return Path(header["input_dir"]), inspections
+
+
+def score_shard(
+    listing: Path,
+    part: Path,
+    *,
+    scatter_item: str,
+    classes: list[ClassSpec],
+    model_config: ModelConfig,
+    evaluate_config: EvaluateConfig,
+    adapter: Path | None = None,
+    cache_dir: Path | None = None,
+    shard_cache_dir: Path | None = None,
+    threads: int | None = None,
+) -> dict:
+    """Score the usable files of one shard of the listing. ``part`` (TSV) gets one row per distinct
+    image, by sha256; ``part`` with suffix .json the job's record. Reads the shared ``cache_dir``
+    and writes only ``shard_cache_dir``, so shards running at once never write the same file and a
+    killed shard resumes from its own cache. Returns the record."""
+    started = dt.datetime.now(dt.UTC)
+    if threads:
+        torch.set_num_threads(threads)
+    root, inspections = read_listing(listing)
+    labels = [c.id for c in classes]
+    kind = f"classify shard {scatter_item}" + (" (fine-tuned)" if adapter else " (zero-shot)")
+    scores = score_examples(
+        _examples(root, [r for r in inspections if r.usable]),
+        labels,
+        model_config=model_config,
+        config=evaluate_config,
+        adapter=adapter,
+        cache_dir=shard_cache_dir,
+        shared_cache_dir=cache_dir,
+        kind=kind,
+        shard=parse_scatter_item(scatter_item),
+    )
+    distinct = sorted({row["sha256"]: row for row in scores.rows}.items())
+    write_tsv(part, part_columns(labels), [row for _, row in distinct])
+    record = {
+        "shard": scatter_item,
+        "host": platform.node(),
+        "user": getpass.getuser(),
+        "job_id": os.environ.get("SLURM_JOB_ID"),
+        "device": scores.device,
+        "started_utc": started.isoformat(timespec="seconds"),
+        "finished_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "files": len(scores.rows),
+        "distinct_images": len(distinct),
+        "part": part.name,
+        "part_sha256": sha256_file(part),
+        "scoring": scoring_record(scores),
+    }
+    write_atomically(part.with_suffix(".json"), (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+    return record
+
+
+def part_columns(labels: list[int]) -> list[str]:
+    return ["sha256", "predicted", *[f"p{label}" for label in labels], "answer"]
+
+
+def assemble_shards(
+    listing: Path,
+    parts: list[Path],
+    out_dir: Path,
+    *,
+    classes: list[ClassSpec],
+    model_config: ModelConfig,
+    evaluate_config: EvaluateConfig,
+    config: ClassifyConfig,
+    manifest_config: ManifestConfig,
+    report_config: ReportConfig,
+    adapter: Path | None = None,
+    cache_dir: Path | None = None,
+    shard_cache_dirs: list[Path] = (),
+) -> dict:
+    """Merge the shards' parts into the triage one job writes, after checking that every usable
+    file was scored by exactly one shard, with the same model, adapter and scoring path; then merge the shards' prediction caches into the shared one (one writer).
+    Returns the custody record, which lists every shard's job."""
+    started = dt.datetime.now(dt.UTC)
+    root, inspections = read_listing(listing)
+    records = [json.loads(Path(part).with_suffix(".json").read_text(encoding="utf-8")) for part in parts]
+    scored: dict[str, dict[str, str]] = {}
+    for part, record in zip(parts, records, strict=True):
+        if sha256_file(part) != record["part_sha256"]:
+            raise IntegrityError(f"{part}: its content is not the part its job recorded (sha256 differs)")
+        if parse_scatter_item(record["shard"])[1] != len(parts):
+            raise IntegrityError(f"{part}: scored as shard {record['shard']} of a run with {len(parts)} shards")
+        for row in read_tsv(part):
+            if row["sha256"] in scored:
+                raise IntegrityError(f"{part}: image {row['sha256']} was scored by another shard too")
+            scored[row["sha256"]] = row
+    first = records[0]["scoring"]
+    for part, record in zip(parts, records, strict=True):
+        for key in ("path", "model_files_sha256", "adapter_files_sha256"):
+            if record["scoring"][key] != first[key]:
+                raise IntegrityError(f"{part}: scored with another {key} than {parts[0]}; rerun the shards")
+    facts = [record["scoring"]["facts"] for record in records]
+    scoring = {
+        **{key: first[key] for key in ("path", "model_files_sha256", "adapter_files_sha256")},
+        "device": ", ".join(sorted({record["device"] for record in records})),
+        "facts": {
+            "shards": len(records),
+            "images_scored": sum(f["images_scored"] for f in facts),
+            "images_from_cache": sum(f["images_from_cache"] for f in facts),
+            "seconds": round(sum(f["seconds"] for f in facts), 2),  # GPU-job seconds, summed
+            **first["path"],
+        },
+    }
+    custody = write_triage(
+        root,
+        inspections,
+        scored,
+        Path(out_dir),
+        scoring=scoring,
+        classes=classes,
+        model_config=model_config,
+        config=config,
+        report_config=report_config,
+        adapter=adapter,
+        settings={"model": model_config, "evaluate": evaluate_config, "classify": config, "manifest": manifest_config},
+        started=started,
+        shards=records,
+    )
+    if cache_dir is not None:
+        for folder in shard_cache_dirs:
+            merge_caches(Path(cache_dir), Path(folder))
     return custody
 
 
@@ -250,12 +493,13 @@ def custody_record(
     model_config: ModelConfig,
     adapter: Path | None,
     thresholds: dict | None,
-    scores: Scores,
+    scoring: dict,
     settings: dict,
     started: dt.datetime,
     triage: Path,
 ) -> dict:
-    """The chain-of-custody record: when, where, with what, and what came out."""
+    """The chain-of-custody record: when, where, with what, and what came out. ``scoring``: a
+    :func:`scoring_record`."""
     configuration = {name: to_dict(section) for name, section in settings.items()}
     scored = [r for r in rows if r["status"] == SCORED]
     return {
@@ -269,17 +513,17 @@ def custody_record(
         "triage_tsv_sha256": sha256_file(triage),
         "model": {
             "name_or_path": model_config.name_or_path,
-            **scores.path,  # the quantization resolved, which kernels ran, whether the decoder was compiled
+            **scoring["path"],  # the quantization resolved, which kernels ran, whether the decoder was compiled
             # The hashes the run verified and keyed its predictions by, taken before loading.
-            "files_sha256": scores.model_files_sha256,
+            "files_sha256": scoring["model_files_sha256"],
         },
-        "adapter": {"path": str(adapter), "files_sha256": scores.adapter_files_sha256} if adapter else None,
+        "adapter": {"path": str(adapter), "files_sha256": scoring["adapter_files_sha256"]} if adapter else None,
         "review_thresholds": thresholds or "none: zero-shot has no validated thresholds; every image needs review",
         "configuration_sha256": config_sha256(configuration),
         "configuration": configuration,
         "versions": package_versions(),
         "git_commit": git_commit(),
-        "device": scores.device,
+        "device": scoring["device"],
         "counts": {
             "files": len(rows),
             "scored": len(scored),
@@ -289,5 +533,5 @@ def custody_record(
             "predicted": {f"{c.id} {c.en}": sum(1 for r in scored if int(r["predicted"]) == c.id) for c in classes},
             "needs_review": sum(1 for r in rows if r["needs_review"] == "true"),
         },
-        "scoring": scores.run_facts(),
+        "scoring": scoring["facts"],
     }

@@ -37,19 +37,33 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class PredictionCache:
-    def __init__(self, folder: Path | None, key: dict, columns: Sequence[str]) -> None:
+    """``folder``'s file for ``key``; with ``shared``, that folder's file for the key is read too,
+    never written (a shard of a sharded triage reads the shared cache and writes its own)."""
+
+    def __init__(self, folder: Path | None, key: dict, columns: Sequence[str], shared: Path | None = None) -> None:
         self.description = key
         self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         self.columns = list(columns)
         self.path = Path(folder) / f"{self.key}.tsv" if folder else None
         self.rows: dict[str, dict[str, str]] = {}
+        shared_path = Path(shared) / f"{self.key}.tsv" if shared else None
+        if shared_path and shared_path.exists():
+            self.rows = self._read(shared_path, repair=False)
         if self.path and self.path.exists():
-            self.rows = self._read(self.path)
+            for row in self._read(self.path).values():
+                self._keep(row, self.path, "its own")
 
     def get(self, sha256: str) -> dict[str, str] | None:
         return self.rows.get(sha256)
 
-    def _read(self, path: Path) -> dict[str, dict[str, str]]:
+    def _keep(self, row: dict[str, str], path: Path, where: str) -> None:
+        earlier = self.rows.setdefault(row["sha256"], row)
+        if earlier != row:
+            raise IntegrityError(f"{path}: {where} row for image {row['sha256']} differs from the shared cache's")
+
+    def _read(self, path: Path, repair: bool = True) -> dict[str, dict[str, str]]:
+        """Every row of ``path``, checked. A torn last line is cut off the file (``repair``) or,
+        in a file this cache only reads, left there and ignored."""
         data = path.read_bytes()
         complete = data.rfind(b"\n") + 1
         if complete < len(data):  # the tail of an append that never finished
@@ -57,9 +71,10 @@ class PredictionCache:
             log.warning(
                 "%s, line %d: cut short (an interrupted write); dropped, that image is scored again", path, line
             )
-            with open(path, "r+b") as handle:
-                handle.truncate(complete)
-                os.fsync(handle.fileno())
+            if repair:
+                with open(path, "r+b") as handle:
+                    handle.truncate(complete)
+                    os.fsync(handle.fileno())
             data = data[:complete]
         try:
             text = data.decode("utf-8")
@@ -137,3 +152,27 @@ def _append(path: Path, data: bytes) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def merge_caches(shared: Path, shard: Path) -> int:
+    """Move every row of the cache files in ``shard`` into ``shared``'s file of the same key (the one
+    writer of the shared cache), then delete the shard's files; returns the rows added. A row that
+    differs from the shared cache's row for the same image stops the merge."""
+    added = 0
+    for path in sorted(Path(shard).glob("*.tsv")):
+        description = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        columns = path.read_text(encoding="utf-8").split("\n", 1)[0].split("\t")
+        source = PredictionCache(shard, description, columns)
+        if source.path != path:
+            raise IntegrityError(f"{path}: its description {path.with_suffix('.json').name} names another key")
+        target = PredictionCache(shared, description, columns)
+        for row in source.rows.values():
+            if (earlier := target.get(row["sha256"])) is not None and earlier != row:
+                raise IntegrityError(f"{path}: row for image {row['sha256']} differs from {target.path}'s")
+        before = len(target.rows)
+        target.add(list(source.rows.values()))
+        added += len(target.rows) - before
+        path.unlink()
+        path.with_suffix(".json").unlink()
+    log.info("prediction cache: %d row(s) from %s merged into %s", added, shard, shared)
+    return added

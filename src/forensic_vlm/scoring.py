@@ -339,6 +339,11 @@ def _shard_worker(*, rank: int, job: ScoringJob, device: torch.device, threads: 
         results.put(("error", rank, traceback.format_exc()))
 
 
+def shard_of(sha256: str, shards: int) -> int:
+    """The shard (from 0) of a batch whose first image has this content hash."""
+    return int(sha256[:16], 16) % shards
+
+
 def shard_batches(batches: list[list[int]], shards: int) -> list[list[list[int]]]:
     """Deal token-grouped batches round-robin, so every shard gets long and short images alike."""
     return [batches[rank::shards] for rank in range(shards)]
@@ -384,11 +389,15 @@ def score_examples(
     adapter: Path | None,
     cache_dir: Path | None,
     kind: str,
+    shared_cache_dir: Path | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Scores:
     """Score examples not already in the prediction cache; return every example's row.
 
     Rows are appended to the cache after every batch, so a run that is interrupted goes on where
-    it stopped. Identical images (same sha256) are scored once.
+    it stopped. Identical images (same sha256) are scored once. ``shared_cache_dir``: a cache that
+    is read too but never written (a shard's; see ``classify.score_shard``). ``shard`` (index from
+    0, count): score, and return the rows of, only the images of that shard (:func:`shard_of`).
     """
     device = resolve_device(model_config)
     # Every model and adapter file hashed in full (and verified) before anything is loaded; the
@@ -417,35 +426,45 @@ def score_examples(
             "class_tokens": list(answer.class_ids),
         },
         score_columns,
+        shared=shared_cache_dir,
     )
-    todo, queued = [], set()
-    for i, e in enumerate(examples):
-        if cache.get(e.sha256) is None and e.sha256 not in queued:
-            todo.append(i)
-            queued.add(e.sha256)
-    distinct = len({e.sha256 for e in examples})
+    # The batches are planned over every distinct image, scored or not, so that they, and with them
+    # the numerics of every image, do not depend on what is cached or on how a case is sharded.
+    first: dict[str, Example] = {}
+    for e in examples:
+        first.setdefault(e.sha256, e)
+    distinct = list(first.values())
+    tokens = preflight(
+        TokenCounter(processor, prompt, answer),
+        [(e.name, e.width, e.height) for e in distinct],
+        model_config.max_sequence_tokens,
+    )
+    plan = TokenGroupedBatches(tokens, config.batch_size, shuffle=False).batches()
+    if shard is not None:
+        # Whole batches go to a shard, by their first image's content: every shard computes the
+        # same plan from the same listing, so each image falls in exactly one shard.
+        index, count = shard
+        plan = [batch for batch in plan if shard_of(distinct[batch[0]].sha256, count) == index]
+        mine = {distinct[i].sha256 for batch in plan for i in batch}
+        examples = [e for e in examples if e.sha256 in mine]
+    batches = [kept for batch in plan if (kept := [i for i in batch if cache.get(distinct[i].sha256) is None])]
+    to_score = sum(len(batch) for batch in batches)
+    in_scope = len({e.sha256 for e in examples})
     log.info(
         "%s: %d images (%d distinct), %d already scored by this model (cache %s), %d to score",
         kind,
         len(examples),
-        distinct,
-        distinct - len(todo),
+        in_scope,
+        in_scope - to_score,
         cache.key,
-        len(todo),
+        to_score,
     )
-    subset = [examples[i] for i in todo]
-    tokens = preflight(
-        TokenCounter(processor, prompt, answer),
-        [(e.name, e.width, e.height) for e in subset],
-        model_config.max_sequence_tokens,
-    )
-    batches = TokenGroupedBatches(tokens, config.batch_size, shuffle=False).batches()
     devices = shard_devices(config.devices) if config.devices > 1 else [device]
-    shards = [shard for shard in shard_batches(batches, len(devices)) if shard]
+    per_device = [device_batches for device_batches in shard_batches(batches, len(devices)) if device_batches]
     jobs = [
         ScoringJob(
-            examples=subset,
-            batches=shard,
+            examples=distinct,
+            batches=device_batches,
             model=model_config,
             adapter=str(adapter) if adapter else None,
             processor_source=str(adapter or model_config.name_or_path),
@@ -458,7 +477,7 @@ def score_examples(
             compile=path["compiled"],
             fused_kernels=path["kernels"] == "liger",
         )
-        for shard in shards
+        for device_batches in per_device
     ]
     seconds, steady = _score(jobs, devices[: len(jobs)], cache, kind)
     for state in (base, tuned):
@@ -466,8 +485,8 @@ def score_examples(
             state.check_unchanged()
     return Scores(
         rows=[cache.get(e.sha256) for e in examples],
-        images_scored=len(todo),
-        images_from_cache=len(examples) - len(todo),
+        images_scored=to_score,
+        images_from_cache=len(examples) - to_score,
         seconds=seconds,
         steady_images_per_second=steady,
         devices=len(jobs),

@@ -1,6 +1,7 @@
 # Shared set-up and input functions. Logic lives in the forensic_vlm package; this file only
 # validates the configuration and tells rules where things are.
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 from snakemake.utils import validate
@@ -91,6 +92,17 @@ def get_classify_folder(wildcards, input):
 
 def get_classify_adapter():
     return "results/train/adapter" if SETTINGS.classify.use_adapter else []
+
+
+def get_classify_shard_cache(wildcards):
+    """A shard's own prediction cache, outside the outputs (a failed job's outputs are removed)."""
+    return f"results/cache/predictions/shards/{wildcards.case}/{wildcards.scatteritem}"
+
+
+def get_classify_shard_caches(wildcards, input):
+    """Every shard's own cache, for rule classify to merge into the shared one."""
+    items = [Path(part).stem for part in input.parts]
+    return [get_classify_shard_cache(SimpleNamespace(case=wildcards.case, scatteritem=item)) for item in items]
 
 
 def get_classify_fingerprint(wildcards):
