@@ -88,7 +88,7 @@ def test_only_stale_stages_rerun(demo_run: dict) -> None:
     workdir = demo_run["workdir"]
     assert planned_jobs(snakemake(workdir, "-n", demo=True)) == set()
     changed_lr = snakemake(workdir, "-n", "--config", "train={'learning_rate': 0.002}", demo=True)
-    assert planned_jobs(changed_lr) == {"train", "evaluate_finetuned", "report", "classify", "all"}
+    assert planned_jobs(changed_lr) == {"train", "evaluate_finetuned", "report", "classify_shard", "classify", "all"}
     # The triage page has thumbnails too, behind the same switch.
     report_only = snakemake(workdir, "-n", "--config", "report={'show_images': False}", demo=True)
     assert planned_jobs(report_only) == {"report", "classify", "all"}

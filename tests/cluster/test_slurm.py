@@ -26,8 +26,8 @@ import pytest
 from conftest import DEMO_CONFIG, REPO
 from forensic_vlm.tables import read_tsv
 
-GPU_RULES = {"evaluate_zeroshot", "evaluate_finetuned", "classify"}
-CLUSTER_RULES = GPU_RULES | {"report"}
+GPU_RULES = {"evaluate_zeroshot", "evaluate_finetuned", "classify_shard"}
+CLUSTER_RULES = GPU_RULES | {"classify", "report"}  # classify merges the shards: no GPU
 # The CI node has 2 CPUs and ~21 GB: the profile's real-cluster sizes are scaled down here only.
 SMALL_NODE = (
     "--default-resources",
@@ -38,6 +38,8 @@ SMALL_NODE = (
     "train:mem_mb=3000",
     "evaluate_zeroshot:mem_mb=3000",
     "evaluate_finetuned:mem_mb=3000",
+    "classify_shard:mem_mb=3000",
+    "classify_listing:mem_mb=2000",
     "manifest:mem_mb=2000",
     "augment:mem_mb=2000",
     "report:mem_mb=2000",
@@ -111,7 +113,7 @@ def test_demo_goes_through_slurm_and_matches_a_local_run(demo_run: dict, tmp_pat
     shutil.copytree(demo_run["workdir"], workdir, symlinks=True)
     shutil.rmtree(workdir / "results" / "cache" / "predictions")  # the cluster must score, not look up
     # The three scoring rules again, and so the report downstream of them.
-    result, seconds = submit(workdir, "--forcerun", "evaluate_zeroshot", "evaluate_finetuned", "classify")
+    result, seconds = submit(workdir, "--forcerun", "evaluate_zeroshot", "evaluate_finetuned", "classify_shard")
     assert result.returncode == 0, result.stderr[-4000:]
     log = result.stdout + result.stderr
     jobs = slurm_jobs(log)
