@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import evidence_unchanged, model_config
+from conftest import evidence_unchanged, model_config, planned_jobs, snakemake
 from forensic_vlm.classify import (
     assemble_shards,
     classify_folder,
@@ -29,6 +31,7 @@ from forensic_vlm.config import (
 )
 from forensic_vlm.demo_data import generate_demo_extraction
 from forensic_vlm.errors import IntegrityError
+from forensic_vlm.faults import ENVIRONMENT
 from forensic_vlm.prediction_cache import PredictionCache
 from forensic_vlm.scoring import shard_of
 from forensic_vlm.tables import read_tsv
@@ -168,3 +171,89 @@ def test_a_shard_reads_the_shared_cache_and_writes_only_its_own(tmp_path: Path) 
     conflicting.add([{**row, "predicted": "0", "p0": "0.75", "p1": "0.25"}])
     with pytest.raises(IntegrityError, match="differs from the shared cache's"):
         PredictionCache(tmp_path / "other", {"k": 1}, columns, shared=tmp_path / "shared")
+
+
+@pytest.mark.slow
+def test_set_scatter_gives_the_same_triage_and_a_killed_shard_reruns_alone(
+    demo_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fresh_copy(name: str) -> Path:
+        workdir = tmp_path / name
+        shutil.copytree(demo_run["workdir"], workdir, symlinks=True)
+        shutil.rmtree(workdir / "results" / "cache" / "predictions")  # the shards must score, not look up
+        return workdir
+
+    one_job = (demo_run["workdir"] / "results" / "classify" / "demo" / "triage.tsv").read_bytes()
+    whole = fresh_copy("whole")
+    done = snakemake(whole, "--set-scatter", "classify=3", demo=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = whole / "results" / "classify" / "demo" / "shards"
+    assert (shards.parent / "triage.tsv").read_bytes() == one_job  # byte for byte the one-job triage
+    files = {
+        item: json.loads((shards / f"{item}.json").read_text())["files"] for item in ("1-of-3", "2-of-3", "3-of-3")
+    }
+    victim = max(files, key=files.get)
+
+    workdir = fresh_copy("killed")
+    out = workdir / "results" / "classify" / "demo"
+    monkeypatch.setenv(ENVIRONMENT, f"classify.shard.{victim}")  # killed after scoring, before its part
+    killed = snakemake(workdir, "--set-scatter", "classify=3", "--keep-going", demo=True)
+    assert killed.returncode != 0
+    assert {p.name for p in (out / "shards").glob("*-of-3.tsv")} == {f"{i}.tsv" for i in files if i != victim}
+    monkeypatch.delenv(ENVIRONMENT)
+
+    plan = snakemake(workdir, "-n", "--set-scatter", "classify=3", demo=True)
+    assert re.search(r"^classify_shard\s+1$", plan.stdout, re.M), plan.stdout  # that shard alone
+    assert planned_jobs(plan) == {"classify_shard", "classify", "all"}
+    rerun = snakemake(workdir, "--set-scatter", "classify=3", demo=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (out / "triage.tsv").read_bytes() == one_job
+    custody = json.loads((out / "custody.json").read_text())
+    assert [s["shard"] for s in custody["shards"]] == ["1-of-3", "2-of-3", "3-of-3"]
+    resumed = json.loads((out / "shards" / f"{victim}.json").read_text())["scoring"]["facts"]
+    assert resumed["images_scored"] == 0 and resumed["images_from_cache"] == files[victim] > 0  # its own cache
+    assert not (workdir / "results" / "cache" / "predictions" / "shards" / "demo").exists()  # merged
+
+
+def test_a_big_case_page_lists_the_first_rows_and_says_the_rest_are_in_the_table(tmp_path: Path) -> None:
+    from forensic_vlm.triage_page import write_triage_page
+
+    rows = [
+        {
+            "rank": i,
+            "status": "rejected",
+            "path": f"f{i}.txt",
+            "flags": "",
+            "sha256": f"{i:064x}",
+            "needs_review": "true",
+        }
+        | {"reason": "unsupported_format", "message": "not an image"}
+        for i in range(1, 2001)
+    ]
+    counts = {"files": 2000, "scored": 0, "rejected": 2000, "needs_review": 2000, "predicted": {}}
+    custody = {
+        "counts": counts | {"rejected_by_reason": {"unsupported_format": 2000}},
+        "review_thresholds": "none",
+        "input_dir": "/evidence",
+        "model": {"name_or_path": "m"},
+        "adapter": None,
+        "device": "CPU",
+        "finished_utc": "now",
+        "host": "h",
+        "input_listing_sha256": "0" * 64,
+    }
+    pages = {}
+    for cap in (100, 5000):
+        page = write_triage_page(
+            tmp_path / f"{cap}.html",
+            rows,
+            root=tmp_path,
+            classes=CLASSES,
+            config=ClassifyConfig(page_rows=cap),
+            report=REPORT,
+            custody=custody,
+        )
+        pages[cap] = page.read_text()
+    assert pages[100].count("<tr>") == 100 + 1 + 1 + 1 + 1  # file rows, and the headers of four tables
+    assert "the first 100 of 2000 rows" in pages[100] and "f100.txt" in pages[100] and "f101.txt" not in pages[100]
+    assert "the first" not in pages[5000] and "f2000.txt" in pages[5000]

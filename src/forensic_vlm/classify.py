@@ -322,6 +322,9 @@ def score_shard(
         kind=kind,
         shard=parse_scatter_item(scatter_item),
     )
+    # Scored and in this shard's own cache, its part not written yet (a shard cancelled here reruns
+    # and scores nothing again).
+    fault_point(f"classify.shard.{scatter_item}")
     distinct = sorted({row["sha256"]: row for row in scores.rows}.items())
     write_tsv(part, part_columns(labels), [row for _, row in distinct])
     record = {

@@ -294,10 +294,13 @@ class ClassifyConfig:
     """The class that is not drug-related: it is listed after the drug classes."""
     thumbnails: int = 200
     """Thumbnails on the triage page, for its first rows in review order (report.show_images false: none)."""
+    page_rows: int = 5000
+    """Rows in the table of triage.html, the first in review order; every row is in triage.tsv."""
     shards: int = 1
-    """Scoring jobs the folder is cut into, by content hash (Snakemake's scattergather; the command
-    line's --set-scatter classify=N overrides it). Each job asks for its own GPUs and may run on any
-    node; rule classify merges them into the same outputs one job writes."""
+    """Scoring jobs the case is cut into (Snakemake's scattergather; the command line's
+    --set-scatter classify=N overrides it): whole batches, each by its first image's content hash.
+    Each job asks for its own GPUs and may run on any node; rule classify merges them into the same
+    outputs one job writes."""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.case):
@@ -306,6 +309,8 @@ class ClassifyConfig:
             raise ConfigError("classify.thumbnails must be >= 0")
         if self.shards < 1:
             raise ConfigError("classify.shards must be >= 1")
+        if self.page_rows < 1:
+            raise ConfigError("classify.page_rows must be >= 1")
 
 
 DEFAULT_CLASSES = (

@@ -174,5 +174,7 @@ def merge_caches(shared: Path, shard: Path) -> int:
         added += len(target.rows) - before
         path.unlink()
         path.with_suffix(".json").unlink()
+    if Path(shard).is_dir() and not any(Path(shard).iterdir()):
+        Path(shard).rmdir()
     log.info("prediction cache: %d row(s) from %s merged into %s", added, shard, shared)
     return added

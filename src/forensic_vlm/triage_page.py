@@ -1,8 +1,10 @@
 """``results/classify/<case>/triage.html``: the triage table as one self-contained page.
 
 Same rules as the report: no script, no network, every evidence string escaped, thumbnails only
-with ``report.show_images`` (and only for the first ``classify.thumbnails`` rows, so a page for
-10⁵ images stays small). Each thumbnail is made from the file after its sha256 is checked again.
+with ``report.show_images`` (and only for the first ``classify.thumbnails`` rows). The table holds the
+first ``classify.page_rows`` rows in review order, so a page for 10⁵ or 10⁶ files stays small and
+opens fast; every row is in triage.tsv. Each thumbnail is made from the file after its sha256 is
+checked again.
 """
 
 from __future__ import annotations
@@ -48,12 +50,17 @@ def write_triage_page(
         else "<p>Every file could be scored.</p>",
         f"<h2>Files in review order ({len(rows)})</h2>",
     ]
+    if len(rows) > config.page_rows:
+        body.append(
+            f"<p class=note><b>This page lists the first {config.page_rows} of {len(rows)} rows</b> "
+            "(classify.page_rows); every row is in triage.tsv, in the same order.</p>"
+        )
     if not report.show_images:
         body.append("<p class=note>Image content hidden (report.show_images: false).</p>")
     elif len(rows) > config.thumbnails:
         body.append(f"<p class=note>Thumbnails for the first {config.thumbnails} rows (classify.thumbnails).</p>")
     table_rows = []
-    for row in rows:
+    for row in rows[: config.page_rows]:
         image = ""
         if report.show_images and row["status"] == "scored" and int(row["rank"]) <= config.thumbnails:
             source = thumbnail(root / decode_path(row["path"], row["flags"]), row["sha256"], report.thumbnail_px)
