@@ -238,6 +238,8 @@ DEMO_JOBS = {
     "evaluate_zeroshot",
     "evaluate_finetuned",
     "report",
+    "classify_listing",
+    "classify_shard",
     "classify",
     "all",
 }
