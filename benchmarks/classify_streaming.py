@@ -52,6 +52,13 @@ def tree_rss(process: psutil.Process) -> tuple[float, float]:
     return main / 2**20, (main + children) / 2**20
 
 
+def machine() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} logical cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB"
+    )
+
+
 def cached(cache: Path) -> int:
     return sum(max(0, len(f.read_text().splitlines()) - 1) for f in cache.glob("*.tsv"))
 
@@ -131,8 +138,7 @@ def main() -> None:
         return max(window) if window else float("nan")
 
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} logical cores, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "machine": machine(),
         "images": args.images,
         "image_sizes": [list(s) for s in SIZES],
         "folder_MB": round(size / 2**20, 1),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from classify_streaming import SIZES, tree_rss, write_images
+from classify_streaming import SIZES, machine, tree_rss, write_images
 
 SHARD = """
 import sys
@@ -121,8 +120,7 @@ def main() -> None:
     merge_seconds = time.perf_counter() - start
     total = listing_seconds + sum(s["seconds_wall"] for s in shards) + merge_seconds
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} logical cores, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "machine": machine(),
         "images": args.images,
         "image_sizes": [list(s) for s in SIZES],
         "folder_MB": round(size / 2**20, 1),

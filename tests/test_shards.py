@@ -77,17 +77,24 @@ def sharded(tiny_model: Path, folder: Path, work: Path, shards: int) -> tuple[Pa
     return listing, parts
 
 
+def settings(tiny_model: Path) -> dict:
+    """The settings a one-job triage and a merge of shards take alike."""
+    return {
+        "classes": CLASSES,
+        "model_config": model_config(tiny_model),
+        "evaluate_config": EVALUATE,
+        "config": ClassifyConfig(),
+        "manifest_config": ManifestConfig(),
+        "report_config": REPORT,
+    }
+
+
 def assemble(tiny_model: Path, listing: Path, parts: list[Path], work: Path) -> dict:
     return assemble_shards(
         listing,
         parts,
         work / "out",
-        classes=CLASSES,
-        model_config=model_config(tiny_model),
-        evaluate_config=EVALUATE,
-        config=ClassifyConfig(),
-        manifest_config=ManifestConfig(),
-        report_config=REPORT,
+        **settings(tiny_model),
         cache_dir=work / "cache",
         shard_cache_dirs=sorted((work / "cache" / "shards").glob("*")),
     )
@@ -96,15 +103,7 @@ def assemble(tiny_model: Path, listing: Path, parts: list[Path], work: Path) -> 
 def test_three_shards_merge_into_the_triage_one_job_writes(tiny_model: Path, extraction: Path, tmp_path: Path) -> None:
     with evidence_unchanged(extraction):
         one = classify_folder(
-            extraction,
-            tmp_path / "one" / "out",
-            classes=CLASSES,
-            model_config=model_config(tiny_model),
-            evaluate_config=EVALUATE,
-            config=ClassifyConfig(),
-            manifest_config=ManifestConfig(),
-            report_config=REPORT,
-            cache_dir=tmp_path / "one" / "cache",
+            extraction, tmp_path / "one" / "out", **settings(tiny_model), cache_dir=tmp_path / "one" / "cache"
         )
         work = tmp_path / "three"
         listing, parts = sharded(tiny_model, extraction, work, 3)

@@ -365,8 +365,9 @@ def assemble_shards(
     shard_cache_dirs: list[Path] = (),
 ) -> dict:
     """Merge the shards' parts into the triage one job writes, after checking that every usable
-    file was scored by exactly one shard, with the same model, adapter and scoring path; then merge the shards' prediction caches into the shared one (one writer).
-    Returns the custody record, which lists every shard's job."""
+    file was scored by exactly one shard, with the same model, adapter and scoring path; then merge
+    the shards' prediction caches into the shared one (its one writer). Returns the custody record,
+    which lists every shard's job."""
     started = dt.datetime.now(dt.UTC)
     root, inspections = read_listing(listing)
     records = [json.loads(Path(part).with_suffix(".json").read_text(encoding="utf-8")) for part in parts]
