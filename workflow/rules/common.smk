@@ -102,7 +102,10 @@ def get_classify_shard_cache(wildcards):
 def get_classify_shard_caches(wildcards, input):
     """Every shard's own cache, for rule classify to merge into the shared one."""
     items = [Path(part).stem for part in input.parts]
-    return [get_classify_shard_cache(SimpleNamespace(case=wildcards.case, scatteritem=item)) for item in items]
+    return [
+        get_classify_shard_cache(SimpleNamespace(case=wildcards.case, scatteritem=item))
+        for item in items
+    ]
 
 
 def get_classify_fingerprint(wildcards):
