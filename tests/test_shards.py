@@ -122,6 +122,7 @@ def test_three_shards_merge_into_the_triage_one_job_writes(tiny_model: Path, ext
     assert [r["shard"] for r in records] == ["1-of-3", "2-of-3", "3-of-3"]
     assert all(r["host"] and r["device"] and r["started_utc"] <= r["finished_utc"] for r in records)
     assert sum(r["scoring"]["facts"]["images_scored"] for r in records) == len(distinct)
+    assert three["scoring"]["device"] == one["scoring"]["device"] and three["scoring"]["devices"] == 3
 
     # One writer: every shard's rows in the shared cache once, the shards' own caches gone.
     shared = [p for p in (work / "cache").glob("*.tsv")]

@@ -387,10 +387,13 @@ def assemble_shards(
             if record["scoring"][key] != first[key]:
                 raise IntegrityError(f"{part}: scored with another {key} than {parts[0]}; rerun the shards")
     facts = [record["scoring"]["facts"] for record in records]
+    devices = ", ".join(sorted({record["device"] for record in records}))
     scoring = {
         **{key: first[key] for key in ("path", "model_files_sha256", "adapter_files_sha256")},
-        "device": ", ".join(sorted({record["device"] for record in records})),
-        "facts": {
+        "device": devices,
+        "facts": {  # the one-job record's keys where they add up; each shard's own are under "shards"
+            "device": devices,
+            "devices": sum(f["devices"] for f in facts),
             "shards": len(records),
             "images_scored": sum(f["images_scored"] for f in facts),
             "images_from_cache": sum(f["images_from_cache"] for f in facts),
