@@ -161,7 +161,8 @@ def merge_caches(shared: Path, shard: Path) -> int:
     added = 0
     for path in sorted(Path(shard).glob("*.tsv")):
         description = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-        columns = path.read_text(encoding="utf-8").split("\n", 1)[0].split("\t")
+        with open(path, encoding="utf-8") as handle:  # the header only: the rows are read, checked, below
+            columns = handle.readline().rstrip("\n").split("\t")
         source = PredictionCache(shard, description, columns)
         if source.path != path:
             raise IntegrityError(f"{path}: its description {path.with_suffix('.json').name} names another key")
