@@ -27,6 +27,7 @@ tiny geometry on the CPU, to check the script without a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -267,6 +268,20 @@ def profile_evaluation(
             config=config,
             out_dir=root / f"eval_profile_{quantization}_{kernels}",
         )
+    busy, breakdown = kernel_breakdown(trace, cuda)
+    return {
+        "images": metrics["n"],
+        "scoring_seconds": metrics["seconds"],
+        "gpu_kernel_seconds": round(busy, 2),
+        "gpu_busy_share_of_scoring": round(busy / metrics["seconds"], 3),
+        **breakdown,
+        "peak_GiB": round(peak_gb(), 1),
+        "note": "profiled run (tracing slows it); images/s is from the unprofiled runs",
+    }
+
+
+def kernel_breakdown(trace, cuda: bool) -> tuple[float, dict]:
+    """A profiler trace's device time: the busy seconds, and the seconds by kernel kind and by kernel."""
     kernels: dict[str, float] = {}
     for event in trace.key_averages():
         microseconds = (event.self_device_time_total if cuda else event.self_cpu_time_total) or 0
@@ -276,17 +291,10 @@ def profile_evaluation(
     for name, seconds in kernels.items():
         kind = next((k for k, pattern in KERNEL_KINDS if pattern.search(name)), "element-wise and other")
         by_kind[kind] = by_kind.get(kind, 0.0) + seconds
-    busy = sum(kernels.values())
-    top = sorted(kernels.items(), key=lambda item: -item[1])[:12]
-    return {
-        "images": metrics["n"],
-        "scoring_seconds": metrics["seconds"],
-        "gpu_kernel_seconds": round(busy, 2),
-        "gpu_busy_share_of_scoring": round(busy / metrics["seconds"], 3),
+    top = sorted(kernels.items(), key=lambda item: -item[1])[:15]
+    return sum(kernels.values()), {
         "kernel_seconds_by_kind": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda i: -i[1])},
         "top_kernels": [[name[:90], round(seconds, 3)] for name, seconds in top],
-        "peak_GiB": round(peak_gb(), 1),
-        "note": "profiled run (tracing slows it); images/s is from the unprofiled runs",
     }
 
 
@@ -356,11 +364,22 @@ def reference_evaluation(table: Path, root: Path, model_dir: Path, plan: list[tu
 
 
 def adapter_training(
-    train_table: Path, val_table: Path, root: Path, model_dir: Path, *, name: str, workers: int, **train
+    train_table: Path,
+    val_table: Path,
+    root: Path,
+    model_dir: Path,
+    *,
+    name: str,
+    workers: int,
+    profiled: bool = False,
+    **train,
 ) -> dict:
     """``train_adapter`` for one epoch at batch 1 under the given ``train`` settings (the plan is
     ``auto`` unless they fix it); images/s per step, the peak beside the plan's estimate, every
-    step's loss."""
+    step's loss. ``profiled``: under the profiler, with the device time by kernel kind beside the
+    wall time (where the step's time goes; its images/s is slowed by the tracing)."""
+    from torch.profiler import ProfilerActivity, profile
+
     from forensic_vlm.train import load_training_data, train_adapter
 
     reset_peak()
@@ -376,17 +395,24 @@ def adapter_training(
             **train,
         }
     )
+    cuda = torch.cuda.is_available()
+    tracing = profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) if profiled else None
     start = time.perf_counter()
-    metrics = train_adapter(
-        data,
-        list(DEFAULT_CLASSES),
-        model_config=ModelConfig(name_or_path=str(model_dir), kernels=kernels),
-        config=config,
-        adapter_dir=root / f"adapter_{name}",
-        work_dir=root / f"train_{name}",
-    )
+    with tracing or contextlib.nullcontext():
+        metrics = train_adapter(
+            data,
+            list(DEFAULT_CLASSES),
+            model_config=ModelConfig(name_or_path=str(model_dir), kernels=kernels),
+            config=config,
+            adapter_dir=root / f"adapter_{name}",
+            work_dir=root / f"train_{name}",
+        )
     seconds = time.perf_counter() - start
     curve = root / f"train_{name}" / "metrics.csv"
+    profiled_time = {}
+    if tracing is not None:
+        busy, breakdown = kernel_breakdown(tracing, cuda)
+        profiled_time = {"gpu_kernel_seconds_incl_load_and_val": round(busy, 2), **breakdown}
     return {
         "seconds_incl_load_and_val": round(seconds, 1),
         "train_images": len(data.train),
@@ -398,6 +424,8 @@ def adapter_training(
         "precision": metrics["precision"],
         "images_per_s": _median_logged(curve, "train_images_per_s"),
         "step_losses": _logged_values(curve, "train_loss"),
+        "step_images_per_s": _logged_values(curve, "train_images_per_s"),
+        **profiled_time,
     }
 
 
@@ -828,6 +856,13 @@ def main() -> None:
         "train_16GiB_budget": training("budget16", memory_budget_gib=16.0),
         "train_auto_liger": training("auto_liger", kernels="liger"),
         "train_16GiB_budget_liger": training("budget16_liger", memory_budget_gib=16.0, kernels="liger"),
+        # PEFT's prepare_model_for_kbit_training: the frozen bf16 weights in float32 (before run 6).
+        "train_16GiB_budget_liger_upcast": training(
+            "budget16_liger_upcast", memory_budget_gib=16.0, kernels="liger", upcast_frozen_weights=True
+        ),
+        "profile_train_16GiB_budget_liger": training(
+            "budget16_liger_profiled", memory_budget_gib=16.0, kernels="liger", profiled=True
+        ),
         "qlora_train_batch1_checkpointing": training("qlora", quantization="nf4", gradient_checkpointing=True),
         "qlora_train_cli_1gpu": lambda: cli_training(train_table, val_table, root, model_dir, workers=w, devices=1),
         "qlora_train_cli_ddp_2gpus": (
@@ -913,6 +948,8 @@ STEPS = (
     "train_16GiB_budget",
     "train_auto_liger",
     "train_16GiB_budget_liger",
+    "train_16GiB_budget_liger_upcast",
+    "profile_train_16GiB_budget_liger",
     "qlora_train_batch1_checkpointing",
     "qlora_train_cli_1gpu",
     "qlora_train_cli_ddp_2gpus",
@@ -928,8 +965,8 @@ def _add_agreement(result: dict, root: Path) -> None:
             run["agreement_with_bf16_eager"] = prediction_agreement(root, run["eval_dir"][5:], "bf16")
         if run.get("eval_dir") and "float32_reference" in runs and "error" not in runs["float32_reference"]:
             run["agreement_with_float32"] = prediction_agreement(root, run["eval_dir"][5:], "fp32")
-    for fast in ("train_auto", "train_auto_liger", "train_16GiB_budget", "train_16GiB_budget_liger"):
-        if fast in runs and "train_reference_plan" in runs and "error" not in runs[fast]:
+    for fast in [name for name in runs if name.startswith("train_") and name != "train_reference_plan"]:
+        if "train_reference_plan" in runs and "error" not in runs[fast]:
             result.setdefault("loss_curve_agreement", {})[fast] = loss_curve_agreement(
                 runs, fast, "train_reference_plan"
             )

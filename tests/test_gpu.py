@@ -15,7 +15,7 @@ import yaml
 from conftest import train_command
 from forensic_vlm.config import DEFAULT_CLASSES, EvaluateConfig, ModelConfig, TrainConfig
 from forensic_vlm.evaluate import evaluate_split
-from forensic_vlm.modeling import compute_dtype, load_base_model, resolve_device
+from forensic_vlm.modeling import add_lora, compute_dtype, decoder_layers, load_base_model, resolve_device
 from forensic_vlm.tables import read_tsv
 from forensic_vlm.train import load_training_data, train_adapter
 
@@ -34,6 +34,19 @@ def test_nf4_on_cuda_quantizes_the_language_model_only(tiny_model: Path) -> None
     vision = model.model.vision_tower.encoder.layers[0].self_attn.q_proj
     assert type(vision).__name__ == "Linear" and vision.weight.dtype == torch.bfloat16
     assert type(model.lm_head).__name__ == "Linear"
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_nf4_training_keeps_frozen_weights_in_bf16_unless_upcast_is_asked(tiny_model: Path, upcast: bool) -> None:
+    config = ModelConfig(name_or_path=str(tiny_model), quantization="nf4")
+    model = load_base_model(config, resolve_device(config))
+    train = TrainConfig(num_workers=0, quantization="nf4", upcast_frozen_weights=upcast)
+    model = add_lora(model, train, quantized=True, checkpointed_layers=1).get_base_model()
+    frozen = torch.float32 if upcast else torch.bfloat16
+    assert model.lm_head.weight.dtype == frozen
+    assert model.model.vision_tower.encoder.layers[0].self_attn.q_proj.weight.dtype == frozen
+    assert model.model.language_model.norm.weight.dtype == frozen
+    assert decoder_layers(model)[0].gradient_checkpointing and not decoder_layers(model)[1].gradient_checkpointing
 
 
 def test_qlora_training_and_scoring_on_cuda(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:

@@ -113,6 +113,10 @@ class TrainConfig:
     the card's memory needs (none where everything fits; every layer on the CPU); true: every layer."""
     memory_budget_gib: float | None = None
     """GPU memory the auto plan may use, in GiB; null: the card's free memory when training starts."""
+    upcast_frozen_weights: bool = False
+    """With an nf4 base, cast the frozen weights kept in bf16 (embeddings, norms, lm_head, vision
+    tower) to float32 first, as PEFT's prepare_model_for_kbit_training does. false keeps them in
+    bf16, as on a bf16 base (LLaMA-Factory's default too); true costs memory and speed."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32

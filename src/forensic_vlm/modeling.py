@@ -116,7 +116,9 @@ def add_lora(model, config: TrainConfig, *, quantized: bool, checkpointed_layers
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     checkpointing = checkpointed_layers > 0
-    if quantized:
+    if quantized and config.upcast_frozen_weights:
+        # Every frozen weight outside the 4-bit layers goes to float32, and with the embeddings the
+        # whole residual stream: more memory and slower element-wise work (docs/performance.md).
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=checkpointing,
