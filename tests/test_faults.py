@@ -218,7 +218,7 @@ def test_a_workflow_killed_whole_mid_evaluation_reruns_to_the_same_results(
     shutil.rmtree(workdir / "results" / "cache" / "predictions")  # so the evaluation scores again
     target = "results/evaluate/finetuned/metrics.json"
     environment = {**os.environ, ENVIRONMENT: "scoring.batch:2:group"}
-    command = snakemake_command(workdir, "--forcerun", "evaluate_finetuned", "--", target, demo=True)
+    command = snakemake_command(workdir, "--forcerun", "evaluate_finetuned_shard", "--", target, demo=True)
     start = time.monotonic()
     killed = subprocess.run(command, env=environment, capture_output=True, text=True, start_new_session=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]

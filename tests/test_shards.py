@@ -17,7 +17,6 @@ from forensic_vlm.classify import (
     assemble_shards,
     classify_folder,
     classify_listing,
-    parse_scatter_item,
     read_listing,
     score_shard,
 )
@@ -31,9 +30,11 @@ from forensic_vlm.config import (
 )
 from forensic_vlm.demo_data import generate_demo_extraction
 from forensic_vlm.errors import IntegrityError
+from forensic_vlm.evaluate import assemble_evaluation, evaluate_split, score_split_shard
 from forensic_vlm.faults import ENVIRONMENT
 from forensic_vlm.prediction_cache import PredictionCache
 from forensic_vlm.scoring import shard_of
+from forensic_vlm.shards import parse_scatter_item
 from forensic_vlm.tables import read_tsv
 
 CLASSES = list(DEFAULT_CLASSES)
@@ -171,6 +172,57 @@ def test_a_shard_reads_the_shared_cache_and_writes_only_its_own(tmp_path: Path) 
     conflicting.add([{**row, "predicted": "0", "p0": "0.75", "p1": "0.25"}])
     with pytest.raises(IntegrityError, match="differs from the shared cache's"):
         PredictionCache(tmp_path / "other", {"k": 1}, columns, shared=tmp_path / "shared")
+
+
+def test_three_evaluation_shards_merge_into_the_predictions_and_metrics_one_job_writes(
+    tiny_model: Path, tiny_dataset: dict, tmp_path: Path
+) -> None:
+    table, raw = tiny_dataset["train"], tiny_dataset["raw_data"]
+    common = {"classes": CLASSES, "model_config": model_config(tiny_model), "config": EVALUATE}
+    one = evaluate_split(table, raw, **common, out_dir=tmp_path / "one", cache_dir=tmp_path / "one_cache")
+    work = tmp_path / "three"
+    parts = [work / "shards" / f"{i}-of-3.tsv" for i in (1, 2, 3)]
+    for part in parts:
+        score_split_shard(
+            table,
+            raw,
+            part,
+            scatter_item=part.stem,
+            **common,
+            cache_dir=work / "cache",
+            shard_cache_dir=work / "cache" / "shards" / part.stem,
+        )
+    scored = [row["sha256"] for part in parts for row in read_tsv(part)]
+    assert len(scored) == len(set(scored)) == len({r["sha256"] for r in read_tsv(table)})
+    assert all(read_tsv(part) for part in parts)  # every shard had work: the cut is not trivial
+
+    def merge(out: Path, merged: list[Path]) -> dict:
+        return assemble_evaluation(
+            table,
+            raw,
+            merged,
+            **common,
+            out_dir=out,
+            cache_dir=work / "cache",
+            shard_cache_dirs=sorted((work / "cache" / "shards").glob("*")),
+        )
+
+    with pytest.raises(IntegrityError, match="of a run with 2 shards"):
+        merge(work / "two", parts[:2])  # a shard left out
+    three = merge(work / "out", parts)
+    for name in ("predictions.tsv", "classification_report.txt"):
+        assert (work / "out" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    timing = {"seconds", "images_per_second", "images_per_second_after_first_batch", "shards", "shard_jobs"}
+    assert {k: v for k, v in three.items() if k not in timing} == {
+        k: v for k, v in one.items() if k not in timing | {"devices"}
+    } | {"devices": 3}
+    assert [job["shard"] for job in three["shard_jobs"]] == ["1-of-3", "2-of-3", "3-of-3"]
+    assert not list((work / "cache" / "shards").rglob("*.tsv"))  # merged into the shared cache
+
+    first = parts[0].read_text().splitlines()
+    parts[0].write_text("\n".join([first[0], *first[2:], first[1]]) + "\n")  # same rows, another order
+    with pytest.raises(IntegrityError, match=r"1-of-3\.tsv: its content is not the part its job recorded"):
+        merge(work / "tampered", parts)
 
 
 @pytest.mark.slow

@@ -88,7 +88,15 @@ def test_only_stale_stages_rerun(demo_run: dict) -> None:
     workdir = demo_run["workdir"]
     assert planned_jobs(snakemake(workdir, "-n", demo=True)) == set()
     changed_lr = snakemake(workdir, "-n", "--config", "train={'learning_rate': 0.002}", demo=True)
-    assert planned_jobs(changed_lr) == {"train", "evaluate_finetuned", "report", "classify_shard", "classify", "all"}
+    assert planned_jobs(changed_lr) == {
+        "train",
+        "evaluate_finetuned_shard",
+        "evaluate_finetuned",
+        "report",
+        "classify_shard",
+        "classify",
+        "all",
+    }
     # The triage page has thumbnails too, behind the same switch.
     report_only = snakemake(workdir, "-n", "--config", "report={'show_images': False}", demo=True)
     assert planned_jobs(report_only) == {"report", "classify", "all"}
@@ -171,7 +179,9 @@ def test_new_evidence_reuses_augmentations_and_predictions(demo_run: dict, tmp_p
         "split",
         "augment",
         "train",
+        "evaluate_zeroshot_shard",
         "evaluate_zeroshot",
+        "evaluate_finetuned_shard",
         "evaluate_finetuned",
         "report",
         "all",

@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import platform
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -56,10 +55,10 @@ from forensic_vlm.faults import fault_point
 from forensic_vlm.inspection import Inspection
 from forensic_vlm.manifest import bad_input_error, inspector, table_path, walk
 from forensic_vlm.parallel import ordered_map
-from forensic_vlm.prediction_cache import merge_caches
 from forensic_vlm.provenance import config_sha256, git_commit, package_versions
-from forensic_vlm.scoring import Scores, score_examples
-from forensic_vlm.tables import encode_path, read_tsv, sha256_file, write_atomically, write_tsv
+from forensic_vlm.scoring import score_examples
+from forensic_vlm.shards import merge_shard_caches, read_parts, score_part, scoring_record
+from forensic_vlm.tables import encode_path, sha256_file, write_atomically, write_tsv
 from forensic_vlm.thresholds import needs_review, read_thresholds, threshold_of
 from forensic_vlm.triage_page import write_triage_page
 
@@ -176,17 +175,6 @@ def _examples(root: Path, usable: list[Inspection]) -> list[Example]:
     return [Example(root / r.path, r.sha256, -1, int(r.width), int(r.height), encode_path(r.path)[0]) for r in usable]
 
 
-def scoring_record(scores: Scores) -> dict:
-    """What custody.json keeps of a scoring run: the model and adapter as hashed, the path, the figures."""
-    return {
-        "path": scores.path,
-        "model_files_sha256": scores.model_files_sha256,
-        "adapter_files_sha256": scores.adapter_files_sha256,
-        "device": scores.device,
-        "facts": scores.run_facts(),
-    }
-
-
 def write_triage(
     root: Path,
     inspections: list[Inspection],
@@ -248,16 +236,6 @@ def write_triage(
 
 # Sharded triage: listing, shards, merge -------------------------------------------------------------
 
-SCATTER_ITEM = re.compile(r"(\d+)-of-(\d+)")
-
-
-def parse_scatter_item(item: str) -> tuple[int, int]:
-    """Snakemake's scatter item ``"2-of-3"`` as (shard index from 0, shard count)."""
-    match = SCATTER_ITEM.fullmatch(item)
-    if not match or not 1 <= int(match[1]) <= int(match[2]):
-        raise ValueError(f"not a scatter item like 2-of-3: {item!r}")
-    return int(match[1]) - 1, int(match[2])
-
 
 def write_listing(path: Path, root: Path, inspections: list[Inspection]) -> None:
     """The folder's inspection as JSON lines: a header with the folder and the listing's digest (so
@@ -301,52 +279,24 @@ def score_shard(
     shard_cache_dir: Path | None = None,
     threads: int | None = None,
 ) -> dict:
-    """Score the usable files of one shard of the listing. ``part`` (TSV) gets one row per distinct
-    image, by sha256; ``part`` with suffix .json the job's record. Reads the shared ``cache_dir``
-    and writes only ``shard_cache_dir``, so shards running at once never write the same file and a
-    killed shard resumes from its own cache. Returns the record."""
-    started = dt.datetime.now(dt.UTC)
+    """Score the usable files of one shard of the listing (``shards.score_part``): ``part`` (TSV)
+    gets one row per distinct image, by sha256; ``part`` with suffix .json the job's record. Reads
+    the shared ``cache_dir`` and writes only ``shard_cache_dir``. Returns the record."""
     if threads:
         torch.set_num_threads(threads)
     root, inspections = read_listing(listing)
-    labels = [c.id for c in classes]
-    kind = f"classify shard {scatter_item}" + (" (fine-tuned)" if adapter else " (zero-shot)")
-    scores = score_examples(
+    return score_part(
         _examples(root, [r for r in inspections if r.usable]),
-        labels,
+        part,
+        scatter_item=scatter_item,
+        stage="classify",
+        labels=[c.id for c in classes],
         model_config=model_config,
-        config=evaluate_config,
+        evaluate_config=evaluate_config,
         adapter=adapter,
-        cache_dir=shard_cache_dir,
-        shared_cache_dir=cache_dir,
-        kind=kind,
-        shard=parse_scatter_item(scatter_item),
+        cache_dir=cache_dir,
+        shard_cache_dir=shard_cache_dir,
     )
-    # Scored and in this shard's own cache, its part not written yet (a shard cancelled here reruns
-    # and scores nothing again).
-    fault_point(f"classify.shard.{scatter_item}")
-    distinct = sorted({row["sha256"]: row for row in scores.rows}.items())
-    write_tsv(part, part_columns(labels), [row for _, row in distinct])
-    record = {
-        "shard": scatter_item,
-        "host": platform.node(),
-        "user": getpass.getuser(),
-        "job_id": os.environ.get("SLURM_JOB_ID"),
-        "device": scores.device,
-        "started_utc": started.isoformat(timespec="seconds"),
-        "finished_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "files": len(scores.rows),
-        "distinct_images": len(distinct),
-        "part": part.name,
-        "part_sha256": sha256_file(part),
-        "scoring": scoring_record(scores),
-    }
-    write_atomically(part.with_suffix(".json"), (json.dumps(record, indent=2) + "\n").encode("utf-8"))
-    return record
-
-
-def part_columns(labels: list[int]) -> list[str]:
-    return ["sha256", "predicted", *[f"p{label}" for label in labels], "answer"]
 
 
 def assemble_shards(
@@ -370,37 +320,7 @@ def assemble_shards(
     which lists every shard's job."""
     started = dt.datetime.now(dt.UTC)
     root, inspections = read_listing(listing)
-    records = [json.loads(Path(part).with_suffix(".json").read_text(encoding="utf-8")) for part in parts]
-    scored: dict[str, dict[str, str]] = {}
-    for part, record in zip(parts, records, strict=True):
-        if sha256_file(part) != record["part_sha256"]:
-            raise IntegrityError(f"{part}: its content is not the part its job recorded (sha256 differs)")
-        if parse_scatter_item(record["shard"])[1] != len(parts):
-            raise IntegrityError(f"{part}: scored as shard {record['shard']} of a run with {len(parts)} shards")
-        for row in read_tsv(part):
-            if row["sha256"] in scored:
-                raise IntegrityError(f"{part}: image {row['sha256']} was scored by another shard too")
-            scored[row["sha256"]] = row
-    first = records[0]["scoring"]
-    for part, record in zip(parts, records, strict=True):
-        for key in ("path", "model_files_sha256", "adapter_files_sha256"):
-            if record["scoring"][key] != first[key]:
-                raise IntegrityError(f"{part}: scored with another {key} than {parts[0]}; rerun the shards")
-    facts = [record["scoring"]["facts"] for record in records]
-    devices = ", ".join(sorted({record["device"] for record in records}))
-    scoring = {
-        **{key: first[key] for key in ("path", "model_files_sha256", "adapter_files_sha256")},
-        "device": devices,
-        "facts": {  # the one-job record's keys where they add up; each shard's own are under "shards"
-            "device": devices,
-            "devices": sum(f["devices"] for f in facts),
-            "shards": len(records),
-            "images_scored": sum(f["images_scored"] for f in facts),
-            "images_from_cache": sum(f["images_from_cache"] for f in facts),
-            "seconds": round(sum(f["seconds"] for f in facts), 2),  # GPU-job seconds, summed
-            **first["path"],
-        },
-    }
+    scored, records, scoring = read_parts(parts)
     custody = write_triage(
         root,
         inspections,
@@ -416,9 +336,7 @@ def assemble_shards(
         started=started,
         shards=records,
     )
-    if cache_dir is not None:
-        for folder in shard_cache_dirs:
-            merge_caches(Path(cache_dir), Path(folder))
+    merge_shard_caches(cache_dir, list(shard_cache_dirs))
     return custody
 
 

@@ -173,6 +173,10 @@ class EvaluateConfig:
     """DataLoader worker processes that decode and preprocess images (per device)."""
     devices: int = 1
     """Devices that score shards of the images at once, one process each (GPUs; on the CPU, processes)."""
+    shards: int = 1
+    """Scoring jobs each evaluation is cut into (Snakemake's scattergather; the command line's
+    --set-scatter evaluate=N overrides it), each asking for its own devices, on any node; rules
+    evaluate_zeroshot and evaluate_finetuned merge them into the same outputs one job writes."""
     compile: bool = False
     """torch.compile the language model's decoder layers (sequence length dynamic), fusing their
     element-wise work; costs a compilation at the start of each run."""
@@ -180,9 +184,10 @@ class EvaluateConfig:
     """Seed of the bootstrap."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.bootstrap_samples < 1 or self.calibration_bins < 1 or self.devices < 1:
+        counts = (self.batch_size, self.bootstrap_samples, self.calibration_bins, self.devices, self.shards)
+        if min(counts) < 1:
             raise ConfigError(
-                "evaluate: batch_size, bootstrap_samples, calibration_bins and devices must be at least 1"
+                "evaluate: batch_size, bootstrap_samples, calibration_bins, devices and shards must be at least 1"
             )
 
 

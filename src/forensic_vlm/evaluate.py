@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from forensic_vlm.batches import examples_from_table
+from forensic_vlm.batches import Example, examples_from_table
 from forensic_vlm.config import ClassSpec, EvaluateConfig, ModelConfig
+from forensic_vlm.errors import IntegrityError
 from forensic_vlm.figures import plot_confusion_matrix
 from forensic_vlm.metrics import compute_metrics, report_text
 from forensic_vlm.scoring import score_examples
+from forensic_vlm.shards import merge_shard_caches, read_parts, score_part
 from forensic_vlm.tables import read_tsv, write_tsv
 
 log = logging.getLogger(__name__)
@@ -44,15 +46,119 @@ def evaluate_split(
     """
     if threads:
         torch.set_num_threads(threads)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     kind = "finetuned" if adapter else "zeroshot"
     examples = examples_from_table(read_tsv(Path(table)), raw_data)
     labels = [c.id for c in classes]
     result = score_examples(
         examples, labels, model_config=model_config, config=config, adapter=adapter, cache_dir=cache_dir, kind=kind
     )
-    scores = result.rows
+    facts = {
+        **result.run_facts(),
+        "model_files_sha256": result.model_files_sha256,
+        "adapter_files_sha256": result.adapter_files_sha256,
+    }
+    return write_evaluation(
+        examples,
+        result.rows,
+        facts,
+        classes=classes,
+        model_config=model_config,
+        config=config,
+        out_dir=out_dir,
+        adapter=adapter,
+    )
+
+
+def score_split_shard(
+    table: Path,
+    raw_data: Path,
+    part: Path,
+    *,
+    scatter_item: str,
+    classes: list[ClassSpec],
+    model_config: ModelConfig,
+    config: EvaluateConfig,
+    adapter: Path | None = None,
+    cache_dir: Path | None = None,
+    shard_cache_dir: Path | None = None,
+    threads: int | None = None,
+) -> dict:
+    """One shard job of an evaluation (rules ``evaluate_*_shard``): its share of the test split's
+    images, scored as ``shards.score_part`` does for the triage. Returns the job's record."""
+    if threads:
+        torch.set_num_threads(threads)
+    return score_part(
+        examples_from_table(read_tsv(Path(table)), raw_data),
+        part,
+        scatter_item=scatter_item,
+        stage=f"evaluate_{'finetuned' if adapter else 'zeroshot'}",
+        labels=[c.id for c in classes],
+        model_config=model_config,
+        evaluate_config=config,
+        adapter=adapter,
+        cache_dir=cache_dir,
+        shard_cache_dir=shard_cache_dir,
+    )
+
+
+def assemble_evaluation(
+    table: Path,
+    raw_data: Path,
+    parts: list[Path],
+    *,
+    classes: list[ClassSpec],
+    model_config: ModelConfig,
+    config: EvaluateConfig,
+    out_dir: Path,
+    adapter: Path | None = None,
+    cache_dir: Path | None = None,
+    shard_cache_dirs: list[Path] = (),
+) -> dict:
+    """Merge an evaluation's shard parts into the outputs one job writes (rules ``evaluate_*``),
+    after checking them (``shards.read_parts``) and that every image of the split has its score;
+    then merge the shards' caches into the shared one. metrics.json lists every shard's job."""
+    examples = examples_from_table(read_tsv(Path(table)), raw_data)
+    scored, records, scoring = read_parts(parts)
+    missing = [e.name for e in examples if e.sha256 not in scored]
+    if missing:
+        raise IntegrityError(f"{table}: no shard scored {len(missing)} image(s), the first {missing[0]!r}")
+    facts = {
+        **scoring["facts"],
+        "model_files_sha256": scoring["model_files_sha256"],
+        "adapter_files_sha256": scoring["adapter_files_sha256"],
+        "shard_jobs": [{key: value for key, value in record.items() if key != "scoring"} for record in records],
+    }
+    metrics = write_evaluation(
+        examples,
+        [scored[e.sha256] for e in examples],
+        facts,
+        classes=classes,
+        model_config=model_config,
+        config=config,
+        out_dir=out_dir,
+        adapter=adapter,
+    )
+    merge_shard_caches(cache_dir, list(shard_cache_dirs))
+    return metrics
+
+
+def write_evaluation(
+    examples: list[Example],
+    scores: list[dict[str, str]],
+    facts: dict,
+    *,
+    classes: list[ClassSpec],
+    model_config: ModelConfig,
+    config: EvaluateConfig,
+    out_dir: Path,
+    adapter: Path | None,
+) -> dict:
+    """predictions.tsv, metrics.json (with the scoring run's ``facts``), the report and the
+    confusion figure, from every example's score row in the examples' order."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kind = "finetuned" if adapter else "zeroshot"
+    labels = [c.id for c in classes]
     predicted = np.array([int(s["predicted"]) for s in scores])
     probabilities = np.array(
         [[float(s[f"p{label}"]) if s[f"p{label}"] else np.nan for label in labels] for s in scores]
@@ -76,9 +182,7 @@ def evaluate_split(
             "decoding": config.decoding,
             "model": model_config.name_or_path,
             "adapter": str(adapter) if adapter else None,
-            **result.run_facts(),
-            "model_files_sha256": result.model_files_sha256,
-            "adapter_files_sha256": result.adapter_files_sha256,
+            **facts,
         }
     )
     rows = []

@@ -26,8 +26,9 @@ import pytest
 from conftest import DEMO_CONFIG, REPO
 from forensic_vlm.tables import read_tsv
 
-GPU_RULES = {"evaluate_zeroshot", "evaluate_finetuned", "classify_shard"}
-CLUSTER_RULES = GPU_RULES | {"classify", "report"}  # classify merges the shards: no GPU
+GPU_RULES = {"evaluate_zeroshot_shard", "evaluate_finetuned_shard", "classify_shard"}
+# The rules that merge the shards need no GPU.
+CLUSTER_RULES = GPU_RULES | {"evaluate_zeroshot", "evaluate_finetuned", "classify", "report"}
 # The CI node has 2 CPUs and ~21 GB: the profile's real-cluster sizes are scaled down here only.
 SMALL_NODE = (
     "--default-resources",
@@ -36,8 +37,8 @@ SMALL_NODE = (
     "runtime=30",
     "--set-resources",
     "train:mem_mb=3000",
-    "evaluate_zeroshot:mem_mb=3000",
-    "evaluate_finetuned:mem_mb=3000",
+    "evaluate_zeroshot_shard:mem_mb=3000",
+    "evaluate_finetuned_shard:mem_mb=3000",
     "classify_shard:mem_mb=3000",
     "classify_listing:mem_mb=2000",
     "manifest:mem_mb=2000",
@@ -113,7 +114,9 @@ def test_demo_goes_through_slurm_and_matches_a_local_run(demo_run: dict, tmp_pat
     shutil.copytree(demo_run["workdir"], workdir, symlinks=True)
     shutil.rmtree(workdir / "results" / "cache" / "predictions")  # the cluster must score, not look up
     # The three scoring rules again, and so the report downstream of them.
-    result, seconds = submit(workdir, "--forcerun", "evaluate_zeroshot", "evaluate_finetuned", "classify_shard")
+    result, seconds = submit(
+        workdir, "--forcerun", "evaluate_zeroshot_shard", "evaluate_finetuned_shard", "classify_shard"
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     log = result.stdout + result.stderr
     jobs = slurm_jobs(log)

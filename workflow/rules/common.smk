@@ -99,6 +99,16 @@ def get_classify_shard_cache(wildcards):
     return f"results/cache/predictions/shards/{wildcards.case}/{wildcards.scatteritem}"
 
 
+def get_evaluate_shard_cache(kind, scatteritem):
+    """An evaluation shard's own prediction cache (no case name can start with an underscore)."""
+    return f"results/cache/predictions/shards/_evaluate_{kind}/{scatteritem}"
+
+
+def get_evaluate_shard_caches(kind, input):
+    """Every shard's own cache, for the merging evaluation rule to merge into the shared one."""
+    return [get_evaluate_shard_cache(kind, Path(part).stem) for part in input.parts]
+
+
 def get_classify_shard_caches(wildcards, input):
     """Every shard's own cache, for rule classify to merge into the shared one."""
     items = [Path(part).stem for part in input.parts]
