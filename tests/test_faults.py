@@ -246,3 +246,21 @@ def test_a_workflow_killed_whole_mid_evaluation_reruns_to_the_same_results(
     measured(
         f"fault workflow scoring.batch:2:group: killed, unlocked, rerun, identical ({time.monotonic() - start:.0f} s)"
     )
+
+
+def test_a_stop_fault_freezes_the_process_until_something_ends_it() -> None:
+    """``<point>:1:stop``, the hung job the cluster test cancels with scancel."""
+    code = "from forensic_vlm.faults import fault_point; fault_point('x'); fault_point('here'); print('went on')"
+    environment = {**os.environ, ENVIRONMENT: "here:1:stop"}
+    process = subprocess.Popen([sys.executable, "-c", code], env=environment, stdout=subprocess.PIPE, text=True)
+    try:
+        state = ""
+        for _ in range(600):  # a guard against a hang, not a speed requirement
+            state = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state == "T" or process.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert state == "T" and process.poll() is None  # stopped at the point, not ended
+    finally:
+        process.kill()
+    assert process.wait() == -signal.SIGKILL and process.stdout.read() == ""

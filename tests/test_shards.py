@@ -237,10 +237,20 @@ def test_set_scatter_gives_the_same_triage_and_a_killed_shard_reruns_alone(
 
     one_job = (demo_run["workdir"] / "results" / "classify" / "demo" / "triage.tsv").read_bytes()
     whole = fresh_copy("whole")
-    done = snakemake(whole, "--set-scatter", "classify=3", demo=True)
+    done = snakemake(whole, "--set-scatter", "classify=3", "evaluate=3", demo=True)
     assert done.returncode == 0, done.stderr[-3000:]
     shards = whole / "results" / "classify" / "demo" / "shards"
     assert (shards.parent / "triage.tsv").read_bytes() == one_job  # byte for byte the one-job triage
+    timing = {"seconds", "images_per_second", "images_per_second_after_first_batch", "shards", "shard_jobs"}
+    for kind in ("zeroshot", "finetuned"):  # and the evaluations, scored in three jobs each
+        local, sharded = (root / "results" / "evaluate" / kind for root in (demo_run["workdir"], whole))
+        assert (sharded / "predictions.tsv").read_bytes() == (local / "predictions.tsv").read_bytes()
+        metrics = [json.loads((folder / "metrics.json").read_text()) for folder in (local, sharded)]
+        assert metrics[1]["shards"] == 3 and len(metrics[1]["shard_jobs"]) == 3
+        assert metrics[1]["devices"] == 3 * metrics[0]["devices"]
+        assert [{k: v for k, v in m.items() if k not in timing | {"devices"}} for m in metrics] == [
+            {k: v for k, v in metrics[0].items() if k not in timing | {"devices"}}
+        ] * 2
     files = {
         item: json.loads((shards / f"{item}.json").read_text())["files"] for item in ("1-of-3", "2-of-3", "3-of-3")
     }

@@ -3,7 +3,8 @@
 ``FORENSIC_VLM_KILL_AT=<point>:<n>`` makes the process send itself SIGKILL the n-th time it
 reaches ``<point>`` (no clean-up, no flushing, no exception handler runs); ``<point>:<n>:group``
 kills its whole process group instead (a workflow and its running job at once, as a power cut
-would). Unset, a fault point costs one dictionary lookup. The points, and what the suite compares after each, are listed in
+would); ``<point>:<n>:stop`` stops the process (SIGSTOP) instead, a hung job that something else
+must end (the cluster test cancels it with ``scancel``). Unset, a fault point costs one dictionary lookup. The points, and what the suite compares after each, are listed in
 docs/reliability.md.
 """
 
@@ -27,6 +28,9 @@ def fault_point(name: str) -> None:
         return
     _reached[name] += 1
     if _reached[name] == int(count or 1):
+        if scope == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return
         if scope == "group":
             os.killpg(os.getpgrp(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import DEMO_CONFIG, REPO
+from forensic_vlm.faults import ENVIRONMENT
 from forensic_vlm.tables import read_tsv
 
 GPU_RULES = {"evaluate_zeroshot_shard", "evaluate_finetuned_shard", "classify_shard"}
@@ -70,8 +71,8 @@ def slurm() -> None:
         pytest.skip("no SLURM cluster (start one with: sudo bash tests/cluster/start_slurm.sh)")
 
 
-def submit(workdir: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
-    command = [
+def submit_command(workdir: Path, *args: str) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "snakemake",
@@ -86,16 +87,24 @@ def submit(workdir: Path, *args: str) -> tuple[subprocess.CompletedProcess, floa
         *SMALL_NODE,
         *args,
     ]
+
+
+def submit(workdir: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
     # A guard against a hang, not a speed requirement: a stuck submission must end the test.
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1500)
+    result = subprocess.run(submit_command(workdir, *args), capture_output=True, text=True, timeout=1500)
     return result, time.monotonic() - start
 
 
 def slurm_jobs(log: str) -> dict[str, str]:
-    """Rule -> SLURM job id, from Snakemake's submission lines."""
-    found = re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/rule_(\w+?)/", log)
-    return {rule: job for job, rule in found}
+    """Rule -> SLURM job id, from Snakemake's submission lines (one job a rule)."""
+    return {rule: job for rule, _, job in submissions(log)}
+
+
+def submissions(log: str) -> list[tuple[str, str, str]]:
+    """(rule, wildcards as the log folder names them, SLURM job id) of every submitted job."""
+    found = re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/rule_(\w+?)/(?:(\S+)/)?\d+\.log\)", log)
+    return [(rule, wildcards, job) for job, rule, wildcards in found]
 
 
 def accounting(job_ids: list[str]) -> dict[str, dict[str, str]]:
@@ -179,3 +188,81 @@ def test_a_failing_job_fails_the_run_with_its_slurm_state(tmp_path: Path, measur
     assert accounting([jobs["manifest"]])[jobs["manifest"]]["state"] == "FAILED"
     assert "FAILED" in log and "broken.png" in (tmp_path / "work" / "results" / "logs" / "manifest.log").read_text()
     measured(f"failing SLURM job {jobs['manifest']} reported FAILED; the run ended after {seconds:.0f} s")
+
+
+def test_three_shard_jobs_merge_to_the_local_triage_and_a_cancelled_shard_is_resubmitted_alone(
+    demo_run: dict, tmp_path: Path, measured
+) -> None:
+    workdir = tmp_path / "work"
+    shutil.copytree(demo_run["workdir"], workdir, symlinks=True)
+    shutil.rmtree(workdir / "results" / "cache" / "predictions")  # the shards must score, not look up
+    victim = "2-of-3"
+    out = workdir / "results" / "classify" / "demo"
+    command_log = tmp_path / "submit.log"
+    # The victim stops itself once it has scored (its rows in its own cache, its part not written),
+    # a hung job, and is cancelled below with scancel as an examiner or the cluster would.
+    environment = {**os.environ, ENVIRONMENT: f"classify.shard.{victim}:1:stop"}
+    start = time.monotonic()
+    with command_log.open("w") as sink:
+        running = subprocess.Popen(
+            submit_command(workdir, "--set-scatter", "classify=3", "--keep-going"),
+            env=environment,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+        job = wait_for(lambda: stopped_shard_job(command_log.read_text(), victim), running)
+        subprocess.run(["scancel", job], check=True)
+        running.wait(timeout=900)  # a guard against a hang, not a speed requirement
+    log = command_log.read_text()
+    assert running.returncode != 0, log[-3000:]
+    first = {wildcards: job for rule, wildcards, job in submissions(log) if rule == "classify_shard"}
+    assert set(first) == {f"demo_{i}-of-3" for i in (1, 2, 3)}, log[-3000:]
+    records = accounting(list(first.values()))
+    for wildcards, job in first.items():
+        assert "gres/gpu=1" in records[job]["tres"], (wildcards, records[job])  # each shard its own GPU
+        expected = "CANCELLED" if wildcards == f"demo_{victim}" else "COMPLETED"
+        assert records[job]["state"].startswith(expected), (wildcards, records[job])
+    assert not (out / "shards" / f"{victim}.tsv").exists()
+
+    rerun, _ = submit(workdir, "--set-scatter", "classify=3")
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    again = submissions(rerun.stdout + rerun.stderr)
+    assert sorted((rule, wildcards) for rule, wildcards, _ in again) == [
+        ("classify", "demo"),
+        ("classify_shard", f"demo_{victim}"),
+    ]  # only the cancelled shard is submitted again, then the merge
+    one_job = (demo_run["workdir"] / "results" / "classify" / "demo" / "triage.tsv").read_bytes()
+    assert (out / "triage.tsv").read_bytes() == one_job  # byte for byte the local one-job triage
+    resumed = json.loads((out / "shards" / f"{victim}.json").read_text())
+    assert resumed["job_id"] == dict((w, j) for r, w, j in again if r == "classify_shard")[f"demo_{victim}"]
+    assert resumed["scoring"]["facts"]["images_scored"] == 0  # it went on from its own cache
+    custody = json.loads((out / "custody.json").read_text())
+    assert {s["job_id"] for s in custody["shards"]} == {
+        *(job for w, job in first.items() if w != f"demo_{victim}"),
+        resumed["job_id"],
+    }
+    measured(
+        f"SLURM: 3 classify_shard jobs ({', '.join(first.values())}), {victim} cancelled with scancel and "
+        f"resubmitted alone; triage identical to the local one ({time.monotonic() - start:.0f} s in all)"
+    )
+
+
+def stopped_shard_job(log: str, item: str) -> str | None:
+    """The SLURM job of shard ``item`` once its scoring process has stopped itself, else None."""
+    jobs = [job for rule, wildcards, job in submissions(log) if rule == "classify_shard" and wildcards.endswith(item)]
+    stopped = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True, check=True).stdout
+    if jobs and any(line.startswith("T") and "classify_shard" in line for line in stopped.splitlines()):
+        return jobs[0]
+    return None
+
+
+def wait_for(found, running: subprocess.Popen):
+    """Poll ``found()`` until it returns something; fail if the submission ends first."""
+    deadline = time.monotonic() + 900  # a guard against a hang, not a speed requirement
+    while time.monotonic() < deadline:
+        if (value := found()) is not None:
+            return value
+        assert running.poll() is None, "the submission ended before the shard stopped"
+        time.sleep(1)
+    running.kill()
+    pytest.fail("the shard never reached its fault point")
