@@ -141,6 +141,36 @@ def test_three_shards_merge_into_the_triage_one_job_writes(tiny_model: Path, ext
     assert (again / "out" / "triage.tsv").read_bytes() == triage
 
 
+@pytest.mark.slow
+def test_files_added_later_are_scored_and_the_old_ones_are_not_scored_again(
+    tiny_model: Path, extraction: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "extraction"
+    shutil.copytree(extraction, folder)
+    one_cache, work = tmp_path / "one" / "cache", tmp_path / "sharded"
+    classify_folder(folder, tmp_path / "one" / "before", **settings(tiny_model), cache_dir=one_cache)
+    listing, parts = sharded(tiny_model, folder, work, 3)
+    assemble(tiny_model, listing, parts, work)
+    _, before = read_listing(listing)
+
+    more = tmp_path / "more"
+    generate_demo_extraction(more, tmp_path / "more.tsv", CLASSES, DemoConfig(extraction_images=8, seed=21))
+    for image in sorted(p for p in more.rglob("*") if p.is_file()):
+        shutil.copy(image, folder / f"added_{image.name}")
+    classify_folder(folder, tmp_path / "one" / "after", **settings(tiny_model), cache_dir=one_cache)
+    for part in parts:  # the same three shards, run again on the grown folder
+        part.unlink()
+    listing, parts = sharded(tiny_model, folder, work, 3)
+    assemble(tiny_model, listing, parts, work)
+
+    _, after = read_listing(listing)
+    new = {r.sha256 for r in after if r.usable} - {r.sha256 for r in before if r.usable}
+    assert new  # the added files brought new content
+    records = [json.loads(p.with_suffix(".json").read_text())["scoring"]["facts"] for p in parts]
+    assert sum(r["images_scored"] for r in records) == len(new)  # only the new images were scored
+    assert (work / "out" / "triage.tsv").read_bytes() == (tmp_path / "one" / "after" / "triage.tsv").read_bytes()
+
+
 def test_a_part_that_was_changed_or_scored_by_the_wrong_shard_stops_the_merge(
     tiny_model: Path, extraction: Path, tmp_path: Path
 ) -> None:
@@ -174,6 +204,7 @@ def test_a_shard_reads_the_shared_cache_and_writes_only_its_own(tmp_path: Path) 
         PredictionCache(tmp_path / "other", {"k": 1}, columns, shared=tmp_path / "shared")
 
 
+@pytest.mark.slow
 def test_three_evaluation_shards_merge_into_the_predictions_and_metrics_one_job_writes(
     tiny_model: Path, tiny_dataset: dict, tmp_path: Path
 ) -> None:
