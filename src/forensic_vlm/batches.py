@@ -33,6 +33,7 @@ class Example:
     height: int
     name: str  # the path as written in the table, for messages and outputs
     flags: str = ""  # the table's flags (non_utf8_name tells how to decode ``name``)
+    locator: str = ""  # inside an evidence container: its dfVFS locator (``path`` then only names it)
 
 
 def examples_from_table(
@@ -70,7 +71,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, object]:
         example = self.examples[index]
-        return index, load_checked_image(example.path, example.sha256)
+        return index, load_checked_image(example.path, example.sha256, example.locator)
 
 
 class TokenGroupedBatches(Sampler[list[int]]):

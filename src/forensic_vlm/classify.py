@@ -1,17 +1,20 @@
-"""Stage ``classify``: triage of an unlabeled folder (a phone extraction) for an examiner.
+"""Stage ``classify``: triage of unlabeled evidence (a phone extraction) for an examiner.
 
-Every file under the folder is read once, read-only, with the manifest's checks (the same reject
-reasons as training data). Usable images are scored with the fine-tuned adapter (or zero-shot)
+The input is a folder or an evidence container (E01, a raw disk or partition image, a zip or a
+tar), read in place through dfVFS (:mod:`forensic_vlm.evidence`): nothing is mounted or unpacked.
+Every file is read once, read-only, with the manifest's checks (the same reject reasons as
+training data), and hashed with sha256, MD5 and SHA-1. Usable images are scored with the fine-tuned adapter (or zero-shot)
 through the prediction cache, so an interrupted run goes on where it stopped and a rerun scores
 nothing. Writes into ``results/classify/<case>/``:
 
 - ``triage.tsv``: one row per file, accepted or rejected, in review order (:func:`review_order`);
 - ``triage.html``: the same order as one self-contained page, thumbnails behind ``report.show_images``;
 - ``custody.json``: when, where, with what (input listing, model, adapter and configuration
-  hashes, package versions) and the counts, for the case file.
+  hashes, package versions, the container's verified hashes) and the counts, for the case file;
+- ``triage.csv`` and ``case.jsonld``: the triage for other forensic tools (:mod:`forensic_vlm.exchange`).
 
 A large case is scored in shards (``classify.shards``, Snakemake's scattergather): rule
-``classify_listing`` inspects the folder once (:func:`list_folder`, ``listing.jsonl``); each rule
+``classify_listing`` inspects the input once (:func:`list_input`, ``listing.jsonl``); each rule
 ``classify_shard`` job scores its share of the batches (:func:`score_shard`), reading the shared
 prediction cache and writing only a cache of its own; rule ``classify`` merges the parts
 (:func:`assemble_shards`) into the same triage one job writes, and the shards' caches into the
@@ -36,6 +39,7 @@ import logging
 import os
 import platform
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -50,9 +54,10 @@ from forensic_vlm.config import (
     ReportConfig,
     to_dict,
 )
-from forensic_vlm.errors import InputNotFoundError, IntegrityError
+from forensic_vlm.errors import ConfigError, InputNotFoundError, IntegrityError
+from forensic_vlm.exchange import write_case_jsonld, write_triage_csv
 from forensic_vlm.faults import fault_point
-from forensic_vlm.inspection import Inspection
+from forensic_vlm.inspection import Inspection, inspect_entry
 from forensic_vlm.manifest import bad_input_error, inspector, table_path, walk
 from forensic_vlm.parallel import ordered_map
 from forensic_vlm.provenance import config_sha256, git_commit, package_versions
@@ -78,6 +83,14 @@ def triage_columns(labels: list[int]) -> list[str]:
         "sha256",
         "size_bytes",
         "mtime_utc",
+        "md5",
+        "sha1",
+        "partition",
+        "inode",
+        "created_utc",
+        "accessed_utc",
+        "changed_utc",
+        "deleted",
         "predicted",
         "predicted_ko",
         "predicted_en",
@@ -109,17 +122,50 @@ def review_order(row: dict, irrelevant: int) -> tuple:
     return (1, confidence, row["path"])
 
 
-def list_folder(input_dir: Path, manifest_config: ManifestConfig, workers: int) -> list[Inspection]:
-    """Every file under ``input_dir``, inspected; stops on the first bad file if the manifest says so."""
-    root = Path(input_dir)
-    if not root.is_dir():
-        raise InputNotFoundError(f"classify.input_dir not found or not a folder: {root}")
-    inspections = inspect_folder(root, manifest_config, workers)
-    rejected = [r for r in inspections if not r.usable]
+@dataclasses.dataclass
+class Listing:
+    """What the triage read: the input (a folder or a container file), every file's inspection,
+    and for a container what custody.json records of it (:func:`evidence.describe_container`)."""
+
+    root: Path
+    inspections: list[Inspection]
+    container: dict | None = None
+
+
+def list_input(source: Path, manifest_config: ManifestConfig, config: ClassifyConfig, workers: int) -> Listing:
+    """Every file of ``source`` (a folder, or a container read through dfVFS), inspected; a
+    container's stored hashes are verified first (``classify.verify_container``). Stops on the
+    first bad file if the manifest says so."""
+    root = Path(source)
+    if root.is_dir():
+        if config.partition or config.inside_path:
+            raise ConfigError(f"classify.partition and classify.inside_path apply to a container; {root} is a folder")
+        listing = Listing(root, inspect_folder(root, manifest_config, workers))
+    elif root.is_file():
+        listing = _list_container(root, manifest_config, config, workers)
+    else:
+        raise InputNotFoundError(f"classify.input not found (neither a folder nor a container file): {root}")
+    rejected = [r for r in listing.inspections if not r.usable]
     if manifest_config.on_bad_input == "fail" and rejected:
         first = rejected[0]
         raise bad_input_error(root / first.path, first.reason, first.message, len(rejected))
-    return inspections
+    return listing
+
+
+def _list_container(root: Path, manifest_config: ManifestConfig, config: ClassifyConfig, workers: int) -> Listing:
+    from forensic_vlm.evidence import describe_container, walk_container
+
+    # Before anything is read from it: a damaged image stops here (unless the examiner accepts it).
+    container = describe_container(root, verify=config.verify_container, accept_mismatch=config.accept_hash_mismatch)
+    container.update(partition=config.partition, inside_path=config.inside_path)
+    entries = list(walk_container(root, config.partition, config.inside_path))
+    log.info("classify: %d files in %s, %d worker(s)", len(entries), root, workers)
+    check = partial(
+        inspect_entry,
+        max_image_pixels=manifest_config.max_image_pixels,
+        allowed_formats=tuple(manifest_config.allowed_formats),
+    )
+    return Listing(root, list(ordered_map(check, entries, workers, "classify: inspect")), container)
 
 
 def classify_folder(
@@ -141,8 +187,8 @@ def classify_folder(
     started = dt.datetime.now(dt.UTC)
     if threads:
         torch.set_num_threads(threads)
-    root = Path(input_dir)
-    inspections = list_folder(root, manifest_config, workers)
+    listing = list_input(Path(input_dir), manifest_config, config, workers)
+    root, inspections = listing.root, listing.inspections
     usable = [r for r in inspections if r.usable]
     kind = "classify (fine-tuned)" if adapter else "classify (zero-shot)"
     scores = score_examples(
@@ -167,12 +213,16 @@ def classify_folder(
         adapter=adapter,
         settings={"model": model_config, "evaluate": evaluate_config, "classify": config, "manifest": manifest_config},
         started=started,
+        container=listing.container,
     )
 
 
 def _examples(root: Path, usable: list[Inspection]) -> list[Example]:
     # label -1: unknown. The examples only carry images to the model; no label is ever written.
-    return [Example(root / r.path, r.sha256, -1, int(r.width), int(r.height), encode_path(r.path)[0]) for r in usable]
+    return [
+        Example(root / r.path, r.sha256, -1, int(r.width), int(r.height), encode_path(r.path)[0], locator=r.locator)
+        for r in usable
+    ]
 
 
 def write_triage(
@@ -190,9 +240,10 @@ def write_triage(
     settings: dict,
     started: dt.datetime,
     shards: list[dict] | None = None,
+    container: dict | None = None,
 ) -> dict:
-    """triage.tsv, triage.html and custody.json from the listing and every usable file's scores
-    (``scored``, by sha256); returns the custody record."""
+    """triage.tsv, triage.html, custody.json, triage.csv and case.jsonld from the listing and every
+    usable file's scores (``scored``, by sha256); returns the custody record."""
     usable = [r for r in inspections if r.usable]
     rejected = [r for r in inspections if not r.usable]
     missing = [r.path for r in usable if r.sha256 not in scored]
@@ -220,12 +271,15 @@ def write_triage(
         settings=settings,
         started=started,
         triage=out_dir / "triage.tsv",
+        container=container,
     )
     if shards is not None:
         custody["shards"] = shards
     write_triage_page(
         out_dir / "triage.html", rows, root=root, classes=classes, config=config, report=report_config, custody=custody
     )
+    write_triage_csv(out_dir / "triage.csv", rows)
+    write_case_jsonld(out_dir / "case.jsonld", rows, custody=custody, classes=classes)
     (out_dir / "custody.json").write_text(json.dumps(custody, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     counts = custody["counts"]
     log.info(
@@ -237,33 +291,42 @@ def write_triage(
 # Sharded triage: listing, shards, merge -------------------------------------------------------------
 
 
-def write_listing(path: Path, root: Path, inspections: list[Inspection]) -> None:
-    """The folder's inspection as JSON lines: a header with the folder and the listing's digest (so
-    a changed or damaged listing is caught when read), then one file per line."""
-    header = {"input_dir": str(Path(root).resolve()), "files": len(inspections)}
+def write_listing(path: Path, listing: Listing) -> None:
+    """The input's inspection as JSON lines: a header with the input, its container record and the
+    listing's digest (so a changed or damaged listing is caught when read), then one file per line."""
+    inspections = listing.inspections
+    header = {"input_dir": str(Path(listing.root).resolve()), "files": len(inspections), "container": listing.container}
     header["input_listing_sha256"] = listing_sha256(inspections)
     lines = [json.dumps(header)] + [json.dumps(dataclasses.asdict(r)) for r in inspections]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
-def classify_listing(input_dir: Path, listing: Path, manifest_config: ManifestConfig, workers: int = 1) -> int:
-    """Stage ``classify_listing``: inspect ``input_dir`` once and write ``listing``; returns the files."""
-    inspections = list_folder(Path(input_dir), manifest_config, workers)
-    write_listing(Path(listing), Path(input_dir), inspections)
-    usable = sum(r.usable for r in inspections)
-    log.info("classify: listing of %d files (%d usable) written to %s", len(inspections), usable, listing)
-    return len(inspections)
+def classify_listing(
+    input_dir: Path,
+    listing: Path,
+    manifest_config: ManifestConfig,
+    workers: int = 1,
+    *,
+    config: ClassifyConfig | None = None,
+) -> int:
+    """Stage ``classify_listing``: inspect ``input_dir`` (a folder or a container) once and write
+    ``listing``; returns the files."""
+    result = list_input(Path(input_dir), manifest_config, config or ClassifyConfig(), workers)
+    write_listing(Path(listing), result)
+    usable = sum(r.usable for r in result.inspections)
+    log.info("classify: listing of %d files (%d usable) written to %s", len(result.inspections), usable, listing)
+    return len(result.inspections)
 
 
-def read_listing(path: Path) -> tuple[Path, list[Inspection]]:
-    """The folder and its inspections, as :func:`write_listing` wrote them."""
+def read_listing(path: Path) -> Listing:
+    """The input, its inspections and its container record, as :func:`write_listing` wrote them."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     header = json.loads(lines[0]) if lines else {}
     inspections = [Inspection(**json.loads(line)) for line in lines[1:]]
     if header.get("files") != len(inspections) or header.get("input_listing_sha256") != listing_sha256(inspections):
         raise IntegrityError(f"{path}: the listing does not match its header (changed or cut short); rerun it")
-    return Path(header["input_dir"]), inspections
+    return Listing(Path(header["input_dir"]), inspections, header.get("container"))
 
 
 def score_shard(
@@ -284,9 +347,9 @@ def score_shard(
     the shared ``cache_dir`` and writes only ``shard_cache_dir``. Returns the record."""
     if threads:
         torch.set_num_threads(threads)
-    root, inspections = read_listing(listing)
+    read = read_listing(listing)
     return score_part(
-        _examples(root, [r for r in inspections if r.usable]),
+        _examples(read.root, [r for r in read.inspections if r.usable]),
         part,
         scatter_item=scatter_item,
         stage="classify",
@@ -319,11 +382,11 @@ def assemble_shards(
     the shards' prediction caches into the shared one (its one writer). Returns the custody record,
     which lists every shard's job."""
     started = dt.datetime.now(dt.UTC)
-    root, inspections = read_listing(listing)
+    read = read_listing(listing)
     scored, records, scoring = read_parts(parts)
     custody = write_triage(
-        root,
-        inspections,
+        read.root,
+        read.inspections,
         scored,
         Path(out_dir),
         scoring=scoring,
@@ -335,6 +398,7 @@ def assemble_shards(
         settings={"model": model_config, "evaluate": evaluate_config, "classify": config, "manifest": manifest_config},
         started=started,
         shards=records,
+        container=read.container,
     )
     merge_shard_caches(cache_dir, list(shard_cache_dirs))
     return custody
@@ -398,6 +462,15 @@ def _file_columns(inspection: Inspection) -> dict:
         "sha256": inspection.sha256,
         "size_bytes": inspection.size_bytes if inspection.size_bytes is not None else "",
         "mtime_utc": inspection.mtime_utc,
+        "md5": inspection.md5,
+        "sha1": inspection.sha1,
+        "partition": inspection.partition,
+        "inode": "" if inspection.inode is None else inspection.inode,
+        "created_utc": inspection.created_utc,
+        "accessed_utc": inspection.accessed_utc,
+        "changed_utc": inspection.changed_utc,
+        "deleted": _yes_no(inspection.deleted),
+        "locator": inspection.locator,  # not a column: the page reads thumbnails through it
     }
 
 
@@ -422,6 +495,7 @@ def custody_record(
     settings: dict,
     started: dt.datetime,
     triage: Path,
+    container: dict | None = None,
 ) -> dict:
     """The chain-of-custody record: when, where, with what, and what came out. ``scoring``: a
     :func:`scoring_record`."""
@@ -434,6 +508,9 @@ def custody_record(
         "host": platform.node(),
         "user": getpass.getuser(),
         "input_dir": str(root.resolve()),
+        "input_kind": "container" if container else "folder",
+        # The container as it was read: path, size, segments, stored and computed hashes, verdict.
+        "container": container,
         "input_listing_sha256": listing_sha256(inspections),
         "triage_tsv_sha256": sha256_file(triage),
         "model": {
@@ -455,6 +532,7 @@ def custody_record(
             "distinct_images": len({r["sha256"] for r in scored}),
             "rejected": len(rows) - len(scored),
             "rejected_by_reason": dict(Counter(r["reason"] for r in rows if r["status"] != SCORED)),
+            "deleted_scored": sum(1 for r in scored if r["deleted"] == "true"),
             "predicted": {f"{c.id} {c.en}": sum(1 for r in scored if int(r["predicted"]) == c.id) for c in classes},
             "needs_review": sum(1 for r in rows if r["needs_review"] == "true"),
         },

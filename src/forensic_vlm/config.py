@@ -291,9 +291,24 @@ class ReportConfig:
 
 @dataclass(frozen=True)
 class ClassifyConfig:
+    input: str | None = None
+    """What to triage, read-only and in place: a folder (a phone extraction) or an evidence
+    container, read through dfVFS (the [evidence] extra): an E01 (its first segment; the others are
+    found beside it), a raw disk or partition image, a zip or a tar (gzip, bzip2 or xz too). Null:
+    input_dir, else no classify stage."""
     input_dir: str | None = None
-    """Folder of unlabeled images to triage (a phone extraction), read recursively and read-only;
-    null: no classify stage."""
+    """The folder of unlabeled images to triage, as before classify.input existed (give one of the two)."""
+    partition: str | None = None
+    """Inside a disk image, triage this partition only (dfVFS's names: p1, p2 for MBR, gpt1 for GPT);
+    null: every partition and file system found."""
+    inside_path: str | None = None
+    """Inside a container, triage this folder only (e.g. /DCIM), in every file system read; null: all."""
+    verify_container: bool = True
+    """Read the whole container first and check its media data against the MD5/SHA-1 an E01 stores
+    (a raw image or archive gets its hashes computed and recorded); false: skip (recorded)."""
+    accept_hash_mismatch: bool = False
+    """Triage a container whose media data does not match its stored hash instead of stopping; the
+    mismatch is recorded in custody.json."""
     case: str = "case"
     """Case name: outputs go to results/classify/<case>/ (letters, digits, '.', '_' and '-')."""
     use_adapter: bool = True
@@ -320,6 +335,13 @@ class ClassifyConfig:
             raise ConfigError("classify.shards must be >= 1")
         if self.page_rows < 1:
             raise ConfigError("classify.page_rows must be >= 1")
+        if self.input is not None and self.input_dir is not None:
+            raise ConfigError("give classify.input or classify.input_dir, not both")
+
+    @property
+    def source(self) -> str | None:
+        """The folder or container to triage (classify.input, else classify.input_dir)."""
+        return self.input if self.input is not None else self.input_dir
 
 
 DEFAULT_CLASSES = (
@@ -365,8 +387,9 @@ class Config:
             paths["model.name_or_path"] = name
         if self.model.files_sha256 is not None:
             paths["model.files_sha256"] = self.model.files_sha256
-        if self.classify.input_dir is not None:
-            paths["classify.input_dir"] = self.classify.input_dir
+        if self.classify.source is not None:
+            key = "classify.input" if self.classify.input is not None else "classify.input_dir"
+            paths[key] = self.classify.source
         return paths
 
     def require_input_paths(self, made_by_workflow: set[str] = frozenset()) -> None:

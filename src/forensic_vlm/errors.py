@@ -50,3 +50,11 @@ class IntegrityError(ForensicVlmError, RuntimeError):
 
 class ResumeError(ForensicVlmError, RuntimeError):
     """A checkpoint cannot be resumed exactly (it is not this run's); the message says what to do."""
+
+
+class ContainerError(ForensicVlmError, ValueError):
+    """An evidence container (E01, disk image, zip, tar) cannot be opened as asked: the message says why."""
+
+
+class ContainerIntegrityError(IntegrityError):
+    """An evidence container's media data does not match the hash stored in it, or cannot be read whole."""

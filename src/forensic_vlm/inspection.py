@@ -7,6 +7,7 @@ plain message; a usable file may carry flags (an extension that does not match i
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import os
 import stat
@@ -29,6 +30,7 @@ REASONS: dict[str, str] = {
     "outside_root": "a symbolic link that leads outside raw_data",
     "not_regular_file": "a device, socket or pipe, not a file",
     "unreadable": "the file could not be read (permissions or I/O error)",
+    "deleted_reallocated": "a deleted name whose metadata now belongs to another file: its content is gone",
     "unlabeled": "the file is not inside a class folder <k>_<name>/",
     "unknown_class": "the folder's numeric prefix is not a configured class",
     "label_conflict": "the same content appears under two different classes",
@@ -69,6 +71,18 @@ class Inspection:
     notes: list[str] = field(default_factory=list)
     reason: str = ""
     message: str = ""
+    md5: str = ""
+    sha1: str = ""
+    # Where the file lies, for rows that point back into the evidence. A folder's files have
+    # inode and times from the file system; a container's (evidence.Entry) their partition, the
+    # locator that reads them again, and whether their name was deleted.
+    inode: int | None = None
+    created_utc: str = ""
+    accessed_utc: str = ""
+    changed_utc: str = ""
+    partition: str = ""
+    locator: str = ""
+    deleted: bool = False
 
     @property
     def usable(self) -> bool:
@@ -108,12 +122,57 @@ def inspect_file(root: str, relative: str, max_image_pixels: int, allowed_format
             info = os.fstat(handle.fileno())
     except OSError as error:
         return result.reject("unreadable", f"cannot read: {error.strerror}")
+    result.mtime_utc = _utc(info.st_mtime)
+    result.inode, result.accessed_utc, result.changed_utc = info.st_ino, _utc(info.st_atime), _utc(info.st_ctime)
+    return inspect_data(result, data, max_image_pixels, allowed_formats)
+
+
+def inspect_entry(entry, max_image_pixels: int, allowed_formats: tuple[str, ...]) -> Inspection:
+    """Read one file of an evidence container (an ``evidence.Entry``) into memory and decode it completely."""
+    from forensic_vlm.evidence import read_located
+
+    result = Inspection(
+        path=entry.path,
+        mtime_utc=entry.modified_utc,
+        inode=entry.inode,
+        created_utc=entry.created_utc,
+        accessed_utc=entry.accessed_utc,
+        changed_utc=entry.changed_utc,
+        partition=entry.partition,
+        locator=entry.locator,
+        deleted=entry.deleted,
+    )
+    if entry.deleted:
+        result.flags.append("deleted")
+    if entry.kind == "link":
+        return result.reject("symlink", "a symbolic link inside the container; evidence must be the file itself")
+    if entry.kind != "file":
+        return result.reject("not_regular_file", "not a regular file (device, socket or pipe)")
+    if entry.reallocated:
+        return result.reject(
+            "deleted_reallocated", "deleted; its metadata now describes another file, so its content cannot be read"
+        )
+    try:
+        data = read_located(entry.locator)
+    except OSError as error:
+        return result.reject("unreadable", str(error))
+    return inspect_data(result, data, max_image_pixels, allowed_formats)
+
+
+def inspect_data(
+    result: Inspection, data: bytes, max_image_pixels: int, allowed_formats: tuple[str, ...]
+) -> Inspection:
+    """Hash a file's bytes (sha256, and MD5 and SHA-1 for hash sets) and decode them completely."""
     result.size_bytes = len(data)
-    result.mtime_utc = dt.datetime.fromtimestamp(info.st_mtime, dt.UTC).isoformat(timespec="seconds")
     if not data:
         return result.reject("empty_file", "the file is empty (0 bytes)")
     result.sha256 = sha256_bytes(data)
+    result.md5, result.sha1 = hashlib.md5(data).hexdigest(), hashlib.sha1(data).hexdigest()
     return _decode(result, data, max_image_pixels, allowed_formats)
+
+
+def _utc(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="seconds")
 
 
 def _reject_link(result: Inspection, root: str, full: str) -> Inspection:

@@ -63,7 +63,8 @@ def write_triage_page(
     for row in rows[: config.page_rows]:
         image = ""
         if report.show_images and row["status"] == "scored" and int(row["rank"]) <= config.thumbnails:
-            source = thumbnail(root / decode_path(row["path"], row["flags"]), row["sha256"], report.thumbnail_px)
+            path = root / decode_path(row["path"], row["flags"])
+            source = thumbnail(path, row["sha256"], report.thumbnail_px, row.get("locator", ""))
             image = f"<img alt='{escape(row['path'])}' src='{source}' width={report.thumbnail_px}>"
         what = (
             f"{escape(row['predicted'])} {escape(row['predicted_ko'])} / {escape(row['predicted_en'])}"
