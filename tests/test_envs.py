@@ -137,7 +137,7 @@ def missing_from_env(env_file: Path, script: Path) -> list[str]:
 def test_env_files_parse_and_agree_with_pyproject() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    declared = pins(project["dependencies"] + extras["test"] + extras["speed"])
+    declared = pins(project["dependencies"] + extras["test"] + extras["speed"] + extras["evidence"])
     env_files = sorted((REPO / "envs").glob("*.yaml"))
     assert env_files
     for env_file in env_files:
@@ -167,6 +167,9 @@ def test_the_package_declares_what_it_imports() -> None:
     """pyproject.toml lists every third-party distribution the package imports directly."""
     declared = set(pins(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]))
     declared |= set(speed_extra())  # imported only on a GPU, when the config asks for them
+    declared |= set(
+        pins(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["evidence"])
+    )
     imported = {distribution_of(m) for p in PACKAGE.glob("*.py") for m in third_party_imports(p)}
     assert imported <= declared, sorted(imported - declared)
 

@@ -114,7 +114,7 @@ def test_three_shards_merge_into_the_triage_one_job_writes(tiny_model: Path, ext
     assert three["triage_tsv_sha256"] == one["triage_tsv_sha256"]
     assert three["counts"] == one["counts"] and three["input_listing_sha256"] == one["input_listing_sha256"]
 
-    _, inspections = read_listing(listing)
+    inspections = read_listing(listing).inspections
     distinct = {r.sha256 for r in inspections if r.usable}
     assert len(distinct) < sum(r.usable for r in inspections)  # the demo has duplicates: each scored once
     scored = [row["sha256"] for part in parts for row in read_tsv(part)]
@@ -151,7 +151,7 @@ def test_files_added_later_are_scored_and_the_old_ones_are_not_scored_again(
     classify_folder(folder, tmp_path / "one" / "before", **settings(tiny_model), cache_dir=one_cache)
     listing, parts = sharded(tiny_model, folder, work, 3)
     assemble(tiny_model, listing, parts, work)
-    _, before = read_listing(listing)
+    before = read_listing(listing).inspections
 
     more = tmp_path / "more"
     generate_demo_extraction(more, tmp_path / "more.tsv", CLASSES, DemoConfig(extraction_images=8, seed=21))
@@ -163,7 +163,7 @@ def test_files_added_later_are_scored_and_the_old_ones_are_not_scored_again(
     listing, parts = sharded(tiny_model, folder, work, 3)
     assemble(tiny_model, listing, parts, work)
 
-    _, after = read_listing(listing)
+    after = read_listing(listing).inspections
     new = {r.sha256 for r in after if r.usable} - {r.sha256 for r in before if r.usable}
     assert new  # the added files brought new content
     records = [json.loads(p.with_suffix(".json").read_text())["scoring"]["facts"] for p in parts]

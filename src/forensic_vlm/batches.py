@@ -62,6 +62,15 @@ def examples_from_table(
     return examples
 
 
+def read_example(example: Example) -> bytes | None:
+    """The bytes of an example inside an evidence container (None: read ``example.path``)."""
+    if not example.locator:
+        return None
+    from forensic_vlm.evidence import read_located  # the [evidence] extra, only for containers
+
+    return read_located(example.locator)
+
+
 class ImageDataset(Dataset):
     def __init__(self, examples: Sequence[Example]) -> None:
         self.examples = list(examples)
@@ -71,7 +80,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, object]:
         example = self.examples[index]
-        return index, load_checked_image(example.path, example.sha256, example.locator)
+        return index, load_checked_image(example.path, example.sha256, read_example(example))
 
 
 class TokenGroupedBatches(Sampler[list[int]]):

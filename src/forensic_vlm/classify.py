@@ -57,7 +57,7 @@ from forensic_vlm.config import (
 from forensic_vlm.errors import ConfigError, InputNotFoundError, IntegrityError
 from forensic_vlm.exchange import write_case_jsonld, write_triage_csv
 from forensic_vlm.faults import fault_point
-from forensic_vlm.inspection import Inspection, inspect_entry
+from forensic_vlm.inspection import Inspection
 from forensic_vlm.manifest import bad_input_error, inspector, table_path, walk
 from forensic_vlm.parallel import ordered_map
 from forensic_vlm.provenance import config_sha256, git_commit, package_versions
@@ -153,7 +153,7 @@ def list_input(source: Path, manifest_config: ManifestConfig, config: ClassifyCo
 
 
 def _list_container(root: Path, manifest_config: ManifestConfig, config: ClassifyConfig, workers: int) -> Listing:
-    from forensic_vlm.evidence import describe_container, walk_container
+    from forensic_vlm.evidence import describe_container, inspect_entry, walk_container
 
     # Before anything is read from it: a damaged image stops here (unless the examiner accepts it).
     container = describe_container(root, verify=config.verify_container, accept_mismatch=config.accept_hash_mismatch)

@@ -72,8 +72,23 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", type=Path, default=None, help="omit for zero-shot")
     evaluate.add_argument("--cache-dir", type=Path, default=None, help="prediction cache (skip images scored before)")
 
-    classify = commands.add_parser("classify", help="triage an unlabeled folder: triage.tsv, triage.html, custody.json")
-    classify.add_argument("input_dir", type=Path, help="folder of images to triage (read only, recursively)")
+    classify = commands.add_parser(
+        "classify",
+        help="triage a folder or an evidence container: triage.tsv/.html/.csv, custody.json, case.jsonld",
+    )
+    classify.add_argument(
+        "input_dir",
+        type=Path,
+        help="folder, or container (E01, raw disk image, zip, tar), to triage: read only, in place",
+    )
+    classify.add_argument("--partition", default=None, help="one partition of a disk image (p1, gpt2; default: all)")
+    classify.add_argument("--inside-path", default=None, help="one folder inside the container (default: all of it)")
+    classify.add_argument(
+        "--no-verify-container", action="store_true", help="do not check an E01's stored hashes first (recorded)"
+    )
+    classify.add_argument(
+        "--accept-hash-mismatch", action="store_true", help="triage a container that fails its hash check (recorded)"
+    )
     classify.add_argument("--model", default=None, help="base model folder or hub id (default: model.name_or_path)")
     classify.add_argument("--adapter", type=Path, default=None, help="fine-tuned adapter folder; omit for zero-shot")
     classify.add_argument("--case", default=None, help="case name (default: classify.case)")
@@ -172,6 +187,13 @@ def _classify(args: argparse.Namespace, config: Config) -> None:
 
     model = dataclasses.replace(config.model, name_or_path=args.model) if args.model else config.model
     settings = dataclasses.replace(config.classify, case=args.case) if args.case else config.classify
+    settings = dataclasses.replace(
+        settings,
+        partition=args.partition or settings.partition,
+        inside_path=args.inside_path or settings.inside_path,
+        verify_container=settings.verify_container and not args.no_verify_container,
+        accept_hash_mismatch=settings.accept_hash_mismatch or args.accept_hash_mismatch,
+    )
     classify_folder(
         args.input_dir,
         args.out or Path("results/classify") / settings.case,

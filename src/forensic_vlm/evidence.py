@@ -29,6 +29,7 @@ from functools import cache
 from pathlib import Path, PurePosixPath
 
 from forensic_vlm.errors import ContainerError, ContainerIntegrityError
+from forensic_vlm.inspection import Inspection, inspect_data
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,16 @@ def segments(container: Path) -> list[Path]:
         except OSError as error:
             raise ContainerError(f"{container}: its EWF segments cannot be found: {error}") from error
     return [container]
+
+
+def container_fingerprint(container: Path) -> str:
+    """Cheap digest of a container's files (names, sizes, modification times), no content read:
+    the workflow reruns the triage when a segment is replaced, added or removed."""
+    digest = hashlib.sha256()
+    for path in segments(Path(container)):
+        info = path.stat()
+        digest.update(f"{path.name}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def base_path_specs(container: Path, partition: str | None = None) -> list:
@@ -265,6 +276,36 @@ def read_located(locator: str) -> bytes:
         return handle.read()
     except (d["errors"].BackEndError, d["errors"].PathSpecError, OSError) as error:
         raise OSError(f"cannot read from the container: {error}") from error
+
+
+def inspect_entry(entry: Entry, max_image_pixels: int, allowed_formats: tuple[str, ...]) -> Inspection:
+    """Read one file of an evidence container (an ``evidence.Entry``) into memory and decode it completely."""
+    result = Inspection(
+        path=entry.path,
+        mtime_utc=entry.modified_utc,
+        inode=entry.inode,
+        created_utc=entry.created_utc,
+        accessed_utc=entry.accessed_utc,
+        changed_utc=entry.changed_utc,
+        partition=entry.partition,
+        locator=entry.locator,
+        deleted=entry.deleted,
+    )
+    if entry.deleted:
+        result.flags.append("deleted")
+    if entry.kind == "link":
+        return result.reject("symlink", "a symbolic link inside the container; evidence must be the file itself")
+    if entry.kind != "file":
+        return result.reject("not_regular_file", "not a regular file (device, socket or pipe)")
+    if entry.reallocated:
+        return result.reject(
+            "deleted_reallocated", "deleted; its metadata now describes another file, so its content cannot be read"
+        )
+    try:
+        data = read_located(entry.locator)
+    except OSError as error:
+        return result.reject("unreadable", str(error))
+    return inspect_data(result, data, max_image_pixels, allowed_formats)
 
 
 @cache

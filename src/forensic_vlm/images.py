@@ -23,14 +23,10 @@ def load_evidence_image(raw_data: Path, row: dict[str, str]) -> Image.Image:
     return load_checked_image(Path(raw_data) / decode_path(row["path"], row.get("flags", "")), row["sha256"])
 
 
-def load_checked_image(path: Path, sha256: str, locator: str = "") -> Image.Image:
-    """Read ``path`` once (a file inside an evidence container through its ``locator``), stop if
-    its content is not ``sha256``, return it upright in RGB."""
-    if locator:
-        from forensic_vlm.evidence import read_located
-
-        data = read_located(locator)
-    else:
+def load_checked_image(path: Path, sha256: str, data: bytes | None = None) -> Image.Image:
+    """Read ``path`` once (or take its bytes as read from an evidence container), stop if its
+    content is not ``sha256``, return it upright in RGB."""
+    if data is None:
         data = Path(path).read_bytes()
     if sha256_bytes(data) != sha256:
         raise EvidenceChangedError(f"{path}: content changed since the manifest was built (sha256 differs)")

@@ -73,9 +73,8 @@ class Inspection:
     message: str = ""
     md5: str = ""
     sha1: str = ""
-    # Where the file lies, for rows that point back into the evidence. A folder's files have
-    # inode and times from the file system; a container's (evidence.Entry) their partition, the
-    # locator that reads them again, and whether their name was deleted.
+    # Where the file lies inside an evidence container (evidence.Entry): its inode or MFT entry,
+    # times, partition, the locator that reads it again, and whether its name was deleted.
     inode: int | None = None
     created_utc: str = ""
     accessed_utc: str = ""
@@ -122,40 +121,9 @@ def inspect_file(root: str, relative: str, max_image_pixels: int, allowed_format
             info = os.fstat(handle.fileno())
     except OSError as error:
         return result.reject("unreadable", f"cannot read: {error.strerror}")
+    # Only the modification time: a folder is the examiner's copy, whose inode, access and change
+    # times are the copy's own (reading it moves them), not the seized file system's.
     result.mtime_utc = _utc(info.st_mtime)
-    result.inode, result.accessed_utc, result.changed_utc = info.st_ino, _utc(info.st_atime), _utc(info.st_ctime)
-    return inspect_data(result, data, max_image_pixels, allowed_formats)
-
-
-def inspect_entry(entry, max_image_pixels: int, allowed_formats: tuple[str, ...]) -> Inspection:
-    """Read one file of an evidence container (an ``evidence.Entry``) into memory and decode it completely."""
-    from forensic_vlm.evidence import read_located
-
-    result = Inspection(
-        path=entry.path,
-        mtime_utc=entry.modified_utc,
-        inode=entry.inode,
-        created_utc=entry.created_utc,
-        accessed_utc=entry.accessed_utc,
-        changed_utc=entry.changed_utc,
-        partition=entry.partition,
-        locator=entry.locator,
-        deleted=entry.deleted,
-    )
-    if entry.deleted:
-        result.flags.append("deleted")
-    if entry.kind == "link":
-        return result.reject("symlink", "a symbolic link inside the container; evidence must be the file itself")
-    if entry.kind != "file":
-        return result.reject("not_regular_file", "not a regular file (device, socket or pipe)")
-    if entry.reallocated:
-        return result.reject(
-            "deleted_reallocated", "deleted; its metadata now describes another file, so its content cannot be read"
-        )
-    try:
-        data = read_located(entry.locator)
-    except OSError as error:
-        return result.reject("unreadable", str(error))
     return inspect_data(result, data, max_image_pixels, allowed_formats)
 
 

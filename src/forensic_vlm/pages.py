@@ -32,9 +32,10 @@ def png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def thumbnail(path: Path, sha256: str, size: int, locator: str = "") -> str:
-    """A JPEG thumbnail as a data URI, made after the file's sha256 is checked again."""
-    image = load_checked_image(path, sha256, locator)
+def thumbnail(path: Path, sha256: str, size: int, data: bytes | None = None) -> str:
+    """A JPEG thumbnail as a data URI, made after the file's sha256 is checked again (``data``:
+    its bytes as read from an evidence container)."""
+    image = load_checked_image(path, sha256, data)
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=80)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from forensic_vlm.config import ClassifyConfig, ClassSpec, ReportConfig
+from forensic_vlm.evidence import read_located
 from forensic_vlm.pages import escape, html_page, html_table, thumbnail
 from forensic_vlm.tables import decode_path
 from forensic_vlm.thresholds import threshold_of
@@ -64,7 +65,8 @@ def write_triage_page(
         image = ""
         if report.show_images and row["status"] == "scored" and int(row["rank"]) <= config.thumbnails:
             path = root / decode_path(row["path"], row["flags"])
-            source = thumbnail(path, row["sha256"], report.thumbnail_px, row.get("locator", ""))
+            data = read_located(row["locator"]) if row.get("locator") else None
+            source = thumbnail(path, row["sha256"], report.thumbnail_px, data)
             image = f"<img alt='{escape(row['path'])}' src='{source}' width={report.thumbnail_px}>"
         what = (
             f"{escape(row['predicted'])} {escape(row['predicted_ko'])} / {escape(row['predicted_en'])}"

@@ -1,5 +1,5 @@
-# Triage of an unlabeled folder (classify.input_dir) into results/classify/<case>/: the folder is
-# inspected once, scored in classify.shards jobs cut by content hash (--set-scatter classify=N
+# Triage of an unlabeled folder or evidence container (classify.input) into results/classify/<case>/:
+# the input is inspected once, scored in classify.shards jobs cut by content hash (--set-scatter classify=N
 # overrides), and merged by rule classify into the outputs one job would write.
 scattergather:
     classify=SETTINGS.classify.shards,
@@ -7,7 +7,7 @@ scattergather:
 
 rule classify_listing:
     input:
-        folder=get_classify_input(),
+        evidence=get_classify_input(),
     output:
         listing="results/classify/{case}/listing.jsonl",
     log:
@@ -17,11 +17,12 @@ rule classify_listing:
     wildcard_constraints:
         case="[A-Za-z0-9][A-Za-z0-9._-]*",
     conda:
-        "../../envs/model.yaml"  # forensic_vlm.classify, which scores too
+        "../../envs/model.yaml"  # forensic_vlm.classify (scores too) and the [evidence] readers
     threads: 8
     params:
-        folder=get_classify_folder,
+        source=get_classify_source,
         manifest=config["manifest"],
+        classify=config["classify"],
         # Not read by the script: a changed listing must rerun the triage.
         folder_fingerprint=get_classify_fingerprint,
     script:
@@ -73,6 +74,8 @@ rule classify:
             category="Triage",
         ),
         custody="results/classify/{case}/custody.json",
+        csv="results/classify/{case}/triage.csv",
+        case_jsonld="results/classify/{case}/case.jsonld",
     log:
         "results/logs/classify_{case}.log",
     benchmark:

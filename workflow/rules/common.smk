@@ -7,6 +7,7 @@ import yaml
 from snakemake.utils import validate
 
 from forensic_vlm.config import Config, coerce_strings
+from forensic_vlm.evidence import container_fingerprint, is_container, segments
 from forensic_vlm.manifest import fingerprint
 
 # Fills defaults for missing keys and stops with the offending key named on a wrong type or an
@@ -75,19 +76,22 @@ def get_demo_extraction_folder(wildcards, output):
 
 
 def get_classify_input():
-    """What the triage depends on: the demo extraction's listing, or the folder itself."""
-    folder = SETTINGS.classify.input_dir
-    if folder is None:  # no triage asked for: the rule is never scheduled
+    """What the triage depends on: the demo extraction's listing, the folder itself, or every
+    file of a container (each segment of an E01)."""
+    source = SETTINGS.classify.source
+    if source is None:  # no triage asked for: the rule is never scheduled
         return []
-    return DEMO_EXTRACTION_LISTING if Path(folder) == Path(DEMO_EXTRACTION) else folder
+    if Path(source) == Path(DEMO_EXTRACTION):
+        return DEMO_EXTRACTION_LISTING
+    if is_container(source):
+        return [str(path) for path in segments(Path(source))]
+    return source
 
 
-def get_classify_folder(wildcards, input):
-    return (
-        input.folder.removesuffix(".tsv")
-        if input.folder == DEMO_EXTRACTION_LISTING
-        else input.folder
-    )
+def get_classify_source(wildcards, input):
+    """The folder or container the listing reads (an E01's first segment)."""
+    source = SETTINGS.classify.source
+    return DEMO_EXTRACTION if Path(source) == Path(DEMO_EXTRACTION) else source
 
 
 def get_classify_adapter():
@@ -119,11 +123,14 @@ def get_classify_shard_caches(wildcards, input):
 
 
 def get_classify_fingerprint(wildcards):
-    """Listing digest of the folder, so added, removed or replaced files rerun the triage."""
-    folder = SETTINGS.classify.input_dir
-    if Path(folder) == Path(DEMO_EXTRACTION):
+    """Listing digest of the folder (or the container's files' sizes and times), so added,
+    removed or replaced files rerun the triage."""
+    source = SETTINGS.classify.source
+    if Path(source) == Path(DEMO_EXTRACTION):
         return "demo"
-    return fingerprint(Path(folder), skip_documentation=False)
+    if is_container(source):
+        return container_fingerprint(Path(source))
+    return fingerprint(Path(source), skip_documentation=False)
 
 
 def get_final_outputs():
@@ -136,7 +143,16 @@ def get_final_outputs():
         for kind in ("zeroshot", "finetuned")
         for name in ("metrics.json", "predictions.tsv")
     ]
-    if SETTINGS.classify.input_dir:
+    if SETTINGS.classify.source:
         case = f"results/classify/{SETTINGS.classify.case}"
-        outputs += [f"{case}/triage.tsv", f"{case}/triage.html", f"{case}/custody.json"]
+        outputs += [
+            f"{case}/{name}"
+            for name in (
+                "triage.tsv",
+                "triage.html",
+                "custody.json",
+                "triage.csv",
+                "case.jsonld",
+            )
+        ]
     return outputs
