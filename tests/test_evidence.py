@@ -1,0 +1,273 @@
+"""Triage straight from evidence containers (classify.input): the demo extraction as a folder, as
+a raw FAT image, as an E01 made by ewfacquire, as a zip and as a tar.gz gives the same classes and
+probabilities by content hash; a deleted file on the card is found, scored and flagged; a damaged
+E01 segment stops the run naming the container; the containers are never changed; case.jsonld
+is valid CASE/UCO and triage.csv reads in pandas. On the CPU with the tiny model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from evidence_images import DELETED_NAME, build_containers, missing_tools, partitioned_disk
+
+from conftest import image_bytes, model_config, planned_jobs, snakemake, write
+from forensic_vlm.classify import classify_folder, classify_listing, read_listing
+from forensic_vlm.config import (
+    DEFAULT_CLASSES,
+    ClassifyConfig,
+    DemoConfig,
+    EvaluateConfig,
+    ManifestConfig,
+    ReportConfig,
+)
+from forensic_vlm.demo_data import generate_demo_extraction
+from forensic_vlm.errors import ConfigError, ContainerError, ContainerIntegrityError
+from forensic_vlm.exchange import CSV_COLUMNS
+from forensic_vlm.tables import read_tsv, sha256_file
+
+CLASSES = list(DEFAULT_CLASSES)
+EVALUATE = EvaluateConfig(num_workers=0, batch_size=4)
+MANIFEST = ManifestConfig(on_bad_input="report")
+#: The columns the issue names for triage.csv, as the forensic suites spell them.
+IMPORT_COLUMNS = ["Path", "MD5", "SHA-1", "SHA-256", "Size", "Category", "Confidence", "Needs Review"]
+
+
+@pytest.fixture(scope="module")
+def evidence(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The demo extraction, and the same files in every container kind (read-only)."""
+    missing = missing_tools()
+    if missing:
+        message = "Debian tools to build evidence are missing: " + ", ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(message + " (.ci/run installs them)")
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp("evidence")
+    folder = root / "extraction"
+    generate_demo_extraction(folder, root / "truth.tsv", CLASSES, DemoConfig(extraction_images=16, seed=11))
+    deleted = image_bytes(4242, (96, 72))
+    containers = build_containers(folder, root / "containers", deleted)
+    before = {name: _hashes(path) for name, path in containers.items()}
+    yield {"folder": folder, "deleted": deleted, "root": root, **containers}
+    assert {name: _hashes(path) for name, path in containers.items()} == before, "a container changed"
+
+
+def _hashes(container: Path) -> dict[str, str]:
+    """Every file a container is made of (all E01 segments), by content."""
+    return {p.name: sha256_file(p) for p in sorted(container.parent.glob(container.name.split(".")[0] + ".*"))}
+
+
+def triage(tiny_model: Path, source: Path, out: Path, **classify) -> tuple[dict, list[dict]]:
+    custody = classify_folder(
+        source,
+        out,
+        classes=CLASSES,
+        model_config=model_config(tiny_model),
+        evaluate_config=EVALUATE,
+        config=ClassifyConfig(**classify),
+        manifest_config=MANIFEST,
+        report_config=ReportConfig(show_images=True),  # thumbnails read back through the container too
+        cache_dir=None,
+    )
+    return custody, read_tsv(out / "triage.tsv"), out
+
+
+@pytest.fixture(scope="module")
+def triages(tiny_model: Path, evidence: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("triages")
+    return {kind: triage(tiny_model, evidence[kind], out / kind) for kind in ("folder", "raw", "e01", "zip", "tar")}
+
+
+def scores(rows: list[dict]) -> dict[str, tuple]:
+    return {r["sha256"]: (r["predicted"], *(r[f"p{c.id}"] for c in CLASSES)) for r in rows if r["status"] == "scored"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["raw", "e01", "zip", "tar"])
+def test_a_container_gives_the_folders_classes_and_probabilities(triages: dict, evidence: dict, kind: str) -> None:
+    folder_custody, folder_rows, _ = triages["folder"]
+    custody, rows, out = triages[kind]
+    from_folder, from_container = scores(folder_rows), scores(rows)
+    deleted = hashlib.sha256(evidence["deleted"]).hexdigest()
+    assert {k: v for k, v in from_container.items() if k != deleted} == from_folder  # row for row, to the digit
+    # The same files by path inside the container (FAT keeps the long names), each with its own hashes.
+    on_disk = {
+        p.relative_to(evidence["folder"]).as_posix(): p.read_bytes()
+        for p in evidence["folder"].rglob("*")
+        if p.is_file()
+    }
+    by_path = {r["path"]: r for r in rows}
+    for path, data in on_disk.items():
+        row = by_path[path]
+        if data:
+            assert (row["md5"], row["sha1"], row["sha256"]) == (
+                hashlib.md5(data).hexdigest(),
+                hashlib.sha1(data).hexdigest(),
+                hashlib.sha256(data).hexdigest(),
+            )
+        assert row["size_bytes"] == str(len(data))
+    assert custody["input_kind"] == "container" and folder_custody["input_kind"] == "folder"
+    assert custody["container"]["path"] == str(evidence[kind].resolve())
+    if kind == "e01":
+        record = custody["container"]
+        assert len(record["segments"]) > 1 and record["verified"] == "verified: md5 matches, sha1 matches"
+        assert (
+            record["computed_hashes"] == record["stored_hashes"] and record["acquisition"]["case_number"] == "case-16"
+        )
+    if kind in ("raw", "e01"):  # a file system: inode (FAT directory-entry address) and times
+        assert all(r["inode"] and r["mtime_utc"] and r["created_utc"] for r in rows if r["path"] in on_disk)
+    page = (out / "triage.html").read_text()
+    scored = sum(r["status"] == "scored" for r in rows)
+    assert page.count("data:image/jpeg;base64,") == scored  # every thumbnail read back from the container
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["raw", "e01"])
+def test_a_deleted_file_on_the_card_is_found_scored_and_flagged(triages: dict, evidence: dict, kind: str) -> None:
+    custody, rows, _ = triages[kind]
+    deleted = [r for r in rows if r["deleted"] == "true"]
+    assert len(deleted) == 1
+    row = deleted[0]
+    # FAT keeps the deleted name but its first character (The Sleuth Kit shows it as "_").
+    assert row["path"] == "_" + DELETED_NAME[1:] and "deleted" in row["flags"].split(",")
+    assert row["status"] == "scored" and row["sha256"] == hashlib.sha256(evidence["deleted"]).hexdigest()
+    assert custody["counts"]["deleted_scored"] == 1
+    assert all(r["deleted"] == "false" for r in triages["folder"][1])
+
+
+def test_a_damaged_e01_segment_stops_the_run_naming_the_container(evidence: dict, tmp_path: Path) -> None:
+    copy = tmp_path / "damaged"
+    copy.mkdir()
+    for segment in sorted(evidence["e01"].parent.glob("card.E*")):
+        shutil.copy(segment, copy / segment.name)
+    target = next(
+        copy / s.name
+        for s in sorted(evidence["e01"].parent.glob("card.E*"))
+        if b"\xff\xd8\xff" in s.read_bytes()[4096:]
+    )
+    data = bytearray(target.read_bytes())
+    at = data.index(b"\xff\xd8\xff", 4096) + 600  # inside a JPEG's data: a byte of the evidence itself
+    data[at] ^= 0x5A
+    target.write_bytes(bytes(data))
+    image = copy / "card.E01"
+    with pytest.raises(ContainerIntegrityError, match=f"{image}: the media data does not match the hash stored"):
+        classify_listing(image, tmp_path / "listing.jsonl", MANIFEST)
+    assert not (tmp_path / "listing.jsonl").exists()
+    # The examiner may go on; custody.json and the listing then say so.
+    classify_listing(image, tmp_path / "listing.jsonl", MANIFEST, config=ClassifyConfig(accept_hash_mismatch=True))
+    verdict = read_listing(tmp_path / "listing.jsonl").container["verified"]
+    assert verdict.startswith("MISMATCH accepted by the examiner") and "md5 stored" in verdict
+    # Not verifying is recorded too.
+    classify_listing(image, tmp_path / "unverified.jsonl", MANIFEST, config=ClassifyConfig(verify_container=False))
+    assert read_listing(tmp_path / "unverified.jsonl").container["verified"].startswith("not verified")
+
+
+def test_a_missing_e01_segment_is_named(evidence: dict, tmp_path: Path) -> None:
+    segments = sorted(evidence["e01"].parent.glob("card.E*"))
+    for segment in segments[:1] + segments[2:]:  # E02 left out
+        shutil.copy(segment, tmp_path / segment.name)
+    with pytest.raises(ContainerIntegrityError, match=str(tmp_path / "card.E01")):
+        classify_listing(tmp_path / "card.E01", tmp_path / "listing.jsonl", MANIFEST)
+
+
+def test_one_partition_and_one_folder_of_a_disk_can_be_named(evidence: dict, tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    write(first / "DCIM" / "a.jpg", image_bytes(1))
+    write(first / "notes" / "b.jpg", image_bytes(2))
+    write(second / "DCIM" / "c.jpg", image_bytes(3))
+    disk = partitioned_disk(first, second, tmp_path / "disk.raw")
+    disk.chmod(0o444)
+    before = sha256_file(disk)
+
+    def listed(**classify) -> list[str]:
+        classify_listing(
+            disk, tmp_path / "listing.jsonl", MANIFEST, config=ClassifyConfig(verify_container=False, **classify)
+        )
+        return sorted(r.path for r in read_listing(tmp_path / "listing.jsonl").inspections if r.usable)
+
+    assert listed() == ["p1/DCIM/a.jpg", "p1/notes/b.jpg", "p2/DCIM/c.jpg"]
+    assert listed(partition="p2") == ["p2/DCIM/c.jpg"]
+    assert listed(inside_path="/DCIM") == ["p1/DCIM/a.jpg", "p2/DCIM/c.jpg"]
+    with pytest.raises(ContainerError, match=r"disk\.raw: no file system"):
+        listed(partition="p7")
+    with pytest.raises(ContainerError, match="'/nowhere' not found in partition p1"):
+        listed(inside_path="/nowhere")
+    with pytest.raises(ConfigError, match="apply to a container"):
+        classify_listing(first, tmp_path / "listing.jsonl", MANIFEST, config=ClassifyConfig(partition="p1"))
+    assert sha256_file(disk) == before
+
+
+def test_a_folder_needs_no_evidence_extra_and_a_container_names_it(evidence: dict, tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "for name in ('dfvfs', 'pyewf', 'pytsk3'): sys.modules[name] = None  # as if not installed\n"
+        "from pathlib import Path\n"
+        "from forensic_vlm.classify import classify_listing\n"
+        "from forensic_vlm.config import ManifestConfig\n"
+        "from forensic_vlm.errors import ContainerError\n"
+        f"print(classify_listing(Path({str(evidence['folder'])!r}), Path({str(tmp_path / 'l.jsonl')!r}), ManifestConfig(on_bad_input='report')))\n"
+        "try:\n"
+        f"    classify_listing(Path({str(evidence['zip'])!r}), Path({str(tmp_path / 'z.jsonl')!r}), ManifestConfig())\n"
+        "except ContainerError as error:\n"
+        "    print('ContainerError', error)\n"
+    )  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    files, error = result.stdout.strip().splitlines()
+    assert int(files) == sum(1 for p in evidence["folder"].rglob("*") if p.is_file())
+    assert "needs the [evidence] extra" in error
+
+
+@pytest.mark.slow
+def test_case_jsonld_is_valid_case_uco_and_triage_csv_imports(triages: dict) -> None:
+    _, rows, folder = triages["e01"]
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "case_validate"), str(folder / "case.jsonld")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and "Conforms: True" in result.stdout, result.stdout[-3000:]
+    graph = json.loads((folder / "case.jsonld").read_text())["@graph"]
+    results = [n for n in graph if "uco-analysis:AnalyticResult" in n.get("@type", [])]
+    scored = [r for r in rows if r["status"] == "scored"]
+    assert len(results) == len(scored)
+    facets = [n["uco-core:hasFacet"][0]["uco-analysis:classification"][0] for n in results]
+    assert sorted(float(f["uco-analysis:classificationConfidence"]["@value"]) for f in facets) == sorted(
+        float(r["confidence"]) for r in scored
+    )
+    action = next(n for n in graph if "case-investigation:InvestigativeAction" in n.get("@type", []))
+    assert len(action["uco-action:instrument"]) == 2  # the tool and the base model (zero-shot: no adapter)
+    assert sum(1 for n in graph if n.get("uco-core:kindOfRelationship") == "Contained_Within") == len(rows)
+
+    table = pd.read_csv(folder / "triage.csv", encoding="utf-8-sig", dtype=str, keep_default_na=False)
+    assert list(table.columns[: len(IMPORT_COLUMNS)]) == IMPORT_COLUMNS and list(table.columns) == list(CSV_COLUMNS)
+    assert len(table) == len(rows) and list(table["SHA-256"]) == [r["sha256"] for r in rows]
+    assert list(table["MD5"]) == [r["md5"] for r in rows] and list(table["Category"]) == [r["predicted"] for r in rows]
+
+
+def test_the_workflow_takes_a_container_as_classify_input(evidence: dict, tmp_path: Path) -> None:
+    """A dry run: every segment of the E01 is an input of classify_listing, and the exchange files are targets."""
+    e01 = evidence["e01"]
+    result = snakemake(
+        tmp_path,
+        "-n",
+        "--forceall",
+        "--config",
+        f"classify={{'input': '{e01}', 'case': 'card'}}",
+        "raw_data=results/demo/raw_data",
+        "model={'name_or_path': 'results/demo/model'}",
+        "-p",
+        "results/classify/card/case.jsonld",
+        "results/classify/card/triage.csv",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"classify_listing", "classify_shard", "classify"} <= planned_jobs(result)
+    segments = sorted(p.name for p in e01.parent.glob("card.E*"))
+    assert len(segments) > 1 and all(name in result.stdout for name in segments)
