@@ -24,7 +24,7 @@ def missing_tools() -> list[str]:
     return [f"{tool} ({package})" for tool, package in TOOLS.items() if shutil.which(tool) is None]
 
 
-def _run(*command: str) -> None:
+def run_tool(*command: str) -> None:
     env = {**os.environ, "MTOOLS_SKIP_CHECK": "1", "MTOOLS_NO_VFAT": "0"}
     subprocess.run(command, check=True, capture_output=True, env=env)
 
@@ -38,15 +38,15 @@ def fat_image(folder: Path, image: Path, deleted: bytes | None = None, *, offset
         with open(image, "wb") as handle:
             handle.truncate(max(8, 2 * size // 2**20 + 4) << 20)
     placement = ("--offset", str(offset // 512)) if offset else ()
-    _run("mkfs.fat", "-n", "EVIDENCE", *placement, str(image), *((str(sectors // 2),) if offset else ()))
+    run_tool("mkfs.fat", "-n", "EVIDENCE", *placement, str(image), *((str(sectors // 2),) if offset else ()))
     target = f"{image}@@{offset}" if offset else str(image)
     for child in sorted(folder.iterdir()):
-        _run("mcopy", "-s", "-p", "-m", "-i", target, str(child), "::/")
+        run_tool("mcopy", "-s", "-p", "-m", "-i", target, str(child), "::/")
     if deleted is not None:
         extra = image.parent / DELETED_NAME.lower()
         extra.write_bytes(deleted)
-        _run("mcopy", "-i", target, str(extra), f"::/{DELETED_NAME}")
-        _run("mdel", "-i", target, f"::/{DELETED_NAME}")
+        run_tool("mcopy", "-i", target, str(extra), f"::/{DELETED_NAME}")
+        run_tool("mdel", "-i", target, f"::/{DELETED_NAME}")
         extra.unlink()
     return image
 
@@ -54,7 +54,7 @@ def fat_image(folder: Path, image: Path, deleted: bytes | None = None, *, offset
 def e01_from(raw: Path, target: Path, segment_bytes: int = 1 << 20) -> Path:
     """``raw`` acquired into an EWF image of ``segment_bytes`` segments, uncompressed (so a test can
     find and damage a segment's image data), with MD5 and SHA-1 stored; returns the .E01."""
-    _run(
+    run_tool(
         "ewfacquire", "-u", "-q", "-t", str(target), "-c", "none", "-S", str(segment_bytes), "-d", "sha1",
         "-C", "case-16", "-E", "card-1", "-e", "examiner", "-D", "test evidence", "-N", "built by ewfacquire",
         str(raw),

@@ -130,6 +130,25 @@ def test_demo_custody_record_names_what_was_used(demo_run: dict) -> None:
     assert custody["triage_tsv_sha256"] == sha256_file(out / "triage.tsv")
 
 
+@pytest.mark.slow
+def test_demo_case_jsonld_passes_case_validate_and_its_csv_imports(demo_run: dict) -> None:
+    """The demo's exchange files: case.jsonld valid CASE/UCO (case-utils' own validator), with the
+    adapter among the instruments; triage.csv one row per triage row, in the same order."""
+    import pandas as pd
+
+    out, _ = demo_paths(demo_run)
+    validator = Path(sys.executable).parent / "case_validate"
+    result = subprocess.run([str(validator), str(out / "case.jsonld")], capture_output=True, text=True)
+    assert result.returncode == 0 and "Conforms: True" in result.stdout, result.stdout[-3000:]
+    graph = json.loads((out / "case.jsonld").read_text(encoding="utf-8"))["@graph"]
+    action = next(n for n in graph if "case-investigation:InvestigativeAction" in n.get("@type", []))
+    assert len(action["uco-action:instrument"]) == 3  # the tool, the base model and the adapter
+    rows = read_tsv(out / "triage.tsv")
+    table = pd.read_csv(out / "triage.csv", encoding="utf-8-sig", dtype=str, keep_default_na=False)
+    assert list(table["Path"]) == [r["path"] for r in rows] and list(table["SHA-1"]) == [r["sha1"] for r in rows]
+    assert len(action["uco-action:result"]) == sum(r["status"] == "scored" for r in rows)
+
+
 def _classify_command(demo_run: dict, folder: Path, tmp_path: Path, adapter: bool = True) -> list[str]:
     workdir = demo_run["workdir"]
     config = tmp_path / "config.yaml"

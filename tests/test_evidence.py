@@ -252,6 +252,7 @@ def test_case_jsonld_is_valid_case_uco_and_triage_csv_imports(triages: dict) -> 
     assert list(table["MD5"]) == [r["md5"] for r in rows] and list(table["Category"]) == [r["predicted"] for r in rows]
 
 
+@pytest.mark.slow
 def test_the_workflow_takes_a_container_as_classify_input(evidence: dict, tmp_path: Path) -> None:
     """A dry run: every segment of the E01 is an input of classify_listing, and the exchange files are targets."""
     e01 = evidence["e01"]

@@ -38,6 +38,7 @@ def write_triage_page(
         f"Scored with {escape(custody['model']['name_or_path'])}"
         + (f" and the adapter {escape(custody['adapter']['path'])}" if custody["adapter"] else " zero-shot")
         + f" on {escape(custody['device'])}, {escape(custody['finished_utc'])} on {escape(custody['host'])}.</p>",
+        _container(custody.get("container"), counts),
         "<h2>Order</h2><p>Drug classes first, most confident first; then "
         f"{escape(_name(config.irrelevant_class, classes))}, least confident first; then files that could "
         "not be scored. <i>needs review</i>: the prediction is below its class's review threshold, the "
@@ -137,3 +138,20 @@ def _thresholds(thresholds, classes: list[ClassSpec]) -> str:
         f"{thresholds['target_precision']} (train.review_precision).</p>"
     )
     return intro + html_table(["class", "threshold", "validation precision", "validation images above", "note"], rows)
+
+
+def _container(container: dict | None, counts: dict) -> str:
+    """The evidence container's line: what it is, its segments and its hash verdict."""
+    if not container:
+        return ""
+    parts = [f"{escape(container['format'])}, {len(container['segments'])} file(s), {container['size_bytes']:,} bytes"]
+    if container.get("partition") or container.get("inside_path"):
+        parts.append(
+            f"partition {escape(container.get('partition') or 'all')}, path {escape(container.get('inside_path') or '/')}"
+        )
+    deleted = f" {counts['deleted_scored']} deleted file(s) were recovered and scored (flag <i>deleted</i>)."
+    return (
+        f"<p class=note>Container: {'; '.join(parts)}. Hashes of its data: <b>{escape(container['verified'])}</b>."
+        + (deleted if counts.get("deleted_scored") else "")
+        + "</p>"
+    )
