@@ -175,6 +175,27 @@ def test_a_missing_e01_segment_is_named(evidence: dict, tmp_path: Path) -> None:
         shutil.copy(segment, tmp_path / segment.name)
     with pytest.raises(ContainerIntegrityError, match=str(tmp_path / "card.E01")):
         classify_listing(tmp_path / "card.E01", tmp_path / "listing.jsonl", MANIFEST)
+    # Unverified, the listing stops too: never a short list of what could be read.
+    with pytest.raises(ContainerError, match=str(tmp_path / "card.E01")):
+        classify_listing(
+            tmp_path / "card.E01", tmp_path / "listing.jsonl", MANIFEST, config=ClassifyConfig(verify_container=False)
+        )
+    # A segment cut short (a copy that stopped early) is named as well.
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for segment in segments:
+        shutil.copy(segment, cut / segment.name)
+    with open(cut / segments[-2].name, "r+b") as handle:
+        handle.truncate(handle.seek(0, 2) // 2)
+    with pytest.raises(ContainerIntegrityError, match=str(cut / "card.E01")):
+        classify_listing(cut / "card.E01", tmp_path / "listing.jsonl", MANIFEST)
+    assert not (tmp_path / "listing.jsonl").exists()
+
+
+def test_a_file_that_is_no_container_is_named(evidence: dict, tmp_path: Path) -> None:
+    picture = write(tmp_path / "photo.jpg", image_bytes(5))
+    with pytest.raises(ContainerError, match=f"{picture}: no file system found"):
+        classify_listing(picture, tmp_path / "listing.jsonl", MANIFEST)
 
 
 def test_one_partition_and_one_folder_of_a_disk_can_be_named(evidence: dict, tmp_path: Path) -> None:

@@ -141,9 +141,9 @@ def base_path_specs(container: Path, partition: str | None = None) -> list:
     options.snapshots = ["none"]  # Volume Shadow Snapshots are a later copy, not the evidence as seized
     try:
         bases = d["volume_scanner"].VolumeScanner().GetBasePathSpecs(str(container), options=options)
-    except (d["errors"].ScannerError, d["errors"].BackEndError, OSError) as error:
+    except (d["errors"].Error, OSError, RuntimeError) as error:  # pyewf and pytsk3 raise RuntimeError
         raise ContainerError(f"{container}: no file system could be opened ({error})") from error
-    if not bases:
+    if not bases or all(base.type_indicator == d["definitions"].TYPE_INDICATOR_OS for base in bases):
         raise ContainerError(
             f"{container}: no file system found"
             + (f" in partition {partition!r}" if partition else "")
@@ -170,10 +170,14 @@ def walk_container(container: Path, partition: str | None = None, inside: str | 
     d = _dfvfs()
     for base in base_path_specs(container, partition):
         name = partition_of(base)
-        start = _entry_at(d, base, inside)
-        if start is None:
-            raise ContainerError(f"{container}: {inside!r} not found" + (f" in partition {name}" if name else ""))
-        yield from _walk(d, base, start, name)
+        try:
+            start = _entry_at(d, base, inside)
+            if start is None:
+                raise ContainerError(f"{container}: {inside!r} not found" + (f" in partition {name}" if name else ""))
+            yield from _walk(d, base, start, name)
+        except (d["errors"].Error, OSError, RuntimeError) as error:
+            # A damaged or missing segment, or a broken file system: named, never a short listing.
+            raise ContainerError(f"{container}: its file system cannot be read whole: {error}") from error
 
 
 def _entry_at(d, base, inside: str | None):
@@ -274,7 +278,7 @@ def read_located(locator: str) -> bytes:
     try:
         handle = d["resolver"].OpenFileObject(spec)
         return handle.read()
-    except (d["errors"].BackEndError, d["errors"].PathSpecError, OSError) as error:
+    except (d["errors"].Error, OSError, RuntimeError) as error:  # pyewf and pytsk3 raise RuntimeError too
         raise OSError(f"cannot read from the container: {error}") from error
 
 
@@ -370,8 +374,10 @@ def _hash_stream(read, name: Path, total: int | None = None) -> dict:
     while True:
         try:
             chunk = read(_HASH_CHUNK)
-        except OSError as error:
-            raise ContainerIntegrityError(f"{name}: read error at byte {done} while verifying: {error}") from error
+        except (OSError, RuntimeError) as error:
+            raise ContainerIntegrityError(
+                f"{name}: read error in the {_HASH_CHUNK >> 20} MiB from byte {done} while verifying: {error}"
+            ) from error
         if not chunk:
             break
         md5.update(chunk)
