@@ -192,6 +192,60 @@ def test_a_missing_e01_segment_is_named(evidence: dict, tmp_path: Path) -> None:
     assert not (tmp_path / "listing.jsonl").exists()
 
 
+def test_worker_processes_read_the_container_as_one_process_does(evidence: dict, tmp_path: Path) -> None:
+    """The same bytes whether one process reads the container or two forked workers do (each opens
+    its own handles; the inherited ones were never seen to interleave here, but could)."""
+    listings = {}
+    for workers in (1, 2):
+        config = ClassifyConfig(verify_container=False)
+        classify_listing(evidence["e01"], tmp_path / f"{workers}.jsonl", MANIFEST, workers, config=config)
+        listings[workers] = [
+            (r.path, r.sha256, r.md5, r.reason) for r in read_listing(tmp_path / f"{workers}.jsonl").inspections
+        ]
+    assert listings[1] == listings[2] and len(listings[1]) > 16
+
+
+@pytest.mark.slow
+def test_a_container_scored_in_shards_gives_the_one_job_triage(
+    tiny_model: Path, triages: dict, evidence: dict, tmp_path: Path
+) -> None:
+    """The shard jobs read the container through the listing's locators, in DataLoader workers."""
+    from forensic_vlm.classify import assemble_shards, score_shard
+
+    listing = tmp_path / "listing.jsonl"
+    classify_listing(evidence["e01"], listing, MANIFEST, 2)
+    parts = []
+    for item in ("1-of-2", "2-of-2"):
+        parts.append(tmp_path / "shards" / f"{item}.tsv")
+        score_shard(
+            listing,
+            parts[-1],
+            scatter_item=item,
+            classes=CLASSES,
+            model_config=model_config(tiny_model),
+            evaluate_config=EvaluateConfig(num_workers=2, batch_size=4),
+            cache_dir=tmp_path / "cache",
+            shard_cache_dir=tmp_path / "cache" / "shards" / item,
+        )
+    custody = assemble_shards(
+        listing,
+        parts,
+        tmp_path / "out",
+        classes=CLASSES,
+        model_config=model_config(tiny_model),
+        evaluate_config=EVALUATE,
+        config=ClassifyConfig(),
+        manifest_config=MANIFEST,
+        report_config=ReportConfig(show_images=True),
+        cache_dir=tmp_path / "cache",
+        shard_cache_dirs=sorted((tmp_path / "cache" / "shards").glob("*")),
+    )
+    one_custody, _, one = triages["e01"]
+    assert (tmp_path / "out" / "triage.tsv").read_bytes() == (one / "triage.tsv").read_bytes()
+    assert custody["container"]["verified"] == one_custody["container"]["verified"]
+    assert (tmp_path / "out" / "triage.csv").read_bytes() == (one / "triage.csv").read_bytes()
+
+
 def test_a_file_that_is_no_container_is_named(evidence: dict, tmp_path: Path) -> None:
     picture = write(tmp_path / "photo.jpg", image_bytes(5))
     with pytest.raises(ContainerError, match=f"{picture}: no file system found"):

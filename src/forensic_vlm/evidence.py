@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -274,6 +275,7 @@ def _utc(value) -> str:
 def read_located(locator: str) -> bytes:
     """The whole content of the file a locator names, read through dfVFS (never from a copy)."""
     d = _dfvfs()
+    _own_handles(d)
     spec = _path_spec(locator)
     try:
         handle = d["resolver"].OpenFileObject(spec)
@@ -310,6 +312,18 @@ def inspect_entry(entry: Entry, max_image_pixels: int, allowed_formats: tuple[st
     except OSError as error:
         return result.reject("unreadable", str(error))
     return inspect_data(result, data, max_image_pixels, allowed_formats)
+
+
+_HANDLES_OF = {"pid": os.getpid()}
+
+
+def _own_handles(d) -> None:
+    """A forked worker (the inspection's process pool, a DataLoader worker) drops the open
+    containers it inherited: their file offsets are shared with the parent's, so reads from two
+    processes at once could interleave. It opens its own on first use."""
+    if _HANDLES_OF["pid"] != os.getpid():
+        d["resolver"]._resolver_context = type(d["resolver"]._resolver_context)()
+        _HANDLES_OF["pid"] = os.getpid()
 
 
 @cache
