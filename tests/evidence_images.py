@@ -1,7 +1,8 @@
 """Evidence containers built with Debian's own tools, for the tests and the benchmark: a FAT file
 system made by mkfs.fat and filled by mtools (with one file deleted after it was written, so its
 content is still on the card), that image turned into a multi-segment E01 by ewf-tools'
-ewfacquire, an MBR disk with two FAT partitions (sfdisk), and the folder as a zip and a tar.gz.
+ewfacquire, an MBR disk with two FAT partitions (sfdisk), an ext4 file system (mke2fs -d), and the
+folder as a zip and a tar.gz.
 
 Every container is made read-only once built: nothing the tool does may change a byte of them.
 """
@@ -15,8 +16,15 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-#: Debian packages that provide the tools (apt-get install mtools dosfstools ewf-tools fdisk).
-TOOLS = {"mkfs.fat": "dosfstools", "mcopy": "mtools", "mdel": "mtools", "ewfacquire": "ewf-tools", "sfdisk": "fdisk"}
+#: Debian packages that provide the tools (apt-get install mtools dosfstools ewf-tools fdisk e2fsprogs).
+TOOLS = {
+    "mkfs.fat": "dosfstools",
+    "mcopy": "mtools",
+    "mdel": "mtools",
+    "ewfacquire": "ewf-tools",
+    "sfdisk": "fdisk",
+    "mke2fs": "e2fsprogs",
+}
 DELETED_NAME = "DELETED.JPG"
 
 
@@ -48,6 +56,24 @@ def fat_image(folder: Path, image: Path, deleted: bytes | None = None, *, offset
         run_tool("mcopy", "-i", target, str(extra), f"::/{DELETED_NAME}")
         run_tool("mdel", "-i", target, f"::/{DELETED_NAME}")
         extra.unlink()
+    return image
+
+
+def ext4_image(folder: Path, image: Path) -> Path:
+    """An ext4 file system holding ``folder``'s tree, written by mke2fs -d (no mount)."""
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    run_tool(
+        "mke2fs",
+        "-q",
+        "-t",
+        "ext4",
+        "-L",
+        "evidence",
+        "-d",
+        str(folder),
+        str(image),
+        f"{max(16, 2 * size // 2**20 + 8)}M",
+    )
     return image
 
 

@@ -6,6 +6,7 @@ is valid CASE/UCO and triage.csv reads in pandas. On the CPU with the tiny model
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from evidence_images import DELETED_NAME, build_containers, missing_tools, partitioned_disk
+from evidence_images import DELETED_NAME, build_containers, ext4_image, missing_tools, partitioned_disk
 
 from conftest import image_bytes, model_config, planned_jobs, snakemake, write
 from forensic_vlm.classify import classify_folder, classify_listing, read_listing
@@ -244,6 +245,20 @@ def test_a_container_scored_in_shards_gives_the_one_job_triage(
     assert (tmp_path / "out" / "triage.tsv").read_bytes() == (one / "triage.tsv").read_bytes()
     assert custody["container"]["verified"] == one_custody["container"]["verified"]
     assert (tmp_path / "out" / "triage.csv").read_bytes() == (one / "triage.csv").read_bytes()
+
+
+def test_an_ext4_file_system_lists_the_folders_files_with_inodes_and_times(evidence: dict, tmp_path: Path) -> None:
+    image = ext4_image(evidence["folder"], tmp_path / "ext4.img")
+    image.chmod(0o444)
+    classify_listing(image, tmp_path / "listing.jsonl", MANIFEST, config=ClassifyConfig(verify_container=False))
+    listed = {r.path: r for r in read_listing(tmp_path / "listing.jsonl").inspections}
+    on_disk = {p.relative_to(evidence["folder"]).as_posix(): p for p in evidence["folder"].rglob("*") if p.is_file()}
+    assert set(listed) == set(on_disk)  # lost+found is empty, and no file system metadata is listed
+    for path, file in on_disk.items():
+        row = listed[path]
+        assert row.sha256 == (sha256_file(file) if file.stat().st_size else "")
+        assert row.inode and row.changed_utc and row.created_utc and not row.deleted  # ext keeps all four times
+        assert row.mtime_utc == dt.datetime.fromtimestamp(int(file.stat().st_mtime), dt.UTC).isoformat()
 
 
 def test_a_file_that_is_no_container_is_named(evidence: dict, tmp_path: Path) -> None:

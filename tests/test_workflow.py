@@ -163,7 +163,7 @@ def test_new_evidence_reuses_augmentations_and_predictions(demo_run: dict, tmp_p
     workdir = tmp_path / "work"
     shutil.copytree(demo_run["workdir"] / "results" / "demo" / "model", workdir / "results" / "demo" / "model")
     # One epoch and no triage: what is checked here is reuse, not what the model learns.
-    args = ("--config", f"raw_data={evidence}", "train={'epochs': 1}", "classify={'input_dir': null}")
+    args = ("--config", f"raw_data={evidence}", "train={'epochs': 1}", "classify={'input': null}")
     first = snakemake(workdir, *args, demo=True)
     assert first.returncode == 0, first.stderr[-3000:]
     old_children = read_tsv(workdir / "results" / "augment" / "lineage.tsv")
