@@ -71,32 +71,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=2, help="processes that read and check the files")
+    parser.add_argument("--reuse", action="store_true", help="keep the images, FAT image and E01 of --work-dir")
     args = parser.parse_args()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="evidence_bench_"))
-    folder = work / "extraction"
-    shutil.rmtree(folder, ignore_errors=True)
-    size = write_images(folder, args.images)
-    print(f"wrote {args.images} images ({size / 2**20:.0f} MB)", flush=True)
-    raw_seconds, raw = timed(fat_image, folder, work / "card.raw")
-    acquire_seconds, _ = timed(
-        run_tool,
-        "ewfacquire",
-        "-u",
-        "-q",
-        "-t",
-        str(work / "card"),
-        "-c",
-        "deflate:fast",
-        "-S",
-        str(16 << 20),
-        str(raw),
-    )
-    e01 = work / "card.E01"
+    folder, raw, e01 = work / "extraction", work / "card.raw", work / "card.E01"
+    if not (args.reuse and e01.exists()):
+        shutil.rmtree(folder, ignore_errors=True)
+        for old in work.glob("card.*"):
+            old.unlink()
+        write_images(folder, args.images)
+        raw_seconds, _ = timed(fat_image, folder, raw)
+        ewf = ["ewfacquire", "-u", "-q", "-t", str(work / "card"), "-c", "deflate:fast", "-S", str(16 << 20), str(raw)]
+        acquire_seconds, _ = timed(run_tool, *ewf)
+        print(
+            f"FAT image {raw.stat().st_size >> 20} MiB in {raw_seconds:.0f} s; E01 in {acquire_seconds:.0f} s",
+            flush=True,
+        )
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     segments = sorted(work.glob("card.E*"))
-    print(
-        f"FAT image {raw.stat().st_size / 2**20:.0f} MiB in {raw_seconds:.0f} s; E01 in {acquire_seconds:.0f} s",
-        flush=True,
-    )
+    print(f"{args.images} images ({size / 2**20:.0f} MB), E01 of {len(segments)} segment(s)", flush=True)
     model = build_demo_model(work / "model", DemoModelConfig())
 
     verify_seconds, record = timed(describe_container, e01, verify=True)
@@ -112,7 +105,8 @@ def main() -> None:
         listing[name] = {"seconds": round(seconds, 2), "files": files, "files_per_second": round(files / seconds, 1)}
         print(f"listing {name}: {files} files in {seconds:.1f} s", flush=True)
     runs = {
-        name: triage(work, model, source, name, workers=args.workers) for name, source in (("folder", folder), ("e01", e01))
+        name: triage(work, model, source, name, workers=args.workers)
+        for name, source in (("folder", folder), ("e01", e01))
     }
     scores = {
         name: {

@@ -261,6 +261,32 @@ def test_an_ext4_file_system_lists_the_folders_files_with_inodes_and_times(evide
         assert row.mtime_utc == dt.datetime.fromtimestamp(int(file.stat().st_mtime), dt.UTC).isoformat()
 
 
+def test_the_e01_chunk_cache_reads_the_bytes_the_raw_image_holds(evidence: dict) -> None:
+    """ChunkCache (an LRU over pyewf's chunks, evicting here after 3) against the raw image."""
+    import random
+
+    import pyewf
+
+    from forensic_vlm.evidence import ChunkCache
+
+    handle = pyewf.handle()
+    handle.open([str(p) for p in sorted(evidence["e01"].parent.glob("card.E*"))])
+    cached, raw = ChunkCache(handle, chunks=3), evidence["raw"].read_bytes()
+    assert cached.get_media_size() == len(raw)
+    rng = random.Random(16)
+    for _ in range(300):
+        offset, size = rng.randrange(len(raw) + 10), rng.choice([1, 511, 4096, 32768, 100_000])
+        cached.seek(offset)
+        assert cached.read(size) == raw[offset : offset + size] and cached.get_offset() == min(
+            offset + size, max(offset, len(raw))
+        )
+    cached.seek(-10, os.SEEK_END)
+    assert cached.read() == raw[-10:]
+    with pytest.raises(OSError, match="negative"):
+        cached.seek(-1)
+    cached.close()
+
+
 def test_a_file_that_is_no_container_is_named(evidence: dict, tmp_path: Path) -> None:
     picture = write(tmp_path / "photo.jpg", image_bytes(5))
     with pytest.raises(ContainerError, match=f"{picture}: no file system found"):

@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -57,6 +58,7 @@ def _dfvfs():
         ) from error
     for name in ("FAT", "NTFS", "EXT", "HFS"):
         setattr(definitions, f"PREFERRED_{name}_BACK_END", definitions.TYPE_INDICATOR_TSK)
+    _cache_ewf_chunks()
     return {
         "analyzer": analyzer.Analyzer,
         "volume_scanner": volume_scanner,
@@ -66,6 +68,81 @@ def _dfvfs():
         "resolver": resolver.Resolver,
         "serializer": JsonPathSpecSerializer,
     }
+
+
+@cache
+def _cache_ewf_chunks() -> None:
+    """Read E01s through :class:`ChunkCache`: dfVFS opens them with pyewf, whose handle decodes a
+    whole chunk (32 KiB) for every read. The Sleuth Kit reads a file system in small pieces, and a
+    chunk holds a dozen phone pictures, so without a cache the same chunk was inflated again and
+    again (about 1.7 ms each on the 2-core CPU here)."""
+    from dfvfs.file_io import ewf_file_io
+
+    open_handle = ewf_file_io.EWFFile._OpenFileObject
+
+    def cached(self, path_spec):
+        return ChunkCache(open_handle(self, path_spec))
+
+    ewf_file_io.EWFFile._OpenFileObject = cached
+
+
+class ChunkCache:
+    """A pyewf handle read through a least-recently-used cache of whole chunks (``chunks`` of
+    them: 1,024 of 32 KiB, 32 MiB per process). Same bytes, same interface as far as dfVFS uses it
+    (read, seek, get_offset, get_media_size, close)."""
+
+    def __init__(self, handle, chunks: int = 1024) -> None:
+        self._handle = handle
+        self._chunk = handle.get_chunk_size()
+        self._size = handle.get_media_size()
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._limit = chunks
+        self._offset = 0
+
+    def _chunk_at(self, index: int) -> bytes:
+        data = self._cache.get(index)
+        if data is None:
+            self._handle.seek(index * self._chunk)
+            data = self._handle.read(self._chunk)
+            self._cache[index] = data
+            if len(self._cache) > self._limit:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(index)
+        return data
+
+    def read(self, size: int | None = None) -> bytes:
+        end = self._size if size is None or size < 0 else min(self._size, self._offset + size)
+        parts = []
+        while self._offset < end:
+            index, within = divmod(self._offset, self._chunk)
+            piece = self._chunk_at(index)[within : within + end - self._offset]
+            if not piece:
+                break
+            parts.append(piece)
+            self._offset += len(piece)
+        return b"".join(parts)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> None:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._offset, os.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise OSError(f"seek to a negative offset ({base + offset})")
+        self._offset = base + offset
+
+    def get_offset(self) -> int:
+        return self._offset
+
+    tell = get_offset
+
+    def get_media_size(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._handle.close()
+
+    def __getattr__(self, name: str):  # anything else dfVFS asks the handle for
+        return getattr(self._handle, name)
 
 
 @dataclass(frozen=True)
