@@ -42,6 +42,17 @@ def write_images(root: Path, count: int) -> int:
     return total
 
 
+def write_cpu_config(path: Path, model: Path) -> Path:
+    """The configuration the CPU benchmarks triage with: the tiny model, batch 8, one DataLoader worker."""
+    settings = {
+        "model": {"name_or_path": str(model), "quantization": "none", "device": "cpu"},
+        "evaluate": {"batch_size": 8, "num_workers": 1},
+        "report": {"show_images": True},
+    }
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
 def tree_rss(process: psutil.Process) -> tuple[float, float]:
     """(MB of the main process, MB of it and all its children)."""
     try:
@@ -81,16 +92,7 @@ def main() -> None:
     size = write_images(folder, args.images)
     print(f"wrote {args.images} images ({size / 2**20:.0f} MB) in {time.perf_counter() - start:.0f} s", flush=True)
     model = build_demo_model(work / "model", DemoModelConfig())
-    config = work / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"name_or_path": str(model), "quantization": "none", "device": "cpu"},
-                "evaluate": {"batch_size": 8, "num_workers": 1},
-                "report": {"show_images": True},
-            }
-        )
-    )
+    config = write_cpu_config(work / "config.yaml", model)
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     command = [

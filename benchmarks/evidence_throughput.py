@@ -22,11 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from classify_streaming import machine, write_images
+from classify_streaming import machine, write_cpu_config, write_images
 from evidence_images import fat_image, run_tool
 
 from forensic_vlm.classify import classify_listing
@@ -43,16 +41,7 @@ def timed(function, *args, **kwargs) -> tuple[float, object]:
 
 
 def triage(work: Path, model: Path, source: Path, name: str, *, workers: int) -> dict:
-    config = work / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"name_or_path": str(model), "quantization": "none", "device": "cpu"},
-                "evaluate": {"batch_size": 8, "num_workers": 1},
-                "report": {"show_images": True},
-            }
-        )
-    )
+    config = write_cpu_config(work / "config.yaml", model)
     cache = work / f"cache_{name}"
     shutil.rmtree(cache, ignore_errors=True)
     command = [sys.executable, "-m", "forensic_vlm", "--config", str(config), "--log", str(work / f"{name}.log")]

@@ -13,11 +13,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from evidence_images import DELETED_NAME, build_containers, ext4_image, missing_tools, partitioned_disk
+from evidence_images import DELETED_NAME, build_containers, ext4_image, missing_tools, partitioned_disk, zip_of
 
 from conftest import image_bytes, model_config, planned_jobs, snakemake, write
 from forensic_vlm.classify import classify_folder, classify_listing, read_listing
@@ -30,7 +31,7 @@ from forensic_vlm.config import (
     ReportConfig,
 )
 from forensic_vlm.demo_data import generate_demo_extraction
-from forensic_vlm.errors import ConfigError, ContainerError, ContainerIntegrityError
+from forensic_vlm.errors import ConfigError, ContainerError, ContainerIntegrityError, EvidenceChangedError
 from forensic_vlm.exchange import CSV_COLUMNS
 from forensic_vlm.tables import read_tsv, sha256_file
 
@@ -193,6 +194,7 @@ def test_a_missing_e01_segment_is_named(evidence: dict, tmp_path: Path) -> None:
     assert not (tmp_path / "listing.jsonl").exists()
 
 
+@pytest.mark.slow  # starts worker processes
 def test_worker_processes_read_the_container_as_one_process_does(evidence: dict, tmp_path: Path) -> None:
     """The same bytes whether one process reads the container or two forked workers do (each opens
     its own handles; the inherited ones were never seen to interleave here, but could)."""
@@ -287,6 +289,47 @@ def test_the_e01_chunk_cache_reads_the_bytes_the_raw_image_holds(evidence: dict)
     cached.close()
 
 
+def test_a_container_changed_after_its_listing_stops_the_triage(tiny_model: Path, tmp_path: Path) -> None:
+    """Replaced after the listing: the shard job refuses to score it, and the one-job triage,
+    which may still hold its old bytes in memory, refuses to write a triage of it."""
+    from forensic_vlm.classify import score_shard
+
+    folder = tmp_path / "phone"
+    for seed in range(3):
+        write(folder / "DCIM" / f"{seed}.jpg", image_bytes(seed))
+    archive = zip_of(folder, tmp_path / "phone.zip")
+    classify_listing(archive, tmp_path / "listing.jsonl", MANIFEST)
+    write(folder / "DCIM" / "1.jpg", image_bytes(99))  # the same name, other content
+    time.sleep(0.01)
+    zip_of(folder, archive)
+    with pytest.raises(EvidenceChangedError, match=r"phone\.zip: the container changed since it was listed"):
+        score_shard(
+            tmp_path / "listing.jsonl",
+            tmp_path / "part.tsv",
+            scatter_item="1-of-1",
+            classes=CLASSES,
+            model_config=model_config(tiny_model),
+            evaluate_config=EVALUATE,
+        )
+    assert not (tmp_path / "part.tsv").exists()
+    # Read in a fresh process, a changed file is caught by its sha256 as it is read.
+    listing = read_listing(tmp_path / "listing.jsonl")
+    script = (
+        "import sys, json\n"
+        "from pathlib import Path\n"
+        "from forensic_vlm.batches import Example, read_example\n"
+        "from forensic_vlm.images import load_checked_image\n"
+        "row = json.loads(sys.argv[1])\n"
+        "example = Example(Path(row['path']), row['sha256'], -1, 1, 1, row['path'], locator=row['locator'])\n"
+        "load_checked_image(example.path, example.sha256, read_example(example))\n"
+    )
+    changed = next(r for r in listing.inspections if r.path == "DCIM/1.jpg")
+    row = json.dumps({"path": f"{archive}/{changed.path}", "sha256": changed.sha256, "locator": changed.locator})
+    result = subprocess.run([sys.executable, "-c", script, row], capture_output=True, text=True)
+    assert result.returncode != 0 and "EvidenceChangedError" in result.stderr
+    assert "phone.zip/DCIM/1.jpg: content changed since it was listed" in result.stderr
+
+
 def test_a_file_that_is_no_container_is_named(evidence: dict, tmp_path: Path) -> None:
     picture = write(tmp_path / "photo.jpg", image_bytes(5))
     with pytest.raises(ContainerError, match=f"{picture}: no file system found"):
@@ -320,6 +363,7 @@ def test_one_partition_and_one_folder_of_a_disk_can_be_named(evidence: dict, tmp
     assert sha256_file(disk) == before
 
 
+@pytest.mark.slow  # starts worker processes
 def test_a_folder_needs_no_evidence_extra_and_a_container_names_it(evidence: dict, tmp_path: Path) -> None:
     script = (
         "import sys\n"

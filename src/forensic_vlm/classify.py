@@ -244,6 +244,10 @@ def write_triage(
 ) -> dict:
     """triage.tsv, triage.html, custody.json, triage.csv and case.jsonld from the listing and every
     usable file's scores (``scored``, by sha256); returns the custody record."""
+    if container:
+        from forensic_vlm.evidence import check_unchanged
+
+        check_unchanged(container)
     usable = [r for r in inspections if r.usable]
     rejected = [r for r in inspections if not r.usable]
     missing = [r.path for r in usable if r.sha256 not in scored]
@@ -348,6 +352,10 @@ def score_shard(
     if threads:
         torch.set_num_threads(threads)
     read = read_listing(listing)
+    if read.container:
+        from forensic_vlm.evidence import check_unchanged
+
+        check_unchanged(read.container)  # before scoring: a changed container is not scored
     return score_part(
         _examples(read.root, [r for r in read.inspections if r.usable]),
         part,

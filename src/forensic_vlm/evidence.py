@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path, PurePosixPath
 
-from forensic_vlm.errors import ContainerError, ContainerIntegrityError
+from forensic_vlm.errors import ContainerError, ContainerIntegrityError, EvidenceChangedError
 from forensic_vlm.inspection import Inspection, inspect_data
 
 log = logging.getLogger(__name__)
@@ -427,6 +427,8 @@ def describe_container(container: Path, *, verify: bool, accept_mismatch: bool =
         "path": str(container),
         "size_bytes": sum(f.stat().st_size for f in files),
         "segments": [{"name": f.name, "size_bytes": f.stat().st_size} for f in files],
+        # Sizes and modification times of its files: checked again before the triage is written.
+        "files_fingerprint": container_fingerprint(container),
     }
     if files[0].suffix.lower() in (".e01", ".ex01", ".s01", ".l01", ".lx01"):
         record.update(_ewf_record(files, verify=verify))
@@ -438,6 +440,20 @@ def describe_container(container: Path, *, verify: bool, accept_mismatch: bool =
                 record["computed_hashes"] = _hash_stream(handle.read, container)
     record["verified"] = _verdict(record, verify, accept_mismatch, container)
     return record
+
+
+def check_unchanged(record: dict) -> None:
+    """Stop if a container's files changed (size, time, a segment added or gone) since it was
+    listed: the triage would describe evidence that is no longer what lies on disk. (A process
+    that read it before may still hold its old bytes in memory: every file scored is checked
+    against the sha256 it was listed with, and this check catches the rest.)"""
+    container = Path(record["path"])
+    now = container_fingerprint(container) if container.is_file() else "gone"
+    if now != record["files_fingerprint"]:
+        raise EvidenceChangedError(
+            f"{container}: the container changed since it was listed (its files' sizes or times differ); "
+            "list it again (rerun classify_listing) and find out why evidence changed"
+        )
 
 
 def _ewf_record(files: list[Path], *, verify: bool) -> dict:

@@ -29,6 +29,6 @@ def load_checked_image(path: Path, sha256: str, data: bytes | None = None) -> Im
     if data is None:
         data = Path(path).read_bytes()
     if sha256_bytes(data) != sha256:
-        raise EvidenceChangedError(f"{path}: content changed since the manifest was built (sha256 differs)")
+        raise EvidenceChangedError(f"{path}: content changed since it was listed (sha256 differs)")
     with Image.open(io.BytesIO(data)) as image:
         return ImageOps.exif_transpose(image).convert("RGB")
