@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="folder, or container (E01, raw disk image, zip, tar), to triage: read only, in place",
     )
-    classify.add_argument("--partition", default=None, help="one partition of a disk image (p1, gpt2; default: all)")
+    classify.add_argument("--partition", default=None, help="one partition of a disk image (p1, p2; default: all)")
     classify.add_argument("--inside-path", default=None, help="one folder inside the container (default: all of it)")
     classify.add_argument(
         "--no-verify-container", action="store_true", help="do not check an E01's stored hashes first (recorded)"

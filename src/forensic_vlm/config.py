@@ -299,7 +299,7 @@ class ClassifyConfig:
     input_dir: str | None = None
     """The folder of unlabeled images to triage, as before classify.input existed (give one of the two)."""
     partition: str | None = None
-    """Inside a disk image, triage this partition only (dfVFS's names: p1, p2 for MBR, gpt1 for GPT);
+    """Inside a disk image, triage this partition only (dfVFS's names: p1, p2, MBR and GPT alike);
     null: every partition and file system found."""
     inside_path: str | None = None
     """Inside a container, triage this folder only (e.g. /DCIM), in every file system read; null: all."""

@@ -152,7 +152,7 @@ class Entry:
     path: str  # shown in the triage: the partition, then the path inside its file system ("p1/DCIM/a.jpg")
     locator: str  # dfVFS path specification (JSON), to read the bytes again
     kind: str  # "file", "link", "directory" or "other" (a device, pipe or socket)
-    partition: str = ""  # "p1", "gpt2", ... ("" for a partition image or an archive)
+    partition: str = ""  # "p1", "p2", ... ("" for a partition image or an archive)
     inode: int | None = None  # inode, MFT entry or FAT directory-entry address, where the file system has one
     created_utc: str = ""
     modified_utc: str = ""
@@ -192,7 +192,7 @@ def container_fingerprint(container: Path) -> str:
 
 def base_path_specs(container: Path, partition: str | None = None) -> list:
     """The root of each file system in ``container`` (one archive counts as one), or of the named
-    ``partition`` only (dfVFS's names: p1, p2 for MBR, gpt1 for GPT, apfs1 ...)."""
+    ``partition`` only (dfVFS's names: p1, p2 for MBR and GPT partitions, apfs1 for APFS volumes)."""
     d = _dfvfs()
     container = Path(container).resolve()
     if not container.is_file():
@@ -235,7 +235,8 @@ def partition_of(base) -> str:
     spec = base
     while spec is not None:
         location = getattr(spec, "location", None)
-        if spec.type_indicator in ("TSK_PARTITION", "GPT", "APM", "LVM") and location and location != "/":
+        volume_systems = ("TSK_PARTITION", "GPT", "APM", "LVM", "APFS_CONTAINER", "CS")
+        if spec.type_indicator in volume_systems and location and location != "/":
             return location.strip("/")
         spec = spec.parent
     return ""
