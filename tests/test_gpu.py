@@ -178,10 +178,16 @@ def test_liger_changes_only_the_model_it_was_applied_to(tiny_model: Path) -> Non
     patched = load_base_model(config, resolve_device(config))
     apply_fused_kernels(patched)
     assert {n: getattr(modeling_mistral, n) for n in before} == before
-    assert type(patched.model.language_model.layers[0].mlp).__name__ == "LigerSwiGLUMLP"
+    # Liger patches the instances (their forward and the name they print), not their classes.
+    from liger_kernel.transformers import LigerRMSNorm, LigerSwiGLUMLP
+
+    mlp, norm = patched.model.language_model.layers[0].mlp, patched.model.language_model.norm
+    assert mlp.forward.__func__ is LigerSwiGLUMLP.forward and mlp._get_name() == "LigerSwiGLUMLP"
+    assert norm.forward.__func__ is LigerRMSNorm.forward
     later = load_base_model(config, resolve_device(config))
-    assert type(later.model.language_model.layers[0].mlp).__name__ == "MistralMLP"
-    assert type(later.model.language_model.norm).forward is modeling_mistral.MistralRMSNorm.forward
+    later_mlp, later_norm = later.model.language_model.layers[0].mlp, later.model.language_model.norm
+    assert later_mlp.forward.__func__ is modeling_mistral.MistralMLP.forward and later_mlp._get_name() == "MistralMLP"
+    assert later_norm.forward.__func__ is modeling_mistral.MistralRMSNorm.forward
 
 
 def test_fp8_scoring_is_compiled_and_recorded(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
