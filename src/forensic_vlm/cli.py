@@ -186,13 +186,13 @@ def _classify(args: argparse.Namespace, config: Config) -> None:
     from forensic_vlm.classify import classify_folder
 
     model = dataclasses.replace(config.model, name_or_path=args.model) if args.model else config.model
-    settings = dataclasses.replace(config.classify, case=args.case) if args.case else config.classify
     settings = dataclasses.replace(
-        settings,
-        partition=args.partition or settings.partition,
-        inside_path=args.inside_path or settings.inside_path,
-        verify_container=settings.verify_container and not args.no_verify_container,
-        accept_hash_mismatch=settings.accept_hash_mismatch or args.accept_hash_mismatch,
+        config.classify,
+        case=args.case or config.classify.case,
+        partition=args.partition or config.classify.partition,
+        inside_path=args.inside_path or config.classify.inside_path,
+        verify_container=config.classify.verify_container and not args.no_verify_container,
+        accept_hash_mismatch=config.classify.accept_hash_mismatch or args.accept_hash_mismatch,
     )
     classify_folder(
         args.input_dir,

@@ -19,7 +19,6 @@ container is opened, so a folder input works without them.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
 import os
@@ -31,7 +30,7 @@ from functools import cache
 from pathlib import Path, PurePosixPath
 
 from forensic_vlm.errors import ContainerError, ContainerIntegrityError, EvidenceChangedError
-from forensic_vlm.inspection import Inspection, inspect_data
+from forensic_vlm.inspection import Inspection, inspect_data, utc_text
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +182,12 @@ def segments(container: Path) -> list[Path]:
 def container_fingerprint(container: Path) -> str:
     """Cheap digest of a container's files (names, sizes, modification times), no content read:
     the workflow reruns the triage when a segment is replaced, added or removed."""
+    return _fingerprint(segments(Path(container)))
+
+
+def _fingerprint(files: list[Path]) -> str:
     digest = hashlib.sha256()
-    for path in segments(Path(container)):
+    for path in files:
         info = path.stat()
         digest.update(f"{path.name}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
@@ -345,9 +348,7 @@ def _utc(value) -> str:
     if value is None:
         return ""
     seconds = value.CopyToPosixTimestamp()
-    if seconds is None:
-        return ""
-    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="seconds")
+    return "" if seconds is None else utc_text(seconds)
 
 
 def read_located(locator: str) -> bytes:
@@ -429,7 +430,7 @@ def describe_container(container: Path, *, verify: bool, accept_mismatch: bool =
         "size_bytes": sum(f.stat().st_size for f in files),
         "segments": [{"name": f.name, "size_bytes": f.stat().st_size} for f in files],
         # Sizes and modification times of its files: checked again before the triage is written.
-        "files_fingerprint": container_fingerprint(container),
+        "files_fingerprint": _fingerprint(files),
     }
     if files[0].suffix.lower() in (".e01", ".ex01", ".s01", ".l01", ".lx01"):
         record.update(_ewf_record(files, verify=verify))

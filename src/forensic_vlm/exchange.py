@@ -16,6 +16,7 @@ same way. Written with the standard library; case-utils is only needed to valida
 from __future__ import annotations
 
 import csv
+import io
 import json
 import uuid
 from pathlib import Path, PurePosixPath
@@ -79,8 +80,6 @@ def write_triage_csv(path: Path, rows: list[dict]) -> None:
                 "Reason": "" if scored else row["reason"],
             }
         )
-    import io
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\r\n")
     writer.writeheader()

@@ -123,7 +123,7 @@ def inspect_file(root: str, relative: str, max_image_pixels: int, allowed_format
         return result.reject("unreadable", f"cannot read: {error.strerror}")
     # Only the modification time: a folder is the examiner's copy, whose inode, access and change
     # times are the copy's own (reading it moves them), not the seized file system's.
-    result.mtime_utc = _utc(info.st_mtime)
+    result.mtime_utc = utc_text(info.st_mtime)
     return inspect_data(result, data, max_image_pixels, allowed_formats)
 
 
@@ -139,7 +139,8 @@ def inspect_data(
     return _decode(result, data, max_image_pixels, allowed_formats)
 
 
-def _utc(seconds: float) -> str:
+def utc_text(seconds: float) -> str:
+    """POSIX seconds as the tables write times: ISO 8601 in UTC, to the second."""
     return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="seconds")
 
 

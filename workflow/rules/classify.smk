@@ -20,7 +20,8 @@ rule classify_listing:
         "../../envs/model.yaml"  # forensic_vlm.classify (scores too) and the [evidence] readers
     threads: 8
     params:
-        source=get_classify_source,
+        # The folder or container the listing reads (an E01: its first segment).
+        source=SETTINGS.classify.source,
         manifest=config["manifest"],
         classify=config["classify"],
         # Not read by the script: a changed listing must rerun the triage.

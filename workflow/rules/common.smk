@@ -88,12 +88,6 @@ def get_classify_input():
     return source
 
 
-def get_classify_source(wildcards, input):
-    """The folder or container the listing reads (an E01's first segment)."""
-    source = SETTINGS.classify.source
-    return DEMO_EXTRACTION if Path(source) == Path(DEMO_EXTRACTION) else source
-
-
 def get_classify_adapter():
     return "results/train/adapter" if SETTINGS.classify.use_adapter else []
 
