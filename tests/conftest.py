@@ -217,10 +217,15 @@ def trained(tiny_model: Path, tiny_dataset, tmp_path_factory) -> dict:
     return {"work": work, "adapter": work / "adapter", "metrics": metrics}
 
 
+#: ``forensic-vlm`` as a plain new process (the entry point itself; DDP ranks rerun its command line).
+CLI = (sys.executable, "-m", "forensic_vlm")
+
+
 def train_command(config: Path, dataset: dict[str, Path], adapter: Path, log: Path | None = None) -> list[str]:
-    """``forensic-vlm train`` on the tiny dataset in a process of its own (DDP ranks, kills, resumes)."""
+    """The arguments of ``forensic-vlm train`` on the tiny dataset (for a process of its own:
+    ``warm_processes.run``, or after ``python -m forensic_vlm`` for DDP ranks)."""
     return [
-        *(sys.executable, "-m", "forensic_vlm", "--config", str(config)),
+        *("--config", str(config)),
         *(("--log", str(log)) if log else ()),
         *("train", str(dataset["train"]), str(dataset["val"]), "--raw-data", str(dataset["raw_data"])),
         *("--adapter", str(adapter)),

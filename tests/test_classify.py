@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import warm_processes
 import yaml
 
 from conftest import evidence_unchanged, tree_hashes
@@ -161,9 +162,6 @@ def _classify_command(demo_run: dict, folder: Path, tmp_path: Path, adapter: boo
         )
     )
     command = [
-        sys.executable,
-        "-m",
-        "forensic_vlm",
         "--config",
         str(config),
         "classify",
@@ -189,24 +187,24 @@ def test_interrupted_triage_resumes_without_scoring_again_and_never_writes_the_i
     before = tree_hashes(folder)
     command = _classify_command(demo_run, folder, tmp_path)
     with evidence_unchanged(folder):
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = warm_processes.start(command)
         while process.poll() is None and _cached_rows(tmp_path / "cache") < 20:
             time.sleep(0.1)
         assert process.poll() is None, "the triage finished before it could be interrupted"
         os.kill(process.pid, signal.SIGKILL)
-        process.wait()
+        assert process.wait() == -signal.SIGKILL
         done_before_kill = _cached_rows(tmp_path / "cache")
         assert 20 <= done_before_kill < 90 and not (tmp_path / "out" / "triage.tsv").exists()
 
         log = tmp_path / "resume.log"
-        subprocess.run([*command[:3], "--log", str(log), *command[3:]], check=True, capture_output=True)
+        assert warm_processes.run(["--log", str(log), *command]).returncode == 0
         custody = json.loads((tmp_path / "out" / "custody.json").read_text())
         distinct = custody["counts"]["distinct_images"]
         assert custody["scoring"]["images_scored"] == distinct - done_before_kill  # only what was left
         assert f"{done_before_kill} already scored" in log.read_text()
 
         rerun = tmp_path / "rerun.log"
-        subprocess.run([*command[:3], "--log", str(rerun), *command[3:]], check=True, capture_output=True)
+        assert warm_processes.run(["--log", str(rerun), *command]).returncode == 0
         assert json.loads((tmp_path / "out" / "custody.json").read_text())["scoring"]["images_scored"] == 0
     assert tree_hashes(folder) == before
     assert len(read_tsv(tmp_path / "out" / "triage.tsv")) == len(read_tsv(tmp_path / "listing.tsv"))
@@ -226,7 +224,8 @@ def test_zero_shot_triage_marks_every_image_for_review(demo_run: dict, tmp_path:
         list(DEFAULT_CLASSES),
         DemoConfig(extraction_images=6, seed=9, bad_examples=False),
     )
-    subprocess.run(_classify_command(demo_run, folder, tmp_path, adapter=False), check=True, capture_output=True)
+    done = warm_processes.run(_classify_command(demo_run, folder, tmp_path, adapter=False))
+    assert done.returncode == 0, done.stderr[-3000:]
     rows = read_tsv(tmp_path / "out" / "triage.tsv")
     assert len(rows) == 6 and all(r["needs_review"] == "true" and r["threshold"] == "" for r in rows)
     custody = json.loads((tmp_path / "out" / "custody.json").read_text())

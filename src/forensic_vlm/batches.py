@@ -10,56 +10,18 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from forensic_vlm.images import load_checked_image
 from forensic_vlm.prompting import AnswerTokens
-from forensic_vlm.tables import decode_path
+
+# Re-exported: the examples of a table are read in modules that never import torch.
+from forensic_vlm.tables import Example, examples_from_table  # noqa: F401
 
 #: The tensors a batch gives the model (the processor's output for LLaVA-NeXT).
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
-
-
-@dataclass(frozen=True)
-class Example:
-    path: Path
-    sha256: str
-    label: int
-    width: int
-    height: int
-    name: str  # the path as written in the table, for messages and outputs
-    flags: str = ""  # the table's flags (non_utf8_name tells how to decode ``name``)
-    locator: str = ""  # inside an evidence container: its dfVFS locator (``path`` then only names it)
-
-
-def examples_from_table(
-    rows: Sequence[dict[str, str]], raw_data: Path, augment_dir: Path | None = None
-) -> list[Example]:
-    """Examples of a split table or of ``train_augmented.tsv`` (whose children live in augment_dir)."""
-    examples = []
-    for row in rows:
-        if row.get("source") == "augment":
-            if augment_dir is None:
-                raise ValueError(f"{row['path']}: an augmented image but no augment folder was given")
-            path = Path(augment_dir) / row["path"]
-        else:
-            path = Path(raw_data) / decode_path(row["path"], row.get("flags", ""))
-        examples.append(
-            Example(
-                path,
-                row["sha256"],
-                int(row["label"]),
-                int(row["width"]),
-                int(row["height"]),
-                row["path"],
-                row.get("flags", ""),
-            )
-        )
-    return examples
 
 
 def read_example(example: Example) -> bytes | None:

@@ -42,9 +42,6 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-import torch
-
-from forensic_vlm.batches import Example
 from forensic_vlm.config import (
     ClassifyConfig,
     ClassSpec,
@@ -61,9 +58,8 @@ from forensic_vlm.inspection import Inspection
 from forensic_vlm.manifest import bad_input_error, inspector, table_path, walk
 from forensic_vlm.parallel import ordered_map
 from forensic_vlm.provenance import config_sha256, git_commit, package_versions
-from forensic_vlm.scoring import score_examples
 from forensic_vlm.shards import merge_shard_caches, read_parts, score_part, scoring_record
-from forensic_vlm.tables import encode_path, sha256_file, write_atomically, write_tsv
+from forensic_vlm.tables import Example, encode_path, sha256_file, write_atomically, write_tsv
 from forensic_vlm.thresholds import needs_review, read_thresholds, threshold_of
 from forensic_vlm.triage_page import write_triage_page
 
@@ -185,8 +181,9 @@ def classify_folder(
 ) -> dict:
     """Triage ``input_dir`` in one job; write triage.tsv, triage.html and custody.json; returns the custody record."""
     started = dt.datetime.now(dt.UTC)
-    if threads:
-        torch.set_num_threads(threads)
+    from forensic_vlm.scoring import score_examples, use_threads  # torch: only where images are scored
+
+    use_threads(threads)
     listing = list_input(Path(input_dir), manifest_config, config, workers)
     root, inspections = listing.root, listing.inspections
     usable = [r for r in inspections if r.usable]
@@ -349,8 +346,9 @@ def score_shard(
     """Score the usable files of one shard of the listing (``shards.score_part``): ``part`` (TSV)
     gets one row per distinct image, by sha256; ``part`` with suffix .json the job's record. Reads
     the shared ``cache_dir`` and writes only ``shard_cache_dir``. Returns the record."""
-    if threads:
-        torch.set_num_threads(threads)
+    from forensic_vlm.scoring import use_threads  # torch: only where images are scored
+
+    use_threads(threads)
     read = read_listing(listing)
     if read.container:
         from forensic_vlm.evidence import check_unchanged

@@ -259,7 +259,7 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    images_per_class: int = 60
+    images_per_class: int = 40
     """Synthetic images generated per class."""
     seed: int = 0
     """Seed of the generator; the same seed gives the same bytes."""

@@ -13,16 +13,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from forensic_vlm.batches import Example, examples_from_table
 from forensic_vlm.config import ClassSpec, EvaluateConfig, ModelConfig
 from forensic_vlm.errors import IntegrityError
 from forensic_vlm.figures import plot_confusion_matrix
-from forensic_vlm.metrics import compute_metrics, report_text
-from forensic_vlm.scoring import score_examples
 from forensic_vlm.shards import merge_shard_caches, read_parts, score_part
-from forensic_vlm.tables import read_tsv, write_tsv
+from forensic_vlm.tables import Example, examples_from_table, read_tsv, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +40,9 @@ def evaluate_split(
     With ``cache_dir``, images this exact model, adapter and prompt scored before are not scored
     again (``images_scored`` / ``images_from_cache`` in metrics.json say how many).
     """
-    if threads:
-        torch.set_num_threads(threads)
+    from forensic_vlm.scoring import score_examples, use_threads  # torch: only where images are scored
+
+    use_threads(threads)
     kind = "finetuned" if adapter else "zeroshot"
     examples = examples_from_table(read_tsv(Path(table)), raw_data)
     labels = [c.id for c in classes]
@@ -85,8 +82,9 @@ def score_split_shard(
 ) -> dict:
     """One shard job of an evaluation (rules ``evaluate_*_shard``): its share of the test split's
     images, scored as ``shards.score_part`` does for the triage. Returns the job's record."""
-    if threads:
-        torch.set_num_threads(threads)
+    from forensic_vlm.scoring import use_threads  # torch: only where images are scored
+
+    use_threads(threads)
     return score_part(
         examples_from_table(read_tsv(Path(table)), raw_data),
         part,
@@ -155,6 +153,8 @@ def write_evaluation(
 ) -> dict:
     """predictions.tsv, metrics.json (with the scoring run's ``facts``), the report and the
     confusion figure, from every example's score row in the examples' order."""
+    from forensic_vlm.metrics import compute_metrics, report_text  # scikit-learn: not in the shard jobs
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     kind = "finetuned" if adapter else "zeroshot"

@@ -66,14 +66,16 @@ class ScoringJob:
 
 
 def _score_batches(
-    job: ScoringJob, device: torch.device, ready: Callable[[], None] | None = None
+    job: ScoringJob, device: torch.device, ready: Callable[[], None] | None = None, processor=None
 ) -> Iterator[list[dict]]:
     """Load the model on ``device`` and yield the prediction rows of each batch of ``job``.
 
-    ``ready`` is called once the model is loaded, before the first batch.
+    ``ready`` is called once the model is loaded, before the first batch. ``processor``: the one
+    ``job.processor_source`` gives, already loaded in this process (a process per device loads its own).
     """
     model = _load_model(job, device)
-    processor = load_processor(job.processor_source, job.model.max_tiles)
+    if processor is None:
+        processor = load_processor(job.processor_source, job.model.max_tiles)
     mode = "score" if job.decoding == "scores" else "generate"
     loader = DataLoader(
         ImageDataset(job.examples),
@@ -243,7 +245,7 @@ class _Progress:
 
 
 def _score(
-    jobs: list[ScoringJob], devices: list[torch.device], cache: PredictionCache, kind: str
+    jobs: list[ScoringJob], devices: list[torch.device], cache: PredictionCache, kind: str, *, processor
 ) -> tuple[float, float]:
     """Score every job (one per device), adding each batch's rows to the cache as it arrives.
 
@@ -255,7 +257,7 @@ def _score(
         return 0.0, 0.0
     progress = _Progress(cache, total, kind)
     if len(jobs) == 1:
-        for rows in _score_batches(jobs[0], devices[0]):
+        for rows in _score_batches(jobs[0], devices[0], processor=processor):
             progress.add(rows)
             progress.every_device_started()
     else:
@@ -337,6 +339,12 @@ def _shard_worker(*, rank: int, job: ScoringJob, device: torch.device, threads: 
         results.put(("done", rank, None))
     except BaseException:  # reported to the parent, which stops the run with it
         results.put(("error", rank, traceback.format_exc()))
+
+
+def use_threads(threads: int | None) -> None:
+    """Let torch use ``threads`` CPU threads (the rule's ``threads``); None keeps torch's choice."""
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def shard_of(sha256: str, shards: int) -> int:
@@ -479,7 +487,7 @@ def score_examples(
         )
         for device_batches in per_device
     ]
-    seconds, steady = _score(jobs, devices[: len(jobs)], cache, kind)
+    seconds, steady = _score(jobs, devices[: len(jobs)], cache, kind, processor=processor)
     for state in (base, tuned):
         if state:
             state.check_unchanged()

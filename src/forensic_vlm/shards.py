@@ -21,14 +21,16 @@ import os
 import platform
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from forensic_vlm.batches import Example
 from forensic_vlm.config import EvaluateConfig, ModelConfig
 from forensic_vlm.errors import IntegrityError
 from forensic_vlm.faults import fault_point
 from forensic_vlm.prediction_cache import merge_caches
-from forensic_vlm.scoring import Scores, score_examples
-from forensic_vlm.tables import read_tsv, sha256_file, write_atomically, write_tsv
+from forensic_vlm.tables import Example, read_tsv, sha256_file, write_atomically, write_tsv
+
+if TYPE_CHECKING:
+    from forensic_vlm.scoring import Scores
 
 SCATTER_ITEM = re.compile(r"(\d+)-of-(\d+)")
 #: The run facts of a one-job record that the merged record adds up over the shards.
@@ -74,6 +76,8 @@ def score_part(
     """Score this shard's share of ``examples``; write ``part`` (TSV, one row per distinct image)
     and its job's record (``part`` with suffix .json). ``stage`` names the stage in the log and the
     fault point (``<stage>.shard.<item>``). Returns the record."""
+    from forensic_vlm.scoring import score_examples  # torch: only the jobs that score need it
+
     started = dt.datetime.now(dt.UTC)
     kind = f"{stage} shard {scatter_item}" + (" (fine-tuned)" if adapter else " (zero-shot)")
     scores = score_examples(

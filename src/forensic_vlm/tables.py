@@ -3,6 +3,8 @@
 File names from seized phones may contain tabs, newlines or bytes that are not UTF-8. Tables are
 written with :mod:`csv` (which quotes such fields) and names that are not valid UTF-8 are stored
 percent-encoded, flagged ``non_utf8_name``, so ``decode_path`` gives back the exact bytes.
+The images a split or training table lists are read as :class:`Example` records here, without
+torch, so the stages that only merge or report on them start quickly.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 from urllib.parse import quote, unquote_to_bytes
@@ -102,3 +105,41 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path
+    sha256: str
+    label: int
+    width: int
+    height: int
+    name: str  # the path as written in the table, for messages and outputs
+    flags: str = ""  # the table's flags (non_utf8_name tells how to decode ``name``)
+    locator: str = ""  # inside an evidence container: its dfVFS locator (``path`` then only names it)
+
+
+def examples_from_table(
+    rows: Sequence[dict[str, str]], raw_data: Path, augment_dir: Path | None = None
+) -> list[Example]:
+    """Examples of a split table or of ``train_augmented.tsv`` (whose children live in augment_dir)."""
+    examples = []
+    for row in rows:
+        if row.get("source") == "augment":
+            if augment_dir is None:
+                raise ValueError(f"{row['path']}: an augmented image but no augment folder was given")
+            path = Path(augment_dir) / row["path"]
+        else:
+            path = Path(raw_data) / decode_path(row["path"], row.get("flags", ""))
+        examples.append(
+            Example(
+                path,
+                row["sha256"],
+                int(row["label"]),
+                int(row["width"]),
+                int(row["height"]),
+                row["path"],
+                row.get("flags", ""),
+            )
+        )
+    return examples

@@ -207,8 +207,14 @@ def test_three_shard_jobs_merge_to_the_local_triage_and_a_cancelled_shard_is_res
     with command_log.open("w") as sink:
         # gpu=3: all three are submitted at once and SLURM queues them for the node's one GPU, so
         # the other two run once the victim is cancelled, whichever order they come in.
+        # env --default-signal=INT: a run started from a background shell inherits SIGINT ignored,
+        # and Snakemake would then never see the Ctrl-C below (the test waited out its guard).
         running = subprocess.Popen(
-            submit_command(workdir, "--set-scatter", "classify=3", "--keep-going", "--resources", "gpu=3"),
+            [
+                "env",
+                "--default-signal=INT",
+                *submit_command(workdir, "--set-scatter", "classify=3", "--keep-going", "--resources", "gpu=3"),
+            ],
             env=environment,
             stdout=sink,
             stderr=subprocess.STDOUT,
