@@ -314,9 +314,19 @@ def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
     return jobs
 
 
+def copy_run(workdir: Path, target: Path) -> Path:
+    """A copy of a workflow's working directory, for a test that changes or reruns part of it: the
+    shared demo run stays as it was made. ``cp --reflink=auto`` shares the blocks where the file
+    system can (copy-on-write), and copies them where it cannot. No hard links: a stage that rewrote
+    a file in place would change the original too."""
+    subprocess.run(["cp", "-a", "--reflink=auto", str(workdir), str(target)], check=True)
+    return target
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One complete run of the demo profile, shared by the tests that inspect or rerun it."""
+    """One complete run of the demo profile, shared by the tests that inspect it. A test that
+    changes or reruns anything in it works on a copy (:func:`copy_run`)."""
     workdir = tmp_path_factory.mktemp("demo_run")
     start = time.monotonic()
     result = snakemake(workdir, demo=True)

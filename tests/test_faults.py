@@ -24,7 +24,7 @@ import pytest
 import warm_processes
 import yaml
 
-from conftest import FAST, snakemake, snakemake_command, tree_hashes
+from conftest import FAST, copy_run, snakemake, snakemake_command, tree_hashes
 from forensic_vlm.faults import ENVIRONMENT
 from forensic_vlm.tables import read_tsv
 
@@ -217,7 +217,7 @@ def test_a_workflow_killed_whole_mid_evaluation_reruns_to_the_same_results(
 ) -> None:
     """Snakemake and its running job killed together (a power cut), then --unlock and run again."""
     workdir = tmp_path / "work"
-    shutil.copytree(demo_run["workdir"], workdir, symlinks=True)
+    copy_run(demo_run["workdir"], workdir)
     shutil.rmtree(workdir / "results" / "cache" / "predictions")  # so the evaluation scores again
     # As in a first evaluation: none of its outputs yet. (Were the merged outputs of an earlier run
     # kept, Snakemake would keep them, complete and consistent, and not redo the shard.)

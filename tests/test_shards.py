@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import evidence_unchanged, model_config, planned_jobs, snakemake
+from conftest import copy_run, evidence_unchanged, model_config, planned_jobs, snakemake
 from forensic_vlm.classify import (
     assemble_shards,
     classify_folder,
@@ -260,21 +260,39 @@ def test_three_evaluation_shards_merge_into_the_predictions_and_metrics_one_job_
 def test_set_scatter_gives_the_same_triage_and_a_killed_shard_reruns_alone(
     demo_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def fresh_copy(name: str) -> Path:
-        workdir = tmp_path / name
-        shutil.copytree(demo_run["workdir"], workdir, symlinks=True)
-        shutil.rmtree(workdir / "results" / "cache" / "predictions")  # the shards must score, not look up
-        return workdir
+    """Both evaluations in three shard jobs each and the triage in three, one of which is killed
+    after scoring (before its part is written): the rerun schedules that shard alone, it goes on
+    from its own cache, and every merged output is byte for byte what one job wrote."""
+    workdir = tmp_path / "work"
+    copy_run(demo_run["workdir"], workdir)
+    shutil.rmtree(workdir / "results" / "cache" / "predictions")  # the shards must score, not look up
+    out = workdir / "results" / "classify" / "demo"
+    victim = "2-of-3"
+    monkeypatch.setenv(ENVIRONMENT, f"classify.shard.{victim}")  # killed after scoring, before its part
+    killed = snakemake(workdir, "--set-scatter", "classify=3", "evaluate=3", "--keep-going", demo=True)
+    assert killed.returncode != 0
+    assert {p.name for p in (out / "shards").glob("*-of-3.tsv")} == {"1-of-3.tsv", "3-of-3.tsv"}
+    monkeypatch.delenv(ENVIRONMENT)
+
+    plan = snakemake(workdir, "-n", "--set-scatter", "classify=3", "evaluate=3", demo=True)
+    assert re.search(r"^classify_shard\s+1$", plan.stdout, re.M), plan.stdout  # that shard alone
+    assert planned_jobs(plan) == {"classify_shard", "classify", "all"}  # the evaluations were done
+    rerun = snakemake(workdir, "--set-scatter", "classify=3", "evaluate=3", demo=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
 
     one_job = (demo_run["workdir"] / "results" / "classify" / "demo" / "triage.tsv").read_bytes()
-    whole = fresh_copy("whole")
-    done = snakemake(whole, "--set-scatter", "classify=3", "evaluate=3", demo=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    shards = whole / "results" / "classify" / "demo" / "shards"
-    assert (shards.parent / "triage.tsv").read_bytes() == one_job  # byte for byte the one-job triage
+    assert (out / "triage.tsv").read_bytes() == one_job  # byte for byte the one-job triage
+    custody = json.loads((out / "custody.json").read_text())
+    assert [s["shard"] for s in custody["shards"]] == ["1-of-3", "2-of-3", "3-of-3"]
+    resumed = json.loads((out / "shards" / f"{victim}.json").read_text())
+    assert resumed["scoring"]["facts"]["images_scored"] == 0  # its own cache held what it scored
+    assert resumed["scoring"]["facts"]["images_from_cache"] == resumed["files"] > 0
+    leftover = [p for p in (workdir / "results" / "cache" / "predictions" / "shards").rglob("*") if p.is_file()]
+    assert not leftover  # every shard's cache merged into the shared one
+
     timing = {"seconds", "images_per_second", "images_per_second_after_first_batch", "shards", "shard_jobs"}
     for kind in ("zeroshot", "finetuned"):  # and the evaluations, scored in three jobs each
-        local, sharded = (root / "results" / "evaluate" / kind for root in (demo_run["workdir"], whole))
+        local, sharded = (root / "results" / "evaluate" / kind for root in (demo_run["workdir"], workdir))
         assert (sharded / "predictions.tsv").read_bytes() == (local / "predictions.tsv").read_bytes()
         metrics = [json.loads((folder / "metrics.json").read_text()) for folder in (local, sharded)]
         assert metrics[1]["shards"] == 3 and len(metrics[1]["shard_jobs"]) == 3
@@ -282,31 +300,6 @@ def test_set_scatter_gives_the_same_triage_and_a_killed_shard_reruns_alone(
         assert [{k: v for k, v in m.items() if k not in timing | {"devices"}} for m in metrics] == [
             {k: v for k, v in metrics[0].items() if k not in timing | {"devices"}}
         ] * 2
-    files = {
-        item: json.loads((shards / f"{item}.json").read_text())["files"] for item in ("1-of-3", "2-of-3", "3-of-3")
-    }
-    victim = max(files, key=files.get)
-
-    workdir = fresh_copy("killed")
-    out = workdir / "results" / "classify" / "demo"
-    monkeypatch.setenv(ENVIRONMENT, f"classify.shard.{victim}")  # killed after scoring, before its part
-    killed = snakemake(workdir, "--set-scatter", "classify=3", "--keep-going", demo=True)
-    assert killed.returncode != 0
-    assert {p.name for p in (out / "shards").glob("*-of-3.tsv")} == {f"{i}.tsv" for i in files if i != victim}
-    monkeypatch.delenv(ENVIRONMENT)
-
-    plan = snakemake(workdir, "-n", "--set-scatter", "classify=3", demo=True)
-    assert re.search(r"^classify_shard\s+1$", plan.stdout, re.M), plan.stdout  # that shard alone
-    assert planned_jobs(plan) == {"classify_shard", "classify", "all"}
-    rerun = snakemake(workdir, "--set-scatter", "classify=3", demo=True)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert (out / "triage.tsv").read_bytes() == one_job
-    custody = json.loads((out / "custody.json").read_text())
-    assert [s["shard"] for s in custody["shards"]] == ["1-of-3", "2-of-3", "3-of-3"]
-    resumed = json.loads((out / "shards" / f"{victim}.json").read_text())["scoring"]["facts"]
-    assert resumed["images_scored"] == 0 and resumed["images_from_cache"] == files[victim] > 0  # its own cache
-    leftover = [p for p in (workdir / "results" / "cache" / "predictions" / "shards").rglob("*") if p.is_file()]
-    assert not leftover  # every shard's cache merged into the shared one
 
 
 def test_a_big_case_page_lists_the_first_rows_and_says_the_rest_are_in_the_table(tmp_path: Path) -> None:
