@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import stat
@@ -250,6 +251,10 @@ DEMO_JOBS = {
     "classify",
     "all",
 }
+#: The triage shard the shard tests kill (of --set-scatter classify=3): one that has images to
+#: score in the demo's extraction (batches go to shards by content hash; 2-of-3 gets none). The
+#: tests assert that it has, so a change of the demo data that empties it is caught.
+SHARD_VICTIM = "3-of-3"
 DATA_TARGETS = ("results/split/summary.tsv", "results/augment/train_augmented.tsv")
 PROFILE = ("--profile", str(REPO / "profiles" / "demo"))
 DEMO_CONFIG = (str(REPO / "config.yaml"), str(REPO / "profiles" / "demo" / "demo.yaml"))
@@ -323,15 +328,31 @@ def copy_run(workdir: Path, target: Path) -> Path:
     return target
 
 
+def shared_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of this test session that every pytest-xdist worker sees (each has a base
+    temporary folder of its own inside it); without xdist, the session's base folder."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if hasattr(request.config, "workerinput") else base
+
+
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One complete run of the demo profile, shared by the tests that inspect it. A test that
-    changes or reruns anything in it works on a copy (:func:`copy_run`)."""
-    workdir = tmp_path_factory.mktemp("demo_run")
-    start = time.monotonic()
-    result = snakemake(workdir, demo=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {"workdir": workdir, "seconds": time.monotonic() - start}
+def demo_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One complete run of the demo profile, shared by the tests that inspect it, made once per
+    session even with several xdist workers (the first to ask runs it; the others wait for it). A
+    test that changes or reruns anything in it works on a copy (:func:`copy_run`)."""
+    from filelock import FileLock
+
+    root = shared_folder(request, tmp_path_factory)
+    workdir, record = root / "demo_run", root / "demo_run.json"
+    with FileLock(root / "demo_run.lock"):
+        if not record.exists():
+            shutil.rmtree(workdir, ignore_errors=True)  # a run that failed in another worker
+            workdir.mkdir()
+            start = time.monotonic()
+            result = snakemake(workdir, demo=True)
+            assert result.returncode == 0, result.stderr[-3000:]
+            record.write_text(json.dumps({"seconds": time.monotonic() - start}))
+    return {"workdir": workdir, **json.loads(record.read_text())}
 
 
 _CURRENT = {"slow": True}  # whether the running test is in the slow tier
@@ -355,17 +376,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         raise pytest.UsageError(f"tests use the demo run without @pytest.mark.slow: {unmarked}")
 
 
-_MEASURED: list[str] = []
-
-
 @pytest.fixture
-def measured():
-    """Record a measured figure; all of them are printed at the end of the run (and so in CI's log)."""
-    return _MEASURED.append
+def measured(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Record a measured figure; all of them are printed at the end of the run (and so in CI's
+    log). Kept in a file of the session's shared folder, so xdist workers' figures are printed too."""
+    record = shared_folder(request, tmp_path_factory) / "measured.txt"
+
+    def add(line: str) -> None:
+        with open(record, "a", encoding="utf-8") as handle:
+            handle.write(line.replace("\n", " ") + "\n")
+
+    return add
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
-    if _MEASURED:
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    if hasattr(config, "workerinput"):
+        return
+    base = config._tmp_path_factory.getbasetemp()  # the session folder tmp_path_factory gives
+    lines = [line for path in (base / "measured.txt",) if path.exists() for line in path.read_text().splitlines()]
+    if lines:
         terminalreporter.section("measured on this machine")
-        for line in _MEASURED:
+        for line in lines:
             terminalreporter.write_line(line)

@@ -27,7 +27,9 @@ def test_links_point_to_files_of_the_repository(document: Path) -> None:
 
 def test_the_readme_names_the_commands_it_promises() -> None:
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    assert ".venv/bin/snakemake --profile profiles/demo" in text and ".venv/bin/python -m pytest" in text
+    tests = ".venv/bin/python -m pytest -n 2"
+    assert ".venv/bin/snakemake --profile profiles/demo" in text and tests in text
+    assert f"\n{tests}\n" in (REPO / ".ci" / "run").read_text(encoding="utf-8")  # CI runs the README's command
     assert "../shared" not in text
 
 

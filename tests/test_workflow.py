@@ -8,8 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA_TARGETS, DEMO_JOBS, copy_run, image_bytes, planned_jobs, snakemake, tree_hashes, write
-from forensic_vlm.tables import read_tsv
+from conftest import (
+    DATA_TARGETS,
+    DEMO_JOBS,
+    REPO,
+    copy_run,
+    image_bytes,
+    planned_jobs,
+    snakemake,
+    tree_hashes,
+    write,
+)
+from forensic_vlm.tables import read_tsv, write_tsv
 
 
 def test_demo_profile_dry_run_lists_the_data_stages(tmp_path: Path) -> None:
@@ -87,7 +97,7 @@ def test_demo_workflow_runs_end_to_end_and_the_model_learns(demo_run: dict, meas
 def test_only_stale_stages_rerun(demo_run: dict) -> None:
     workdir = demo_run["workdir"]
     assert planned_jobs(snakemake(workdir, "-n", demo=True)) == set()
-    changed_lr = snakemake(workdir, "-n", "--config", "train={'learning_rate': 0.002}", demo=True)
+    changed_lr = snakemake(workdir, "-n", "--config", "train={'learning_rate': 0.003}", demo=True)
     assert planned_jobs(changed_lr) == {
         "train",
         "evaluate_finetuned_shard",
@@ -104,15 +114,32 @@ def test_only_stale_stages_rerun(demo_run: dict) -> None:
     assert planned_jobs(title_only) == {"report", "all"}
 
 
+def with_one_misclassified(demo_run: dict, workdir: Path) -> Path:
+    """A copy of the demo run whose fine-tuned predictions hold one wrong class, so the report's
+    gallery of misclassified images has a thumbnail to show (the demo's model may make none)."""
+    copy_run(demo_run["workdir"], workdir)
+    predictions = workdir / "results" / "evaluate" / "finetuned" / "predictions.tsv"
+    rows = read_tsv(predictions)
+    rows[0]["predicted"] = str((int(rows[0]["true"]) + 1) % 4)
+    write_tsv(predictions, list(rows[0]), rows)
+    return workdir
+
+
 @pytest.mark.slow
 def test_report_page_opens_in_chromium_with_every_figure(demo_run: dict, tmp_path: Path) -> None:
     from report_screenshot import inspect_page, require_chromium
 
+    from forensic_vlm.cli import main
+
     require_chromium()
-    page = demo_run["workdir"] / "results" / "report" / "index.html"
+    results = with_one_misclassified(demo_run, tmp_path / "work") / "results"
+    config = ("--config", str(REPO / "profiles" / "demo" / "demo.yaml"))
+    assert main([*config, "report", "--results", str(results), "--raw-data", str(results / "demo" / "raw_data")]) == 0
+    page = results / "report" / "index.html"
     seen = inspect_page(page, tmp_path / "report.png")
     assert seen["console_errors"] == []
-    assert len(seen["images"]) >= 5 and all(i["complete"] and i["width"] > 0 for i in seen["images"])
+    # Two confusion matrices, the curves, the calibration figure, and the misclassified image.
+    assert len(seen["images"]) == 5 and all(i["complete"] and i["width"] > 0 for i in seen["images"])
     for heading in (
         "Headline",
         "McNemar",
@@ -132,13 +159,14 @@ def test_report_page_opens_in_chromium_with_every_figure(demo_run: dict, tmp_pat
 
 @pytest.mark.slow
 def test_switch_hides_every_image_of_evidence(demo_run: dict, tmp_path: Path) -> None:
-    workdir = copy_run(demo_run["workdir"], tmp_path / "work")
+    workdir = with_one_misclassified(demo_run, tmp_path / "work")
     result = snakemake(
         workdir, "--config", "report={'show_images': False}", "--", "results/report/index.html", demo=True
     )
     assert result.returncode == 0, result.stderr[-2000:]
     text = (workdir / "results" / "report" / "index.html").read_text(encoding="utf-8")
     assert "data:image/jpeg" not in text and "Image content hidden" in text
+    assert "Misclassified by the fine-tuned model (1 of" in text  # there was one to hide
     assert text.count("data:image/png") == 4  # the figures stay: two matrices, curves, calibration
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DEMO_CONFIG, REPO, copy_run
+from conftest import DEMO_CONFIG, REPO, SHARD_VICTIM, copy_run
 from forensic_vlm.faults import ENVIRONMENT
 from forensic_vlm.tables import read_tsv
 
@@ -64,7 +64,8 @@ def cluster_answers() -> bool:
     return result.returncode == 0 and bool(result.stdout.strip())
 
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+# One cluster: its tests run one after the other, on one pytest-xdist worker when there are several.
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.xdist_group("slurm")]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -193,7 +194,7 @@ def test_three_shard_jobs_merge_to_the_local_triage_and_a_cancelled_shard_is_res
     workdir = tmp_path / "work"
     copy_run(demo_run["workdir"], workdir)
     shutil.rmtree(workdir / "results" / "cache" / "predictions")  # the shards must score, not look up
-    victim = "2-of-3"
+    victim = SHARD_VICTIM
     out = workdir / "results" / "classify" / "demo"
     command_log = tmp_path / "submit.log"
     # The victim stops itself once it has scored (its rows in its own cache, its part not written),
@@ -252,6 +253,7 @@ def test_three_shard_jobs_merge_to_the_local_triage_and_a_cancelled_shard_is_res
     resumed = json.loads((out / "shards" / f"{victim}.json").read_text())
     assert resumed["job_id"] == dict((w, j) for r, w, j in again if r == "classify_shard")[f"demo_{victim}"]
     assert resumed["scoring"]["facts"]["images_scored"] == 0  # it went on from its own cache
+    assert resumed["scoring"]["facts"]["images_from_cache"] == resumed["files"] > 0  # which held its work
     custody = json.loads((out / "custody.json").read_text())
     assert {s["job_id"] for s in custody["shards"]} == {
         *(job for w, job in first.items() if w != f"demo_{victim}"),
