@@ -126,22 +126,62 @@ def repository_raw_data_untouched() -> Iterator[None]:
     assert (tree_hashes(root) if root.exists() else {}) == before, "the tests wrote under raw_data/"
 
 
+#: Where the tiny model is kept between test sessions (FORENSIC_VLM_TEST_CACHE overrides).
+TEST_CACHE = Path(os.environ.get("FORENSIC_VLM_TEST_CACHE", Path.home() / ".cache" / "forensic-vlm" / "tests"))
+
+
+def tiny_model_key(config) -> str:
+    """What the tiny model's files depend on: its settings, the code that builds it, the library
+    versions that write it, and the tokenizer it is given."""
+    import dataclasses
+    import hashlib
+    import importlib.metadata
+
+    import forensic_vlm.demo_model
+
+    parts = [
+        json.dumps(dataclasses.asdict(config), sort_keys=True),
+        Path(forensic_vlm.demo_model.__file__).read_text(encoding="utf-8"),
+        *(importlib.metadata.version(name) for name in ("transformers", "torch", "safetensors", "tokenizers")),
+        os.environ.get("FORENSIC_VLM_TEST_TOKENIZER", ""),
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo's tiny random LLaVA-NeXT, saved and loaded like any real checkpoint.
 
-    On the device machine, which lacks mistral-common, FORENSIC_VLM_TEST_TOKENIZER names a saved
-    processor folder whose (identical, real) tokenizer is used instead.
+    Built once and kept in TEST_CACHE under a key of everything it depends on; a cached copy is
+    used only if every file matches the SHA256SUMS written with it, and each session works on a
+    copy of its own. On the device machine, which lacks mistral-common, FORENSIC_VLM_TEST_TOKENIZER
+    names a saved processor folder whose (identical, real) tokenizer is used instead.
     """
+    from filelock import FileLock
+
     from forensic_vlm.config import DemoModelConfig
     from forensic_vlm.demo_model import build_demo_model
+    from forensic_vlm.errors import ForensicVlmError
+    from forensic_vlm.integrity import LISTING, read_listing, verify, write_listing
 
-    tokenizer = None
-    if os.environ.get("FORENSIC_VLM_TEST_TOKENIZER"):
-        from transformers import AutoTokenizer
+    config = DemoModelConfig()
+    cached = TEST_CACHE / f"tiny-model-{tiny_model_key(config)}"
+    TEST_CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(TEST_CACHE / f"{cached.name}.lock"):
+        try:
+            verify(cached, read_listing(cached / LISTING), str(cached / LISTING))
+        except ForensicVlmError:  # not built yet, or damaged: built again
+            shutil.rmtree(cached, ignore_errors=True)
+            tokenizer = None
+            if os.environ.get("FORENSIC_VLM_TEST_TOKENIZER"):
+                from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(os.environ["FORENSIC_VLM_TEST_TOKENIZER"])
-    return build_demo_model(tmp_path_factory.mktemp("model") / "tiny", DemoModelConfig(), tokenizer)
+                tokenizer = AutoTokenizer.from_pretrained(os.environ["FORENSIC_VLM_TEST_TOKENIZER"])
+            build_demo_model(cached, config, tokenizer)
+            write_listing(cached)
+    model = tmp_path_factory.mktemp("model") / "tiny"
+    shutil.copytree(cached, model, ignore=shutil.ignore_patterns(LISTING))
+    return model
 
 
 @pytest.fixture(scope="session")

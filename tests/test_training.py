@@ -16,6 +16,7 @@ from conftest import FAST, model_config, training_batch
 from forensic_vlm.batches import MODEL_INPUTS
 from forensic_vlm.config import DEFAULT_CLASSES, EvaluateConfig, TrainConfig
 from forensic_vlm.evaluate import evaluate_split
+from forensic_vlm.lightning_module import answer_loss
 from forensic_vlm.modeling import add_lora, load_base_model
 from forensic_vlm.tables import read_tsv
 from forensic_vlm.train import load_training_data, train_adapter
@@ -41,18 +42,19 @@ def test_training_steps_lower_the_loss_and_touch_only_lora(tiny_model: Path, tin
             type(model.base_model.model.model.language_model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
         )
         assert type(model.base_model.model.model.vision_tower.encoder.layers[0].mlp.fc1).__name__ == "Linear"
-    inputs = {k: batch[k] for k in (*MODEL_INPUTS, "labels")}
+    # The loss training uses: the answer's logits only (test_training_plan.py checks that it equals
+    # the model's own loss), not the 32,064-way logits of every position.
+    inputs = {k: batch[k] for k in MODEL_INPUTS}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
-    first = model(**inputs).loss
-    losses = [first.item()]
+    losses = []
     for _ in range(8):
         optimizer.zero_grad()
-        loss = model(**inputs).loss
+        loss = answer_loss(model, inputs, batch["labels"])
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    final = model(**inputs).loss.item()
+    final = answer_loss(model, inputs, batch["labels"]).item()
     assert final < losses[0] - 0.05, losses
 
 
