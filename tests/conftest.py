@@ -165,9 +165,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from forensic_vlm.integrity import LISTING, read_listing, verify, write_listing
 
     config = DemoModelConfig()
-    cached = TEST_CACHE / f"tiny-model-{tiny_model_key(config)}"
-    TEST_CACHE.mkdir(parents=True, exist_ok=True)
-    with FileLock(TEST_CACHE / f"{cached.name}.lock"):
+    cache = TEST_CACHE
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable home: kept for this session only
+        cache = tmp_path_factory.getbasetemp()
+    cached = cache / f"tiny-model-{tiny_model_key(config)}"
+    with FileLock(cache / f"{cached.name}.lock"):
         try:
             verify(cached, read_listing(cached / LISTING), str(cached / LISTING))
         except ForensicVlmError:  # not built yet, or damaged: built again

@@ -1,4 +1,4 @@
-"""The package's command line (and Snakemake's) in processes of their own, started warm.
+"""The package's command line in processes of their own, started warm.
 
 A fresh ``python -m forensic_vlm train`` spends 5-10 s of a 2-core CPU importing torch,
 transformers and Lightning before it reads its first argument, and the fault and resume tests start
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,6 @@ PRELOAD = [
     "forensic_vlm.train",
     "transformers.models.llava_next",
     "peft",
-    "snakemake.cli",
 ]
 
 _context = None
@@ -48,7 +48,7 @@ def _server():
     return _context
 
 
-def _child(program: str, argv: list[str], environment: dict[str, str], cwd: str, out: str, err: str) -> None:
+def _child(argv: list[str], environment: dict[str, str], cwd: str, out: str, err: str) -> None:
     """Runs in the forked child: the command's environment, directory and output files, then its main."""
     os.environ.clear()
     os.environ.update(environment)
@@ -59,11 +59,7 @@ def _child(program: str, argv: list[str], environment: dict[str, str], cwd: str,
         os.close(handle)
     sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False, buffering=1)  # noqa: SIM115
     sys.stderr = open(2, "w", encoding="utf-8", errors="replace", closefd=False, buffering=1)  # noqa: SIM115
-    sys.argv = [program, *argv]
-    if program == "snakemake":
-        from snakemake.cli import main as snakemake_main
-
-        snakemake_main(argv)  # exits
+    sys.argv = ["forensic-vlm", *argv]
     from forensic_vlm.cli import main
 
     sys.exit(main(argv))
@@ -73,13 +69,13 @@ class WarmProcess:
     """A started command: ``pid``, ``poll()``, ``wait()``, ``kill()`` as subprocess.Popen has them,
     and ``result()`` for its exit status and output once it has ended."""
 
-    def __init__(self, program: str, argv: list[str], env: dict[str, str] | None, cwd: Path | None) -> None:
-        self.args = [program, *argv]
+    def __init__(self, argv: list[str], env: dict[str, str] | None, cwd: Path | None) -> None:
+        self.args = ["forensic-vlm", *argv]
         self._output = Path(tempfile.mkdtemp(prefix="warm-process-"))
         environment = dict(os.environ if env is None else env)
         self._process = _server().Process(
             target=_child,
-            args=(program, argv, environment, str(cwd or Path.cwd()), *self._paths()),
+            args=(argv, environment, str(cwd or Path.cwd()), *self._paths()),
             daemon=False,
         )
         self._process.start()
@@ -104,19 +100,15 @@ class WarmProcess:
         out, err = (
             Path(p).read_text(encoding="utf-8", errors="replace") if Path(p).exists() else "" for p in self._paths()
         )
+        shutil.rmtree(self._output, ignore_errors=True)
         return subprocess.CompletedProcess(self.args, code, out, err)
 
 
 def start(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> WarmProcess:
     """``forensic-vlm <argv>`` in a warm child process."""
-    return WarmProcess("forensic-vlm", list(argv), env, cwd)
+    return WarmProcess(list(argv), env, cwd)
 
 
 def run(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``forensic-vlm <argv>`` in a warm child process, to its end (returncode -9: SIGKILL)."""
     return start(argv, env=env, cwd=cwd).result()
-
-
-def run_snakemake(argv: list[str], *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``snakemake <argv>`` in a warm child process, to its end."""
-    return WarmProcess("snakemake", list(argv), env, None).result()
