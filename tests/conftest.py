@@ -420,11 +420,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         raise pytest.UsageError(f"tests use the demo run without @pytest.mark.slow: {unmarked}")
 
 
+MEASURED = "measured.txt"  # in the session's shared folder
+
+
 @pytest.fixture
 def measured(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """Record a measured figure; all of them are printed at the end of the run (and so in CI's
     log). Kept in a file of the session's shared folder, so xdist workers' figures are printed too."""
-    record = shared_folder(request, tmp_path_factory) / "measured.txt"
+    record = shared_folder(request, tmp_path_factory) / MEASURED
 
     def add(line: str) -> None:
         with open(record, "a", encoding="utf-8") as handle:
@@ -436,8 +439,9 @@ def measured(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 def pytest_terminal_summary(terminalreporter, config) -> None:
     if hasattr(config, "workerinput"):
         return
-    base = config._tmp_path_factory.getbasetemp()  # the session folder tmp_path_factory gives
-    lines = [line for path in (base / "measured.txt",) if path.exists() for line in path.read_text().splitlines()]
+    # The controller's (or the only) session folder: the shared folder the workers wrote into.
+    record = config._tmp_path_factory.getbasetemp() / MEASURED
+    lines = record.read_text(encoding="utf-8").splitlines() if record.exists() else []
     if lines:
         terminalreporter.section("measured on this machine")
         for line in lines:

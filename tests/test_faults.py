@@ -3,9 +3,9 @@ uninterrupted run of the same command.
 
 ``FORENSIC_VLM_KILL_AT`` (forensic_vlm.faults) makes the stage kill itself at a fault point, so
 each kill lands exactly where the table says. Each stage runs as ``forensic-vlm`` in a process of
-its own, forked from a server that has imported torch and the package once (tests/warm_processes.py). The rerun must give the uninterrupted run's
-outputs: tables and predictions byte for byte, metrics apart from timings, the adapter byte for
-byte on the CPU. docs/reliability.md lists these faults and their outcome on the 2-core CPU.
+its own, forked from a server that has imported torch and the package once
+(tests/warm_processes.py). The rerun must give the uninterrupted run's outputs: tables and
+predictions byte for byte, metrics apart from timings, the adapter byte for byte on the CPU. docs/reliability.md lists these faults and their outcome on the 2-core CPU.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ DDP ranks).
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import shutil
@@ -37,15 +38,13 @@ PRELOAD = [
     "peft",
 ]
 
-_context = None
 
-
+@functools.cache
 def _server():
-    global _context
-    if _context is None:
-        _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(PRELOAD)
-    return _context
+    """The forkserver context, started by its first process with PRELOAD imported."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
 
 
 def _child(argv: list[str], environment: dict[str, str], cwd: str, out: str, err: str) -> None:
