@@ -474,7 +474,7 @@ def answer_position(model_dir: Path, examples: list, dtype: torch.dtype) -> tupl
     with the model loaded in ``dtype`` (float32 with TF32 products: the more precise yardstick)."""
     from transformers import LlavaNextForConditionalGeneration
 
-    from forensic_vlm.batches import MODEL_INPUTS, Collator
+    from forensic_vlm.batches import Collator, model_inputs
     from forensic_vlm.decoding import class_probabilities, to_device
     from forensic_vlm.images import load_checked_image
     from forensic_vlm.modeling import load_processor
@@ -485,7 +485,7 @@ def answer_position(model_dir: Path, examples: list, dtype: torch.dtype) -> tupl
     model.eval()
     processor = load_processor(model_dir)
     prompt = build_prompt(processor, REFERENCE_QUESTION)
-    answer = answer_tokens(processor.tokenizer, prompt, [0, 1, 2, 3])
+    answer = answer_tokens(processor, REFERENCE_QUESTION, [0, 1, 2, 3])
     collate = Collator(processor, prompt, answer, labels=[0, 1, 2, 3], mode="score")
     states: list[torch.Tensor] = []
     probabilities: list[torch.Tensor] = []
@@ -496,7 +496,7 @@ def answer_position(model_dir: Path, examples: list, dtype: torch.dtype) -> tupl
         with torch.no_grad():
             for i in range(0, len(examples), 4):
                 batch = collate([(j, load_checked_image(e.path, e.sha256)) for j, e in enumerate(examples[i : i + 4])])
-                inputs = to_device({k: batch[k] for k in MODEL_INPUTS}, device, dtype)
+                inputs = to_device(model_inputs(batch), device, dtype)
                 probabilities.append(class_probabilities(model, inputs, answer.class_ids).cpu())
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -608,7 +608,7 @@ def write_class_rows(model_dir: Path, rows: torch.Tensor) -> None:
     tensors = load_file(str(shard))
     weight = tensors[name]
     processor = load_processor(model_dir)
-    class_ids = answer_tokens(processor.tokenizer, build_prompt(processor, REFERENCE_QUESTION), [0, 1, 2, 3]).class_ids
+    class_ids = answer_tokens(processor, REFERENCE_QUESTION, [0, 1, 2, 3]).class_ids
     weight[list(class_ids)] = rows.to(weight.dtype)
     save_file(tensors, str(shard), metadata={"format": "pt"})
     # The model as scoring loads it must answer with these rows. Matching lm_head by its exact
@@ -975,15 +975,16 @@ def _add_agreement(result: dict, root: Path) -> None:
 def _add_derived(result: dict, sizes, processor_source) -> None:
     """Tokens/s and model FLOP utilisation: 2 x parameters x tokens per forward pass, against the
     datasheet's dense bf16 rate and against the matrix product measured in this run."""
+    from forensic_vlm.config import ModelConfig
     from forensic_vlm.modeling import load_processor
     from forensic_vlm.prompting import TokenCounter, answer_tokens, build_prompt
 
     measured = result["runs"].get("matmul_ceiling", {}).get("TFLOP_per_s")
     means = {}
     for cap in (None, 2):
-        processor = load_processor(processor_source, cap)
+        processor = load_processor(processor_source, ModelConfig(name_or_path=str(processor_source), max_tiles=cap))
         prompt = build_prompt(processor, REFERENCE_QUESTION)
-        counter = TokenCounter(processor, prompt, answer_tokens(processor.tokenizer, prompt, [0, 1, 2, 3]))
+        counter = TokenCounter(processor, prompt, answer_tokens(processor, REFERENCE_QUESTION, [0, 1, 2, 3]))
         means[cap] = float(np.mean([counter(*s) for s in sizes]))
     result["mean_tokens_per_image"] = {"all tiles": round(means[None], 1), "max_tiles 2": round(means[2], 1)}
     parameters = result["parameters"]

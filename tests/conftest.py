@@ -231,7 +231,7 @@ def training_batch(tiny_model: Path, tiny_dataset: dict, every: int) -> dict:
     labels = [0, 1, 2, 3]
     processor = load_processor(tiny_model)
     prompt = build_prompt(processor, REFERENCE_QUESTION)
-    answer = answer_tokens(processor.tokenizer, prompt, labels)
+    answer = answer_tokens(processor, REFERENCE_QUESTION, labels)
     examples = examples_from_table(read_tsv(tiny_dataset["train"]), tiny_dataset["raw_data"])[::every]
     items = [(i, load_checked_image(e.path, e.sha256)) for i, e in enumerate(examples)]
     return Collator(processor, prompt, answer, labels=labels, mode="train")(items, [e.label for e in examples])

@@ -39,9 +39,9 @@ def test_capped_processor_and_model_agree_and_use_fewer_tokens(tiny_model: Path)
     image = Image.new("RGB", (300, 290), "white")  # near square: the 2x2 grid when uncapped
     counts = {}
     for cap in (None, 2):
-        processor = load_processor(tiny_model, cap)
+        processor = load_processor(tiny_model, ModelConfig(name_or_path=str(tiny_model), max_tiles=cap))
         prompt = build_prompt(processor, REFERENCE_QUESTION)
-        counts[cap] = TokenCounter(processor, prompt, answer_tokens(processor.tokenizer, prompt, LABELS))(*image.size)
+        counts[cap] = TokenCounter(processor, prompt, answer_tokens(processor, REFERENCE_QUESTION, LABELS))(*image.size)
         model = load_base_model(
             ModelConfig(name_or_path=str(tiny_model), quantization="none", device="cpu", max_tiles=cap),
             torch.device("cpu"),
@@ -54,7 +54,7 @@ def test_capped_processor_and_model_agree_and_use_fewer_tokens(tiny_model: Path)
     uncapped = load_base_model(
         ModelConfig(name_or_path=str(tiny_model), quantization="none", device="cpu"), torch.device("cpu")
     ).eval()
-    processor = load_processor(tiny_model, 2)
+    processor = load_processor(tiny_model, ModelConfig(name_or_path=str(tiny_model), max_tiles=2))
     inputs = processor(text=[build_prompt(processor, REFERENCE_QUESTION)], images=[image], return_tensors="pt")
     with pytest.raises(Exception, match=r"(?i)token|feature|shape|size"), torch.no_grad():
         uncapped(**inputs)

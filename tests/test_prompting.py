@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from forensic_vlm.batches import MODEL_INPUTS, Collator
+from forensic_vlm.batches import Collator, model_inputs
 from forensic_vlm.config import REFERENCE_QUESTION, DemoModelConfig
 from forensic_vlm.demo_model import build_processor
 from forensic_vlm.modeling import load_processor
@@ -41,24 +41,24 @@ def test_prompt_follows_the_models_chat_template_and_tokenizes_as_mistral(proces
 
 def test_the_digit_comes_after_a_space_token_and_each_class_has_its_own(processor) -> None:
     prompt = build_prompt(processor, REFERENCE_QUESTION)
-    answer = answer_tokens(processor.tokenizer, prompt, LABELS)
+    answer = answer_tokens(processor, REFERENCE_QUESTION, LABELS)
     tokenizer = processor.tokenizer
     assert tokenizer.convert_ids_to_tokens(list(answer.prefix)) == ["▁"]
     assert tokenizer.convert_ids_to_tokens(list(answer.class_ids)) == ["0", "1", "2", "3"]
-    assert answer.eos == tokenizer.eos_token_id == 2
+    assert answer.suffix == (tokenizer.eos_token_id,) == (2,)
     assert tokenizer(f"{prompt} 2")["input_ids"][-2:] == [*answer.prefix, answer.class_ids[2]]
 
 
 def test_only_the_answer_tokens_carry_labels_and_padding_is_on_the_left(processor) -> None:
     prompt = build_prompt(processor, REFERENCE_QUESTION)
-    answer = answer_tokens(processor.tokenizer, prompt, LABELS)
+    answer = answer_tokens(processor, REFERENCE_QUESTION, LABELS)
     collate = Collator(processor, prompt, answer, labels=LABELS, mode="train")
     batch = collate([(0, noise(112, 56)), (1, noise(56, 56, 1))], targets=[3, 1])  # different lengths
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     assert ids.shape == labels.shape == mask.shape
     for row, target in enumerate([3, 1]):
         carried = labels[row][labels[row] != -100].tolist()
-        assert carried == [*answer.prefix, answer.class_ids[target], answer.eos]
+        assert carried == [*answer.prefix, answer.class_ids[target], *answer.suffix]
         assert ids[row, -3:].tolist() == carried and (labels[row, :-3] == -100).all()
     short = int(mask.sum(dim=1).argmin())
     assert mask[short, 0] == 0 and ids[short, 0] == processor.tokenizer.pad_token_id  # left padded
@@ -71,13 +71,13 @@ def test_the_scored_position_is_the_last_and_ends_with_the_space_token(processor
     from forensic_vlm.decoding import class_probabilities
 
     prompt = build_prompt(processor, REFERENCE_QUESTION)
-    answer = answer_tokens(processor.tokenizer, prompt, LABELS)
+    answer = answer_tokens(processor, REFERENCE_QUESTION, LABELS)
     batch = Collator(processor, prompt, answer, labels=LABELS, mode="score")(
         [(0, noise(112, 56)), (1, noise(56, 56, 1))], [0, 0]
     )
     assert (batch["input_ids"][:, -1] == answer.prefix[-1]).all()
     model = LlavaNextForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    inputs = {k: batch[k] for k in MODEL_INPUTS}
+    inputs = model_inputs(batch)
     probabilities = class_probabilities(model, inputs, answer.class_ids)
     with torch.no_grad():
         full = model(**inputs).logits[:, -1, list(answer.class_ids)]
@@ -88,7 +88,7 @@ def test_the_scored_position_is_the_last_and_ends_with_the_space_token(processor
 @pytest.mark.parametrize("size", [(360, 780), (780, 360), (512, 288), (400, 300), (360, 360), (40, 90)])
 def test_token_count_matches_the_processor_on_real_images(processor, size: tuple[int, int]) -> None:
     prompt = build_prompt(processor, REFERENCE_QUESTION)
-    answer = answer_tokens(processor.tokenizer, prompt, LABELS)
+    answer = answer_tokens(processor, REFERENCE_QUESTION, LABELS)
     counter = TokenCounter(processor, prompt, answer)
     encoded = processor(text=[prompt], images=[noise(*size)])
     assert counter(*size) == len(encoded["input_ids"][0]) + 3
@@ -99,7 +99,7 @@ def test_full_size_geometry_expands_as_the_real_model() -> None:
     measured: +20 tokens for portrait over landscape 16:9, +372 more for 4:3, +588 more for square."""
     processor = build_processor(DemoModelConfig(image_size=336))
     prompt = build_prompt(processor, REFERENCE_QUESTION)
-    counter = TokenCounter(processor, prompt, answer_tokens(processor.tokenizer, prompt, LABELS))
+    counter = TokenCounter(processor, prompt, answer_tokens(processor, REFERENCE_QUESTION, LABELS))
     landscape, portrait, photo, square = (counter(*s) for s in [(1920, 1080), (1080, 1920), (1280, 960), (800, 800)])
     assert (portrait - landscape, photo - portrait, square - photo) == (20, 372, 588)
     assert 2000 < landscape < portrait < photo < square < 3100
@@ -107,7 +107,7 @@ def test_full_size_geometry_expands_as_the_real_model() -> None:
 
 def test_preflight_stops_naming_the_image_instead_of_truncating(processor) -> None:
     prompt = build_prompt(processor, REFERENCE_QUESTION)
-    counter = TokenCounter(processor, prompt, answer_tokens(processor.tokenizer, prompt, LABELS))
+    counter = TokenCounter(processor, prompt, answer_tokens(processor, REFERENCE_QUESTION, LABELS))
     ok = counter(360, 780)
     assert preflight(counter, [("a.jpg", 360, 780)], limit=ok) == [ok]
     with pytest.raises(PreflightError, match=r"2_x/big\.png: a 360x360 image expands to \d+ tokens"):

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from conftest import FAST, model_config, training_batch
-from forensic_vlm.batches import MODEL_INPUTS
+from forensic_vlm.batches import model_inputs
 from forensic_vlm.config import DEFAULT_CLASSES, EvaluateConfig, TrainConfig
 from forensic_vlm.evaluate import evaluate_split
 from forensic_vlm.lightning_module import answer_loss
@@ -44,7 +44,7 @@ def test_training_steps_lower_the_loss_and_touch_only_lora(tiny_model: Path, tin
         assert type(model.base_model.model.model.vision_tower.encoder.layers[0].mlp.fc1).__name__ == "Linear"
     # The loss training uses: the answer's logits only (test_training_plan.py checks that it equals
     # the model's own loss), not the 32,064-way logits of every position.
-    inputs = {k: batch[k] for k in MODEL_INPUTS}
+    inputs = model_inputs(batch)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     losses = []

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import FAST, model_config, training_batch
-from forensic_vlm.batches import MODEL_INPUTS
+from forensic_vlm.batches import model_inputs
 from forensic_vlm.config import REFERENCE_QUESTION, EvaluateConfig, ModelConfig, TrainConfig
 from forensic_vlm.errors import ConfigError, DeviceError
 from forensic_vlm.kernels import fused_kernels_wanted, require_fp8
@@ -94,7 +94,7 @@ def test_answer_loss_equals_the_models_own_loss_from_the_answer_logits_only(tiny
     model = add_lora(
         load_base_model(model_config(tiny_model), CPU), TrainConfig(**FAST), quantized=False, checkpointed_layers=0
     ).eval()  # no dropout: both losses from the same function
-    inputs = {k: batch[k] for k in MODEL_INPUTS}
+    inputs = model_inputs(batch)
     answer_length = int((batch["labels"] != -100).any(dim=0).sum())
     kept = []
     model.register_forward_hook(lambda module, args, out: kept.append(out.logits.shape[1]))
@@ -123,7 +123,7 @@ def test_vision_tower_keeps_no_graph_and_only_the_chosen_layers_recompute(
     base = model.get_base_model().model
     base.vision_tower.register_forward_hook(lambda m, a, out: seen.update(vision=out.pooler_output.requires_grad))
     base.multi_modal_projector.register_forward_hook(lambda m, a, out: seen.update(projector=out.requires_grad))
-    loss = answer_loss(model, {k: batch[k] for k in MODEL_INPUTS}, batch["labels"])
+    loss = answer_loss(model, model_inputs(batch), batch["labels"])
     loss.backward()
     assert seen == {"vision": False, "projector": False}
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
@@ -134,7 +134,7 @@ def test_vision_tower_keeps_no_graph_and_only_the_chosen_layers_recompute(
         quantized=False,
         checkpointed_layers=checkpointed,
     )
-    answer_loss(trained, {k: batch[k] for k in MODEL_INPUTS}, batch["labels"]).backward()
+    answer_loss(trained, model_inputs(batch), batch["labels"]).backward()
     projector = [p for n, p in trained.named_parameters() if "multi_modal_projector" in n and p.requires_grad]
     assert projector and all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector)
 
@@ -165,8 +165,8 @@ def test_an_adapter_merged_for_scoring_gives_the_same_probabilities(tiny_model: 
 
     batch = training_batch(tiny_model, tiny_dataset, 4)
     processor = load_processor(tiny_model)
-    answer = answer_tokens(processor.tokenizer, build_prompt(processor, REFERENCE_QUESTION), LABELS)
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k != "labels"}
+    answer = answer_tokens(processor, REFERENCE_QUESTION, LABELS)
+    inputs = model_inputs(batch)
     with torch.no_grad():
         unmerged = load_adapter(load_base_model(model_config(tiny_model), CPU), trained["adapter"]).eval()
         expected = class_probabilities(unmerged, inputs, answer.class_ids)
@@ -236,9 +236,9 @@ def test_compiled_decoder_layers_share_one_graph_across_layers_and_lengths(tiny_
 
     batch = training_batch(tiny_model, tiny_dataset, 4)
     processor = load_processor(tiny_model)
-    answer = answer_tokens(processor.tokenizer, build_prompt(processor, REFERENCE_QUESTION), LABELS)
+    answer = answer_tokens(processor, REFERENCE_QUESTION, LABELS)
     model = load_base_model(model_config(tiny_model), CPU).eval()
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k != "labels"}
+    inputs = model_inputs(batch)
     with torch.no_grad():
         eager = class_probabilities(model, inputs, answer.class_ids)
     torch._dynamo.reset()

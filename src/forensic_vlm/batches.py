@@ -1,7 +1,8 @@
 """Examples, token-grouped batches, and the collator that turns images into model inputs.
 
-Batches hold images of the same expanded length where possible (LLaVA-NeXT's token count depends
-on the aspect ratio), so left padding wastes little. Images are decoded and preprocessed in
+Batches hold images of the same expanded length where possible (an image's token count depends on
+its size: LLaVA-NeXT's anyres grid, Qwen's pixel budget, Idefics3's splitting), so left padding
+wastes little. Images are decoded and preprocessed in
 DataLoader workers. Every image is checked against its sha256 when it is read.
 """
 
@@ -20,8 +21,15 @@ from forensic_vlm.prompting import AnswerTokens
 # Re-exported: the examples of a table are read in modules that never import torch.
 from forensic_vlm.tables import Example, examples_from_table  # noqa: F401
 
-#: The tensors a batch gives the model (the processor's output for LLaVA-NeXT).
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+#: What a batch carries for the pipeline, not for the model; the rest is the processor's output
+#: (input_ids, attention_mask, pixel_values, and per architecture image_sizes, image_grid_thw,
+#: pixel_attention_mask, token_type_ids or mm_token_type_ids).
+BOOKKEEPING = ("indices", "targets", "labels")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The tensors of a batch that the model takes."""
+    return {key: value for key, value in batch.items() if key not in BOOKKEEPING}
 
 
 def read_example(example: Example) -> bytes | None:
@@ -118,7 +126,7 @@ class Collator:
         indices = [index for index, _ in items]
         images = [image for _, image in items]
         encoded = self.processor(text=[self.prompt] * len(images), images=images, padding=True, return_tensors="pt")
-        batch = {key: encoded[key] for key in MODEL_INPUTS}
+        batch = dict(encoded)
         batch["indices"] = torch.tensor(indices)
         if self.mode == "generate":
             return batch
@@ -128,6 +136,11 @@ class Collator:
             assert targets is not None
             tails = [self.answer.for_label(self.position[t]) for t in targets]
         tail = torch.tensor(tails, dtype=batch["input_ids"].dtype).reshape(len(images), -1)
+        for key, value in batch.items():
+            # Per-token tensors beside the ids (Gemma's token_type_ids, Qwen's mm_token_type_ids)
+            # mark image positions: the answer's tokens are text, 0.
+            if key not in ("input_ids", "attention_mask", "indices") and value.shape == batch["input_ids"].shape:
+                batch[key] = torch.cat([value, torch.zeros_like(tail, dtype=value.dtype)], dim=1)
         batch["input_ids"] = torch.cat([batch["input_ids"], tail], dim=1)
         batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(tail)], dim=1)
         if self.mode == "train":

@@ -77,7 +77,14 @@ class ModelConfig:
     """Preflight limit: an image whose prompt expands to more tokens stops the run, naming it."""
     max_tiles: int | None = None
     """Cap on anyres tiles (besides the overview tile): only grid shapes of at most this many tiles
-    are used, fewer tokens per image for speed. null: every shape the model knows (the reference)."""
+    are used, fewer tokens per image for speed. null: every shape the model knows (the reference).
+    Only for architectures that tile (LLaVA-NeXT, LLaVA-OneVision); a named error for the others."""
+    min_pixels: int | None = None
+    """Qwen2.5-VL and Qwen3-VL: images with fewer pixels are scaled up to this many. null: the
+    checkpoint's own setting. A named error for architectures that do not resize by pixel count."""
+    max_pixels: int | None = None
+    """Qwen2.5-VL and Qwen3-VL: images with more pixels are scaled down to this many, so fewer tokens
+    (one per 28x28 pixels). null: the checkpoint's own setting (12,845,056 for Qwen2.5-VL)."""
     files_sha256: str | None = None
     """A SHA256SUMS listing, or an earlier run's custody.json, that the model's files must match
     before they are used; null: the files are hashed and recorded, not checked against a record."""
@@ -87,6 +94,11 @@ class ModelConfig:
             raise ConfigError("model.max_sequence_tokens must be at least 16")
         if self.max_tiles is not None and self.max_tiles < 1:
             raise ConfigError("model.max_tiles must be at least 1, or null for no cap")
+        for key in ("min_pixels", "max_pixels"):
+            if getattr(self, key) is not None and getattr(self, key) < 28 * 28:
+                raise ConfigError(f"model.{key} must be at least 784 (one 28x28 patch), or null")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ConfigError("model.min_pixels must not be larger than model.max_pixels")
 
 
 @dataclass(frozen=True)
@@ -193,14 +205,18 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class DemoModelConfig:
+    architecture: Literal["llava_next", "qwen2_5_vl", "idefics3"] = "llava_next"
+    """Which architecture the tiny model is: llava_next (CLIP + Mistral, the reference's), qwen2_5_vl
+    (Qwen2.5-VL's vision transformer and dynamic resolution), idefics3 (SigLIP + Llama, SmolVLM's)."""
     vision_hidden_size: int = 64
-    """Width of the tiny CLIP vision tower."""
+    """Width of the tiny vision tower."""
     text_hidden_size: int = 128
-    """Width of the tiny Mistral language model."""
+    """Width of the tiny language model."""
     num_layers: int = 2
     """Layers in each of the two towers."""
     image_size: int = 56
-    """Tile size in pixels (patch 14); anyres grid pinpoints are multiples of it."""
+    """Tile size in pixels (patch 14): LLaVA-NeXT's anyres grid pinpoints are multiples of it,
+    Idefics3 splits into tiles of it, and Qwen2.5-VL's pixel budget is (2 x image_size)^2."""
     seed: int = 0
     """Seed of the random initialisation."""
 

@@ -13,15 +13,17 @@ from collections.abc import Sequence
 
 import torch
 
-from forensic_vlm.batches import MODEL_INPUTS
+from forensic_vlm.batches import model_inputs
 
 UNPARSED = -1  # the reference's "drug mentioned but no class" answer; always counted wrong
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    moved = {key: batch[key].to(device) for key in MODEL_INPUTS}
-    moved["pixel_values"] = moved["pixel_values"].to(dtype)
-    return moved
+    """The model's inputs of ``batch`` on ``device``, the pixels (every float tensor) in ``dtype``."""
+    return {
+        key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
+        for key, value in model_inputs(batch).items()
+    }
 
 
 @torch.no_grad()

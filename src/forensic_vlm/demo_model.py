@@ -1,6 +1,7 @@
-"""Stage ``demo_model``: a tiny, randomly initialised LLaVA-NeXT saved like a real checkpoint.
+"""Stage ``demo_model``: a tiny, randomly initialised model saved like a real checkpoint.
 
-Same classes as the real model (CLIP vision tower, anyres tiling, Mistral language model), the
+``demo_model.architecture`` picks it: LLaVA-NeXT (here) or Qwen2.5-VL and Idefics3
+(``forensic_vlm.models.tiny``). The LLaVA-NeXT one has the same classes as the real model (CLIP vision tower, anyres tiling, Mistral language model), the
 real Mistral-7B tokenizer (shipped inside the ``mistral-common`` wheel) with ``<image>`` = 32000 and
 ``<pad>`` = 32001 added, and the real model's chat template. The workflow then loads it by path
 with ``from_pretrained``, exactly as it loads the 7B model.
@@ -125,8 +126,15 @@ def build_model(config: DemoModelConfig, vocab_size: int):
 
 
 def build_demo_model(out_dir: Path, config: DemoModelConfig, tokenizer=None) -> Path:
-    """Write a tiny random LLaVA-NeXT (safetensors) and its processor to ``out_dir``."""
+    """Write the tiny random model of ``config.architecture`` (safetensors) and its processor to
+    ``out_dir``. ``tokenizer``: LLaVA-NeXT's, instead of the real Mistral one (tests)."""
     out_dir = Path(out_dir)
+    if config.architecture != "llava_next":
+        from forensic_vlm.models.tiny import save_tiny
+
+        parameters, _ = save_tiny(out_dir, config)
+        log.info("demo model: %s, %.1f M parameters written to %s", config.architecture, parameters / 1e6, out_dir)
+        return out_dir
     processor = build_processor(config, tokenizer)
     # The real checkpoint pads its embedding to 32064 rows (a multiple of 64); so does this one.
     model = build_model(config, vocab_size=32064)

@@ -58,3 +58,7 @@ class ContainerError(ForensicVlmError, ValueError):
 
 class ContainerIntegrityError(IntegrityError):
     """An evidence container's media data does not match the hash stored in it, or cannot be read whole."""
+
+
+class UnsupportedModelError(ForensicVlmError, ValueError):
+    """A checkpoint's architecture is not one the pipeline supports; the message lists those it does."""

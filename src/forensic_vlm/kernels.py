@@ -22,10 +22,20 @@ SPEED_EXTRA = "pip install 'forensic-vlm[speed]'"
 
 
 def fused_kernels_wanted(config: ModelConfig, device: torch.device) -> bool:
-    """Whether ``model.kernels`` asks for Liger on this device; a named error when it cannot be had."""
+    """Whether ``model.kernels`` asks for Liger on this device; a named error when it cannot be had.
+
+    Liger's patch used here is Mistral's: only LLaVA-NeXT's language model gets it (auto leaves the
+    others on transformers' kernels; liger stops, naming the architecture)."""
+    from forensic_vlm.models.architectures import architecture_of
+
     if config.kernels == "none" or device.type != "cuda":
         if config.kernels == "liger" and device.type != "cuda":
             raise DeviceError("model.kernels is liger, which needs a CUDA GPU; use auto or none on the CPU")
+        return False
+    architecture = architecture_of(config.name_or_path)
+    if architecture.name != "llava_next":
+        if config.kernels == "liger":
+            raise ConfigError(f"model.kernels liger supports LLaVA-NeXT's Mistral only, not {architecture.name}")
         return False
     available = importlib.util.find_spec("liger_kernel") is not None
     if config.kernels == "liger" and not available:
@@ -49,7 +59,7 @@ def apply_fused_kernels(model) -> int:
     from liger_kernel.transformers import apply_liger_kernel_to_mistral
     from transformers.models.mistral import modeling_mistral
 
-    language_model = model.model.language_model
+    language_model = model.model.language_model  # LLaVA-NeXT's Mistral (fused_kernels_wanted)
     module_names = ("MistralRMSNorm", "MistralMLP", "apply_rotary_pos_emb")
     saved = {name: getattr(modeling_mistral, name) for name in module_names}
     try:
@@ -110,7 +120,10 @@ def to_fp8(model, scope: str = "decoder") -> int:
     """
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    language_model = model.model.language_model
+    from forensic_vlm.modeling import architecture_of_model
+    from forensic_vlm.models import architectures
+
+    language_model = architectures.language_model(model, architecture_of_model(model))
     targets = fp8_targets(language_model, scope)
     quantize_(
         language_model,

@@ -19,7 +19,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
 
-from forensic_vlm.batches import MODEL_INPUTS
+from forensic_vlm.batches import model_inputs
 from forensic_vlm.config import TrainConfig
 from forensic_vlm.decoding import class_probabilities, to_device
 from forensic_vlm.errors import ResumeError
@@ -41,9 +41,8 @@ class ClassifierModule(pl.LightningModule):
         self._val_indices: list[torch.Tensor] = []
 
     def _inputs(self, batch: dict) -> dict:
-        inputs = {key: batch[key] for key in MODEL_INPUTS}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.pixel_dtype)
-        return inputs
+        inputs = model_inputs(batch)
+        return {k: v.to(self.pixel_dtype) if v.is_floating_point() else v for k, v in inputs.items()}
 
     def on_train_start(self) -> None:
         self.peak_memory_gib = None

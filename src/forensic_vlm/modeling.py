@@ -1,7 +1,9 @@
-"""Loading LLaVA-NeXT: nf4 or full weights, the right dtype per device, LoRA on the language model.
+"""Loading a base VLM: nf4 or full weights, the right dtype per device, LoRA on the language model.
 
-Weights are read from safetensors only and no remote code is run. bitsandbytes is imported only
-when nf4 is asked for, so full-precision CPU use never needs it.
+Any architecture of ``models.architectures`` loads through ``AutoModelForImageTextToText``; what
+differs between them (module names, token caps) comes from that table. Weights are read from
+safetensors only and no remote code is run. bitsandbytes is imported only when nf4 is asked for,
+so full-precision CPU use never needs it.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from pathlib import Path
 import torch
 
 from forensic_vlm.config import ModelConfig, TrainConfig
-from forensic_vlm.errors import ConfigError, DeviceError
+from forensic_vlm.errors import DeviceError
+from forensic_vlm.models.architectures import Architecture, architecture_of, by_model_type, language_model
+from forensic_vlm.models.processors import capped_pinpoints, load_processor
+
+__all__ = ["load_processor"]  # re-exported: loading a model and its processor go together
 
 log = logging.getLogger(__name__)
-
-#: Kept out of 4-bit quantization. In transformers 5 bitsandbytes' skip list matches full module
-#: name prefixes: a bare "vision_tower" is silently ignored and the vision tower gets quantized.
-NOT_QUANTIZED = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
 
 def resolve_device(config: ModelConfig) -> torch.device:
@@ -48,37 +50,15 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_processor(source: str | Path, max_tiles: int | None = None):
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(str(source), trust_remote_code=False)
-    processor.tokenizer.padding_side = "left"  # decoder-only: the answer position is the last one
-    image_processor = processor.image_processor
-    image_processor.image_grid_pinpoints = capped_pinpoints(
-        image_processor.image_grid_pinpoints, image_processor.crop_size["height"], max_tiles
-    )
-    return processor
-
-
-def capped_pinpoints(pinpoints: list[list[int]], tile: int, max_tiles: int | None) -> list[list[int]]:
-    """The anyres grid shapes of at most ``max_tiles`` tiles (``model.max_tiles``).
-
-    The processor (how an image is cut up and how many tokens it becomes) and the model (how the
-    features are put back together) must use the same list, so both are capped from this function.
-    The model was pretrained on every shape, so a cap stays within what it has seen.
-    """
-    if max_tiles is None:
-        return [list(p) for p in pinpoints]
-    kept = [list(p) for p in pinpoints if (p[0] // tile) * (p[1] // tile) <= max_tiles]
-    if not kept:
-        smallest = min((p[0] // tile) * (p[1] // tile) for p in pinpoints)
-        raise ConfigError(f"model.max_tiles {max_tiles} leaves no anyres grid; the smallest has {smallest} tiles")
-    return kept
+def architecture_of_model(model) -> Architecture:
+    """The architecture of a loaded model (a PEFT model too), from its config."""
+    return by_model_type(model.config.model_type, type(model).__name__)
 
 
 def load_base_model(config: ModelConfig, device: torch.device):
-    from transformers import LlavaNextForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
+    architecture = architecture_of(config.name_or_path)
     dtype = compute_dtype(device)
     kwargs = {
         "dtype": dtype,
@@ -94,20 +74,18 @@ def load_base_model(config: ModelConfig, device: torch.device):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
-            llm_int8_skip_modules=NOT_QUANTIZED,
+            llm_int8_skip_modules=architecture.not_quantized,
         )
     # Straight onto the device: no full copy in host memory first (seconds per GB, per process).
     kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
-    model = LlavaNextForConditionalGeneration.from_pretrained(config.name_or_path, **kwargs)
-    tile = model.config.vision_config.image_size
-    model.config.image_grid_pinpoints = capped_pinpoints(model.config.image_grid_pinpoints, tile, config.max_tiles)
-    log.info("loaded %s (%s, %s) on %s", config.name_or_path, config.quantization, dtype, device)
+    model = AutoModelForImageTextToText.from_pretrained(config.name_or_path, **kwargs)
+    if architecture.resolution == "anyres":
+        tile = model.config.vision_config.image_size
+        model.config.image_grid_pinpoints = capped_pinpoints(model.config.image_grid_pinpoints, tile, config.max_tiles)
+    log.info(
+        "loaded %s (%s, %s, %s) on %s", config.name_or_path, architecture.name, config.quantization, dtype, device
+    )
     return model
-
-
-def lora_target_pattern(modules: tuple[str, ...]) -> str:
-    """A regex PEFT full-matches: the given projections inside the language model only."""
-    return rf"^model\.language_model\..*\.({'|'.join(modules)})$"
 
 
 def add_lora(model, config: TrainConfig, *, quantized: bool, checkpointed_layers: int):
@@ -133,7 +111,7 @@ def add_lora(model, config: TrainConfig, *, quantized: bool, checkpointed_layers
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=lora_target_pattern(config.lora_target_modules),
+        target_modules=architecture_of_model(model).lora_target_pattern(config.lora_target_modules),
         modules_to_save=list(config.trainable) or None,
         bias="none",
     )
@@ -149,21 +127,19 @@ def add_lora(model, config: TrainConfig, *, quantized: bool, checkpointed_layers
 
 
 def _vision_tower_without_autograd(model) -> None:
-    """Run the frozen vision tower under ``no_grad``: nothing of it is kept for the backward pass
-    (nor recomputed), whatever hooks or checkpointing would otherwise make autograd record."""
-    tower = model.get_base_model().model.vision_tower
-    if any(p.requires_grad for p in tower.parameters()):
-        return  # something in it is trained (train.trainable): it needs its graph
-    tower.forward = torch.no_grad()(tower.forward)
+    """Run the frozen vision tower (and projector) under ``no_grad``: nothing of them is kept for
+    the backward pass (nor recomputed), whatever hooks or checkpointing would make autograd record."""
+    architecture = architecture_of_model(model)
+    for name in architecture.vision_modules:
+        module = getattr(model.get_base_model().model, name)
+        if any(p.requires_grad for p in module.parameters()):
+            continue  # something in it is trained (train.trainable): it needs its graph
+        module.forward = torch.no_grad()(module.forward)
 
 
 def decoder_layers(model) -> list:
     """The language model's decoder layers, in order (under PEFT's wrappers too)."""
-    return [
-        module
-        for name, module in model.named_modules()
-        if "language_model" in name and type(module).__name__.endswith("DecoderLayer")
-    ]
+    return list(language_model(model, architecture_of_model(model)).layers)
 
 
 def set_checkpointed_layers(model, count: int) -> None:

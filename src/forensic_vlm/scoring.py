@@ -75,7 +75,7 @@ def _score_batches(
     """
     model = _load_model(job, device)
     if processor is None:
-        processor = load_processor(job.processor_source, job.model.max_tiles)
+        processor = load_processor(job.processor_source, job.model)
     mode = "score" if job.decoding == "scores" else "generate"
     loader = DataLoader(
         ImageDataset(job.examples),
@@ -415,9 +415,9 @@ def score_examples(
     quantization = scoring_quantization(model_config, Path(adapter) if adapter else None)
     model_config = replace(model_config, name_or_path=str(base.folder), quantization=quantization)
     # The adapter folder carries the processor it was trained with; the base model's otherwise.
-    processor = load_processor(adapter or model_config.name_or_path, model_config.max_tiles)
+    processor = load_processor(adapter or model_config.name_or_path, model_config)
     prompt = build_prompt(processor, model_config.question)
-    answer = answer_tokens(processor.tokenizer, prompt, labels)
+    answer = answer_tokens(processor, model_config.question, labels)
     max_new = config.max_new_tokens_finetuned if adapter else config.max_new_tokens_zeroshot
     score_columns = ["sha256", "predicted", *[f"p{label}" for label in labels], "answer"]
     path = scoring_path(model_config, config, device)

@@ -177,10 +177,10 @@ def set_up(
     rank = int(os.environ.get("LOCAL_RANK", "0")) if config.devices > 1 else 0
     device = _training_device(model_config, config, rank)
 
-    processor = load_processor(model_config.name_or_path, model_config.max_tiles)
+    processor = load_processor(model_config.name_or_path, model_config)
     prompt = build_prompt(processor, model_config.question)
     labels = [c.id for c in classes]
-    answer = answer_tokens(processor.tokenizer, prompt, labels)
+    answer = answer_tokens(processor, model_config.question, labels)
     counter = TokenCounter(processor, prompt, answer)
     limit = model_config.max_sequence_tokens
     train_tokens = preflight(counter, [(e.name, e.width, e.height) for e in data.train], limit)

@@ -52,7 +52,11 @@ class ModelShape:
         """From ``config.json`` and the safetensors headers (no tensor is read)."""
         from safetensors import safe_open
 
-        text = json.loads((Path(folder) / "config.json").read_text())["text_config"]
+        from forensic_vlm.models.architectures import architecture_of
+
+        vision = architecture_of(folder).vision_modules
+        raw = json.loads((Path(folder) / "config.json").read_text())
+        text = raw.get("text_config") or raw  # Qwen2.5-VL's own checkpoints keep it at the top level
         layers, hidden, intermediate = text["num_hidden_layers"], text["hidden_size"], text["intermediate_size"]
         quantizable = other = 0
         for file in sorted(Path(folder).glob("*.safetensors")):
@@ -61,7 +65,9 @@ class ModelShape:
                     count = 1
                     for size in tensors.get_slice(name).get_shape():
                         count *= size
-                    if "language_model" in name and ".layers." in name and name.endswith("proj.weight"):
+                    # The decoder's projections; the vision tower's layers (SigLIP's q_proj too) are not.
+                    in_vision = any(f"{module}." in name for module in vision)
+                    if ".layers." in name and name.endswith("proj.weight") and not in_vision:
                         quantizable += count
                     else:
                         other += count

@@ -1,0 +1,119 @@
+"""Loading and saving a checkpoint's processor, with the token-count settings applied.
+
+Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision and SmolVLM's processors also hold a video processor, which
+needs torchvision; transformers 5 then refuses to build, load or save the processor without it,
+even for images. This pipeline reads images only, so those processors are built from their image
+processor and tokenizer alone (``_image_only``): the same class, the same files on disk, the same
+``processor_class`` in ``processor_config.json``, so a folder saved here loads in plain
+transformers with ``AutoProcessor`` wherever torchvision is installed.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from forensic_vlm.config import ModelConfig
+from forensic_vlm.errors import ConfigError
+from forensic_vlm.models.architectures import Architecture, architecture_of
+
+
+@functools.cache
+def _image_only(name: str):
+    """transformers' processor class ``name``, less its video processor (see the module's docstring).
+
+    The subclass keeps the parent's name, so what it saves names the parent."""
+    import transformers
+
+    parent = getattr(transformers, name)
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        return [a for a in parent.get_attributes() if a != "video_processor"]
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return parent.check_argument_for_proper_class(self, argument_name, argument)
+
+    return type(
+        name,
+        (parent,),
+        {
+            "get_attributes": get_attributes,
+            "check_argument_for_proper_class": check_argument_for_proper_class,
+            "__module__": __name__,
+            "__qualname__": name,
+        },
+    )
+
+
+def processor_class(architecture: Architecture):
+    import transformers
+
+    if architecture.video_processor:
+        return _image_only(architecture.processor)
+    return getattr(transformers, architecture.processor)
+
+
+def load_processor(
+    source: str | Path, model_config: ModelConfig | None = None, *, architecture: Architecture | None = None
+):
+    """The processor in ``source`` (a checkpoint or an adapter folder), left-padding, with
+    ``model.max_tiles`` or ``model.min_pixels``/``max_pixels`` applied.
+
+    ``architecture`` defaults to the one ``source``'s config.json names, or for an adapter folder
+    (which has none) the one of ``model_config.name_or_path``, its base model."""
+    if architecture is None:
+        has_config = (Path(source) / "config.json").is_file()
+        architecture = architecture_of(source if has_config or model_config is None else model_config.name_or_path)
+    processor = processor_class(architecture).from_pretrained(str(source), trust_remote_code=False)
+    processor.tokenizer.padding_side = "left"  # decoder-only: the answer position is the last one
+    if model_config is not None:
+        apply_resolution(processor.image_processor, model_config, architecture)
+    return processor
+
+
+def apply_resolution(image_processor, model_config: ModelConfig, architecture: Architecture) -> None:
+    """Cap an image's tokens as the settings say, or stop naming a setting this architecture lacks."""
+    tiles = model_config.max_tiles is not None
+    pixels = model_config.min_pixels is not None or model_config.max_pixels is not None
+    if tiles and architecture.resolution != "anyres":
+        raise ConfigError(f"model.max_tiles is for architectures that tile images; {architecture.name} does not")
+    if pixels and architecture.resolution != "pixels":
+        raise ConfigError(
+            f"model.min_pixels and model.max_pixels are for Qwen2.5-VL and Qwen3-VL; {architecture.name} "
+            "does not resize images by pixel count"
+        )
+    if tiles:
+        image_processor.image_grid_pinpoints = capped_pinpoints(
+            image_processor.image_grid_pinpoints, image_processor.crop_size["height"], model_config.max_tiles
+        )
+    if pixels:
+        size = dict(image_processor.size)
+        if model_config.min_pixels is not None:
+            size["shortest_edge"] = model_config.min_pixels
+        if model_config.max_pixels is not None:
+            size["longest_edge"] = model_config.max_pixels
+        if size["shortest_edge"] > size["longest_edge"]:
+            raise ConfigError(
+                f"model.min_pixels/max_pixels give {size['shortest_edge']} > {size['longest_edge']} pixels "
+                "with the checkpoint's own setting for the other"
+            )
+        image_processor.size = type(image_processor.size)(**size) if not isinstance(image_processor.size, dict) else size
+
+
+def capped_pinpoints(pinpoints: list[list[int]], tile: int, max_tiles: int | None) -> list[list[int]]:
+    """The anyres grid shapes of at most ``max_tiles`` tiles (``model.max_tiles``).
+
+    The processor (how an image is cut up and how many tokens it becomes) and the model (how the
+    features are put back together) must use the same list, so both are capped from this function.
+    The model was pretrained on every shape, so a cap stays within what it has seen.
+    """
+    if max_tiles is None:
+        return [list(p) for p in pinpoints]
+    kept = [list(p) for p in pinpoints if (p[0] // tile) * (p[1] // tile) <= max_tiles]
+    if not kept:
+        smallest = min((p[0] // tile) * (p[1] // tile) for p in pinpoints)
+        raise ConfigError(f"model.max_tiles {max_tiles} leaves no anyres grid; the smallest has {smallest} tiles")
+    return kept
