@@ -16,6 +16,7 @@ include: "workflow/rules/split.smk"
 include: "workflow/rules/augment.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/compare.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/classify.smk"
 

@@ -109,6 +109,7 @@ def test_configuration_reference_lists_every_key_of_the_schema() -> None:
             keys += [f"{section}.{key}" for key in spec["properties"]]
         else:
             keys.append(section)
+            keys += [f"{section}[].{key}" for key in spec.get("items", {}).get("properties", {})]
     listed = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
     assert listed == set(keys)
 

@@ -360,6 +360,20 @@ class ClassifyConfig:
         return self.input if self.input is not None else self.input_dir
 
 
+@dataclass(frozen=True)
+class ComparedModel:
+    name: str
+    """Name of the run: its results are under results/models/<name>/."""
+    model: dict[str, object] = field(default_factory=dict)
+    """Settings of the model section that differ for this run (name_or_path at least)."""
+    train: dict[str, object] = field(default_factory=dict)
+    """Settings of the train section that differ for this run."""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", self.name):
+            raise ConfigError(f"compare: name {self.name!r}: use letters, digits, '_' and '-' only")
+
+
 DEFAULT_CLASSES = (
     ClassSpec(0, "0_irrelevant", "irrelevant", "관련 없음"),
     ClassSpec(1, "1_chat_history", "drug chat screenshot", "마약 대화 내역 사진"),
@@ -383,8 +397,19 @@ class Config:
     demo_model: DemoModelConfig = field(default_factory=DemoModelConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    compare: tuple[ComparedModel, ...] = ()
+    """Base models trained and evaluated side by side on the same split (results/models/<name>/,
+    the report's comparison); each entry's model and train settings are merged over the sections
+    above. Empty: the one model of the model section, as always."""
 
     def __post_init__(self) -> None:
+        names = [entry.name for entry in self.compare]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"compare: names must differ, got {names}")
+        if len(names) == 1:
+            raise ConfigError("compare: name two models or more, or none")
+        for entry in self.compare:
+            self.compared(entry.name)  # an unknown or mistyped setting stops here, named
         ids = [c.id for c in self.classes]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"classes: duplicate class ids {ids}")
@@ -394,15 +419,26 @@ class Config:
         if unknown:
             raise ConfigError(f"augment.per_image names classes that do not exist: {sorted(unknown)}")
 
+    def compared(self, name: str) -> tuple[ModelConfig, TrainConfig]:
+        """The model and train settings of the compared run ``name``, merged over the sections."""
+        index, entry = next((i, e) for i, e in enumerate(self.compare) if e.name == name)
+        where = f"compare[{index}] ({name})"
+        model = _build(ModelConfig, {**to_dict(self.model), **entry.model}, f"{where}.model")
+        train = _build(TrainConfig, {**to_dict(self.train), **entry.train}, f"{where}.train")
+        return model, train
+
     def input_paths(self) -> dict[str, str]:
         """Every configured path the run reads, by config key (a hub id is not a path)."""
         paths = {"raw_data": self.raw_data}
-        name = self.model.name_or_path
-        hub_id = name.count("/") == 1 and not name.startswith(("/", ".", "~")) and not Path(name).exists()
-        if not hub_id:
-            paths["model.name_or_path"] = name
-        if self.model.files_sha256 is not None:
-            paths["model.files_sha256"] = self.model.files_sha256
+        models = [("model", self.model)]
+        models += [(f"compare[{i}].model", self.compared(e.name)[0]) for i, e in enumerate(self.compare)]
+        for key, model in models:
+            name = model.name_or_path
+            hub_id = name.count("/") == 1 and not name.startswith(("/", ".", "~")) and not Path(name).exists()
+            if not hub_id:
+                paths[f"{key}.name_or_path"] = name
+            if model.files_sha256 is not None:
+                paths[f"{key}.files_sha256"] = model.files_sha256
         if self.classify.source is not None:
             key = "classify.input" if self.classify.input is not None else "classify.input_dir"
             paths[key] = self.classify.source
@@ -433,20 +469,26 @@ class Config:
             return cls.from_dict(yaml.safe_load(handle) or {})
 
 
-def coerce_strings(data: Any, schema: dict) -> Any:
+def coerce_strings(data: Any, schema: dict, root: dict | None = None) -> Any:
     """Typed values for strings where the schema wants a number, boolean, list or null.
 
     Snakemake reads nested ``--config`` values (``train="{learning_rate: 2e-3}"``) with YAML's
-    BaseLoader, which leaves every scalar a string; this restores what the user meant.
+    BaseLoader, which leaves every scalar a string; this restores what the user meant. A mapping
+    whose schema says ``x-overrides: <section>`` (a compared model's settings) is typed by that
+    section's schema, without its defaults.
     """
+    root = schema if root is None else root
+    if "x-overrides" in schema:
+        schema = root["properties"][schema["x-overrides"]]
     if isinstance(data, dict):
         properties = schema.get("properties", {})
         extra = schema.get("additionalProperties")
         return {
-            k: coerce_strings(v, properties.get(k, extra if isinstance(extra, dict) else {})) for k, v in data.items()
+            k: coerce_strings(v, properties.get(k, extra if isinstance(extra, dict) else {}), root)
+            for k, v in data.items()
         }
     if isinstance(data, list):
-        return [coerce_strings(v, schema.get("items", {})) for v in data]
+        return [coerce_strings(v, schema.get("items", {}), root) for v in data]
     wanted = schema.get("type")
     wanted = set(wanted) if isinstance(wanted, list) else {wanted}
     if isinstance(data, str) and wanted & {"number", "integer", "boolean", "array", "null"}:
@@ -454,7 +496,7 @@ def coerce_strings(data: Any, schema: dict) -> Any:
         parsed = yaml.safe_load(data) if parsed is None else parsed  # YAML 1.1 reads "2e-3" as text
         kinds = {"number": (int, float), "integer": (int,), "boolean": (bool,), "array": (list,), "null": (type(None),)}
         if any(isinstance(parsed, kinds[k]) for k in wanted if k in kinds):
-            return coerce_strings(parsed, schema)
+            return coerce_strings(parsed, schema, root)
     return data
 
 
@@ -514,6 +556,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         key_type, value_type = args
+        if value_type is object:  # settings of another section, checked where they are merged
+            return dict(value)
         return {
             _coerce(key_type, _int_key(k, where), f"{where}.{k}"): _coerce(value_type, v, f"{where}.{k}")
             for k, v in value.items()

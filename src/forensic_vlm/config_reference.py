@@ -44,6 +44,9 @@ def _table(properties: dict, prefix: str) -> str:
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
     for key, spec in properties.items():
         rows.append(f"| `{prefix}{key}` | {_type(spec)} | {_default(spec)} | {_text(spec.get('description', ''))} |")
+        items = spec.get("items")
+        if isinstance(items, dict) and "properties" in items:  # a list of entries (compare): each key of one
+            rows += _table(items["properties"], prefix=f"{prefix}{key}[].").splitlines()[2:]
     return "\n".join(rows) + "\n"
 
 

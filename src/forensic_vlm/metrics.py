@@ -17,6 +17,21 @@ from sklearn.metrics import (
 from forensic_vlm.config import ClassSpec
 
 
+def paired_mcnemar(a: list[dict], b: list[dict]) -> dict:
+    """Exact McNemar test of two models' prediction rows on the images both scored (by sha256):
+    do they err on different images? The binomial test of the discordant pairs (SciPy)."""
+    from scipy.stats import binomtest
+
+    truth = {r["sha256"]: r["true"] for r in a}
+    right_b = {r["sha256"]: r["predicted"] == r["true"] for r in b if r["sha256"] in truth}
+    right_a = {r["sha256"]: r["predicted"] == r["true"] for r in a if r["sha256"] in right_b}
+    only_a = sum(1 for k in right_a if right_a[k] and not right_b[k])
+    only_b = sum(1 for k in right_a if right_b[k] and not right_a[k])
+    discordant = only_a + only_b
+    p = binomtest(only_a, discordant, 0.5).pvalue if discordant else 1.0
+    return {"paired_images": len(right_a), "only_a_right": only_a, "only_b_right": only_b, "p_value": float(p)}
+
+
 def bootstrap_intervals(
     y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[int], *, samples: int, seed: int
 ) -> dict[str, list[float]]:

@@ -14,10 +14,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from scipy.stats import binomtest
-
 from forensic_vlm.config import ClassSpec, ReportConfig
 from forensic_vlm.figures import plot_learning_curves, plot_reliability
+from forensic_vlm.metrics import paired_mcnemar
 from forensic_vlm.pages import escape, html_page, html_table, png_data_uri, thumbnail
 from forensic_vlm.provenance import config_sha256, git_commit, package_versions
 from forensic_vlm.tables import decode_path, read_tsv, sha256_file
@@ -37,6 +36,7 @@ class ReportInputs:
     evaluations: dict[str, Path]  # kind -> folder with metrics.json, predictions.tsv, confusion_matrix.png
     raw_data: Path
     config: dict
+    comparison: Path | None = None  # results/models/comparison.json, when base models are compared
 
     @classmethod
     def from_results(cls, results: Path, raw_data: Path, config: dict) -> ReportInputs:
@@ -57,18 +57,12 @@ class ReportInputs:
 
 def mcnemar(zeroshot: list[dict], finetuned: list[dict]) -> dict:
     """Exact McNemar test on the images both scored: do the two models err on different images?"""
-    truth = {r["sha256"]: r["true"] for r in finetuned}
-    right_zs = {r["sha256"]: r["predicted"] == r["true"] for r in zeroshot if r["sha256"] in truth}
-    right_ft = {r["sha256"]: r["predicted"] == r["true"] for r in finetuned if r["sha256"] in right_zs}
-    only_ft = sum(1 for k in right_ft if right_ft[k] and not right_zs[k])
-    only_zs = sum(1 for k in right_ft if right_zs[k] and not right_ft[k])
-    discordant = only_ft + only_zs
-    p = binomtest(only_ft, discordant, 0.5).pvalue if discordant else 1.0
+    test = paired_mcnemar(finetuned, zeroshot)
     return {
-        "paired_images": len(right_ft),
-        "only_finetuned_right": only_ft,
-        "only_zeroshot_right": only_zs,
-        "p_value": float(p),
+        "paired_images": test["paired_images"],
+        "only_finetuned_right": test["only_a_right"],
+        "only_zeroshot_right": test["only_b_right"],
+        "p_value": test["p_value"],
     }
 
 
@@ -167,6 +161,7 @@ def build_report(inputs: ReportInputs, classes: list[ClassSpec], config: ReportC
         f"<figure><img alt='learning curves' src='{png_data_uri(out_dir / 'learning_curves.png')}'></figure>",
         "<h2>Calibration</h2>",
         f"<figure><img alt='reliability diagram' src='{png_data_uri(out_dir / 'reliability.png')}'></figure>",
+        *(_comparison_section(json.loads(inputs.comparison.read_text()), classes) if inputs.comparison else []),
         *_data_sections(inputs, classes),
         *_gallery(predictions["finetuned"], inputs.raw_data, by_id, config),
         "<h2>Provenance</h2>",
@@ -175,6 +170,65 @@ def build_report(inputs: ReportInputs, classes: list[ClassSpec], config: ReportC
     page = out_dir / "index.html"
     page.write_text(html_page(config.title, "\n".join(sections)), encoding="utf-8")
     return page
+
+
+def _comparison_section(comparison: dict, classes: list[ClassSpec]) -> list[str]:
+    """The compared base models (rule compare_models) side by side, and McNemar's test per pair."""
+    models = comparison["models"]
+
+    def interval(evaluation: dict, key: str) -> str:
+        low, high = evaluation[f"{key}_95"]
+        return f"{evaluation[key]:.3f} <span class=ci>[{low:.3f}, {high:.3f}]</span>"
+
+    def rate(value: float | None, device: str | None) -> str:
+        return "n/a (every image from the prediction cache)" if value is None else f"{value:.1f} ({escape(device or '')})"
+
+    headline = html_table(
+        [
+            "model", "architecture", "fine-tuned accuracy [95 %]", "fine-tuned macro-F1 [95 %]",
+            "zero-shot accuracy [95 %]", "zero-shot macro-F1 [95 %]", "training images/s (device)",
+            "scoring images/s, fine-tuned (device)",
+        ],  # fmt: skip
+        [
+            [
+                escape(m["name"]),
+                escape(m["architecture"] or ""),
+                interval(m["finetuned"], "accuracy"),
+                interval(m["finetuned"], "macro_f1"),
+                interval(m["zeroshot"], "accuracy"),
+                interval(m["zeroshot"], "macro_f1"),
+                rate(m["training"]["images_per_second"], m["training"]["device"]),
+                rate(m["finetuned"]["scoring_images_per_second"], m["finetuned"]["device"]),
+            ]
+            for m in models
+        ],
+        raw=True,
+    )
+    per_class = html_table(
+        ["class", *[f"{m['name']}: F1" for m in models]],
+        [
+            [f"{c.id} {c.ko} / {c.en}", *[f"{m['finetuned']['per_class_f1'][str(c.id)]:.3f}" for m in models]]
+            for c in classes
+        ],
+    )
+    pairs = html_table(
+        ["model A", "model B", "images scored by both", "right only A", "right only B", "p-value"],
+        [
+            [p["a"], p["b"], p["paired_images"], p["only_a_right"], p["only_b_right"], f"{p['p_value']:.3g}"]
+            for p in comparison["pairs"]
+        ],
+    )
+    return [
+        "<h2 id=models>Base models compared</h2>",
+        f"<p class=note>Each model trained on the same training images and evaluated on the same "
+        f"{comparison['test_images']} test images (results/models/&lt;name&gt;/). Training images/s: the median "
+        "over training steps; scoring images/s: after the first batch; each on the machine named.</p>",
+        headline,
+        "<h3>Per class, fine-tuned</h3>",
+        per_class,
+        "<h3>McNemar's test between every pair, fine-tuned (paired, exact)</h3>",
+        pairs,
+    ]
 
 
 def _fmt(value: float | None) -> str:

@@ -429,6 +429,9 @@ def score_examples(
             "adapter": tuned.hashes if tuned else "none",
             "prompt": prompt,
             "max_tiles": model_config.max_tiles,
+            # Qwen's pixel budget changes every image's tokens; in the key only when set, so keys
+            # (and caches) made before these settings existed stay valid.
+            **{key: getattr(model_config, key) for key in ("min_pixels", "max_pixels") if getattr(model_config, key)},
             "decoding": config.decoding,
             "max_new_tokens": max_new if config.decoding == "generate" else None,
             "class_tokens": list(answer.class_ids),

@@ -36,6 +36,7 @@ from forensic_vlm.errors import ResumeError
 from forensic_vlm.faults import fault_point
 from forensic_vlm.integrity import FolderState, model_files, write_listing
 from forensic_vlm.kernels import apply_fused_kernels, fused_kernels_wanted
+from forensic_vlm.models.architectures import architecture_of
 from forensic_vlm.lightning_module import (
     ClassifierModule,
     ResumableLoader,
@@ -488,6 +489,7 @@ def write_model_card(
     versions = package_versions()
     card = {
         "base_model": model_config.name_or_path,
+        "architecture": architecture_of(model_config.name_or_path).name,
         "base_model_files_sha256": base_files,
         "classes": [to_dict(c) for c in classes],
         "model": to_dict(model_config),

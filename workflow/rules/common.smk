@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import yaml
 from snakemake.utils import validate
 
-from forensic_vlm.config import Config, coerce_strings
+from forensic_vlm.config import Config, coerce_strings, to_dict
 from forensic_vlm.evidence import container_fingerprint, is_container, segments
 from forensic_vlm.manifest import fingerprint
 
@@ -22,12 +22,14 @@ SETTINGS = Config.from_dict(config)
 DEMO_RAW_DATA = "results/demo/raw_data"
 DEMO_LISTING = "results/demo/raw_data.tsv"
 DEMO_MODEL = "results/demo/model"
+DEMO_ARCHITECTURES = ("llava_next", "qwen2_5_vl", "idefics3")
+DEMO_MODELS = {f"results/demo/models/{name}" for name in DEMO_ARCHITECTURES}
 DEMO_EXTRACTION = "results/demo/extraction"
 DEMO_EXTRACTION_LISTING = "results/demo/extraction.tsv"
 
 # Every configured input path must exist, whatever outputs are already there: a mistyped
 # evidence path stops here, naming its key, instead of ending in "Nothing to be done".
-SETTINGS.require_input_paths({DEMO_RAW_DATA, DEMO_MODEL, DEMO_EXTRACTION})
+SETTINGS.require_input_paths({DEMO_RAW_DATA, DEMO_MODEL, DEMO_EXTRACTION, *DEMO_MODELS})
 
 
 def uses_demo_data():
@@ -63,12 +65,37 @@ def get_raw_data_fingerprint(wildcards):
     return fingerprint(Path(SETTINGS.raw_data))
 
 
-def get_model_input():
+def model_input_of(name):
     """The model folder when the workflow builds it or it is local; a hub id is no file."""
-    name = SETTINGS.model.name_or_path
-    if Path(name) == Path(DEMO_MODEL) or Path(name).is_dir():
+    built = {Path(DEMO_MODEL), *map(Path, DEMO_MODELS)}
+    if Path(name) in built or Path(name).is_dir():
         return name
     return []
+
+
+def get_model_input():
+    return model_input_of(SETTINGS.model.name_or_path)
+
+
+COMPARED = [entry.name for entry in SETTINGS.compare]
+
+
+def compared_settings(name):
+    """The compared run's model and train sections, as plain mappings for the rules' params."""
+    model, train = SETTINGS.compared(name)
+    return to_dict(model), to_dict(train)
+
+
+def get_compared_model_input(wildcards):
+    return model_input_of(SETTINGS.compared(wildcards.name)[0].name_or_path)
+
+
+def get_compared_model(wildcards):
+    return compared_settings(wildcards.name)[0]
+
+
+def get_compared_train(wildcards):
+    return compared_settings(wildcards.name)[1]
 
 
 def get_demo_extraction_folder(wildcards, output):
@@ -97,14 +124,16 @@ def get_classify_shard_cache(wildcards):
     return f"results/cache/predictions/shards/{wildcards.case}/{wildcards.scatteritem}"
 
 
-def get_evaluate_shard_cache(kind, scatteritem):
-    """An evaluation shard's own prediction cache (no case name can start with an underscore)."""
-    return f"results/cache/predictions/shards/_evaluate_{kind}/{scatteritem}"
+def get_evaluate_shard_cache(kind, scatteritem, name=None):
+    """An evaluation shard's own prediction cache (no case name can start with an underscore);
+    ``name``: a compared model's."""
+    run = f"_evaluate_{kind}" if name is None else f"_evaluate_{name}_{kind}"
+    return f"results/cache/predictions/shards/{run}/{scatteritem}"
 
 
-def get_evaluate_shard_caches(kind, input):
+def get_evaluate_shard_caches(kind, input, name=None):
     """Every shard's own cache, for the merging evaluation rule to merge into the shared one."""
-    return [get_evaluate_shard_cache(kind, Path(part).stem) for part in input.parts]
+    return [get_evaluate_shard_cache(kind, Path(part).stem, name) for part in input.parts]
 
 
 def get_classify_shard_caches(wildcards, input):
@@ -137,6 +166,13 @@ def get_final_outputs():
         for kind in ("zeroshot", "finetuned")
         for name in ("metrics.json", "predictions.tsv")
     ]
+    outputs += [
+        f"results/models/{name}/evaluate/{kind}/metrics.json"
+        for name in COMPARED
+        for kind in ("zeroshot", "finetuned")
+    ]
+    if COMPARED:
+        outputs.append("results/models/comparison.json")
     if SETTINGS.classify.source:
         case = f"results/classify/{SETTINGS.classify.case}"
         outputs += [

@@ -28,6 +28,21 @@ rule demo_model:
         "../scripts/demo_model.py"
 
 
+# A tiny model of each architecture, for a comparison of base models on the demo (compare.smk).
+use rule demo_model as demo_model_of_architecture with:
+    output:
+        directory("results/demo/models/{architecture}"),
+    log:
+        "results/logs/demo_model_{architecture}.log",
+    wildcard_constraints:
+        architecture="|".join(DEMO_ARCHITECTURES),
+    params:
+        demo_model=lambda wildcards: {
+            **config["demo_model"],
+            "architecture": wildcards.architecture,
+        },
+
+
 # The demo's unlabeled phone extraction for rule classify; its true classes are only in the listing.
 rule demo_extraction:
     output:

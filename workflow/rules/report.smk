@@ -9,6 +9,8 @@ rule report:
         zeroshot="results/evaluate/zeroshot/metrics.json",
         finetuned="results/evaluate/finetuned/metrics.json",
         raw_data=get_raw_data_input(),
+        # The base models side by side, when compare names any.
+        comparison=["results/models/comparison.json"] if COMPARED else [],
     output:
         page=report(
             "results/report/index.html",

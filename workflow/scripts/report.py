@@ -23,6 +23,8 @@ build_report(
         },
         raw_data=Path(snakemake.params.raw_data),
         config=dict(snakemake.params.config),
+        # A list of one file when base models are compared, else empty.
+        comparison=next((Path(path) for path in snakemake.input.comparison), None),
     ),
     classes=list(build_classes(snakemake.params.classes)),
     config=build_section(ReportConfig, snakemake.params.report, "report"),

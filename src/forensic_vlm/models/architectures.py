@@ -32,9 +32,9 @@ class Architecture:
     resolution: Literal["anyres", "pixels", "splitting", "fixed"]
     """How an image's token count is set: anyres tiles (``model.max_tiles``), a pixel budget
     (``model.min_pixels`` / ``model.max_pixels``), the processor's own splitting, or a fixed count."""
-    video_processor: bool = False
-    """The processor class also holds a video processor, which needs torchvision; this pipeline
-    reads images only, so it is left out (``models.processors``)."""
+    video_processor: str | None = None
+    """The class of the video processor that the processor class also holds; it needs torchvision,
+    and this pipeline reads images only, so it is left out (``models.processors``)."""
     answer_from_template: bool = True
     """The answer is what the chat template writes for the assistant's turn (its end-of-turn
     tokens included). False for LLaVA-NeXT: the chat template shipped with
@@ -71,7 +71,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             vision_modules=("vision_tower", "multi_modal_projector"),
             processor="LlavaOnevisionProcessor",
             resolution="anyres",
-            video_processor=True,
+            video_processor="LlavaOnevisionVideoProcessor",
         ),
         Architecture(
             name="qwen2_5_vl",
@@ -80,7 +80,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             vision_modules=("visual",),
             processor="Qwen2_5_VLProcessor",
             resolution="pixels",
-            video_processor=True,
+            video_processor="Qwen2VLVideoProcessor",
         ),
         Architecture(
             name="qwen3_vl",
@@ -89,7 +89,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             vision_modules=("visual",),
             processor="Qwen3VLProcessor",
             resolution="pixels",
-            video_processor=True,
+            video_processor="Qwen3VLVideoProcessor",
         ),
         Architecture(
             name="idefics3",
@@ -106,7 +106,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             vision_modules=("vision_model", "connector"),
             processor="SmolVLMProcessor",
             resolution="splitting",
-            video_processor=True,
+            video_processor="SmolVLMVideoProcessor",
         ),
         Architecture(
             name="gemma3",

@@ -11,6 +11,7 @@ transformers with ``AutoProcessor`` wherever torchvision is installed.
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 from forensic_vlm.config import ModelConfig
@@ -19,10 +20,14 @@ from forensic_vlm.models.architectures import Architecture, architecture_of
 
 
 @functools.cache
-def _image_only(name: str):
+def _image_only(name: str, video_processor_type: str):
     """transformers' processor class ``name``, less its video processor (see the module's docstring).
 
-    The subclass keeps the parent's name, so what it saves names the parent."""
+    The subclass keeps the parent's name, so what it saves names the parent. Its video processor's
+    settings are kept as they were read (a real checkpoint's) and saved again, or, for a processor
+    built here, those of the image processor under ``video_processor_type``: a folder saved here
+    has what ``AutoProcessor`` needs to build the whole processor where torchvision is installed.
+    """
     import transformers
 
     parent = getattr(transformers, name)
@@ -36,23 +41,53 @@ def _image_only(name: str):
             return None
         return parent.check_argument_for_proper_class(self, argument_name, argument)
 
+    @classmethod
+    def from_pretrained(cls, source, **kwargs):
+        processor = parent.from_pretrained.__func__(cls, source, **kwargs)
+        processor.video_processor_settings = _saved_video_settings(Path(source))
+        return processor
+
+    def save_pretrained(self, save_directory, **kwargs):
+        files = parent.save_pretrained(self, save_directory, **kwargs)
+        path = Path(save_directory) / "processor_config.json"
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        settings = getattr(self, "video_processor_settings", None)
+        if settings is None:
+            settings = {k: v for k, v in self.image_processor.to_dict().items() if k != "image_processor_type"}
+            settings["video_processor_type"] = video_processor_type
+        saved["video_processor"] = settings
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return files
+
     return type(
         name,
         (parent,),
         {
             "get_attributes": get_attributes,
             "check_argument_for_proper_class": check_argument_for_proper_class,
+            "from_pretrained": from_pretrained,
+            "save_pretrained": save_pretrained,
             "__module__": __name__,
             "__qualname__": name,
         },
     )
 
 
+def _saved_video_settings(folder: Path) -> dict | None:
+    """A checkpoint's video processor settings, from processor_config.json or their own file."""
+    combined, alone = folder / "processor_config.json", folder / "video_preprocessor_config.json"
+    if combined.is_file():
+        settings = json.loads(combined.read_text(encoding="utf-8")).get("video_processor")
+        if settings is not None:
+            return settings
+    return json.loads(alone.read_text(encoding="utf-8")) if alone.is_file() else None
+
+
 def processor_class(architecture: Architecture):
     import transformers
 
     if architecture.video_processor:
-        return _image_only(architecture.processor)
+        return _image_only(architecture.processor, architecture.video_processor)
     return getattr(transformers, architecture.processor)
 
 

@@ -91,8 +91,10 @@ def build_qwen2_5_vl(config: DemoModelConfig):
     from forensic_vlm.models.architectures import ARCHITECTURES
 
     tokenizer = byte_level_tokenizer(QWEN_SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>")
-    side = 2 * config.image_size  # at most (2 x image_size)^2 pixels: 16 image tokens at the default 56
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=(side // 2) ** 2, max_pixels=side**2)
+    # Between image_size^2 and (4 x image_size)^2 pixels: 4 to 64 image tokens at the default 56,
+    # about what LLaVA-NeXT's tiny model gets from its anyres tiles.
+    side = config.image_size
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=side**2, max_pixels=(4 * side) ** 2)
     processor = processor_class(ARCHITECTURES["qwen2_5_vl"])(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_CHAT_TEMPLATE
     )
