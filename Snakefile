@@ -19,6 +19,7 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/compare.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/classify.smk"
+include: "workflow/rules/export.smk"
 
 
 # The target only gathers outputs: it runs on the submitting host, never as a cluster job.

@@ -26,6 +26,7 @@ INPUTS = {
     "evaluate": ("table", "raw_data", "adapter"),
     "classify": ("input_dir", "adapter"),
     "report": ("results", "raw_data"),
+    "export": ("adapter", "test", "raw_data"),
 }
 
 
@@ -105,6 +106,16 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--results", type=Path, default=Path("results"), help="the run's results folder")
     report.add_argument("--raw-data", type=Path, required=True, help="the evidence folder (for thumbnails)")
     report.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS/report)")
+
+    export = commands.add_parser(
+        "export", help="merge the adapter into its base model: a plain transformers checkpoint to serve"
+    )
+    export.add_argument("--adapter", type=Path, default=Path("results/train/adapter"))
+    export.add_argument("--out", type=Path, required=True, help="new folder for the merged checkpoint")
+    export.add_argument("--test", type=Path, default=Path("results/split/test.tsv"), help="the parity check's images")
+    export.add_argument("--raw-data", type=Path, required=True, help="the evidence folder the test table names")
+    export.add_argument("--model", default=None, help="base model folder or hub id (default: model.name_or_path)")
+    export.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="of the saved weights")
     return parser
 
 
@@ -174,10 +185,30 @@ def main(argv: list[str] | None = None) -> int:
 
             inputs = ReportInputs.from_results(args.results, args.raw_data, to_dict(config))
             build_report(inputs, list(config.classes), config.report, args.out or args.results / "report")
+        elif args.command == "export":
+            _export(args, config)
     except ForensicVlmError as error:
         logging.getLogger("forensic_vlm").error("%s", error)
         return 2
     return 0
+
+
+def _export(args: argparse.Namespace, config: Config) -> None:
+    import dataclasses
+
+    from forensic_vlm.models.export import export_merged
+    from forensic_vlm.tables import examples_from_table, read_tsv
+
+    model = dataclasses.replace(config.model, name_or_path=args.model) if args.model else config.model
+    export_merged(
+        args.adapter,
+        args.out,
+        examples=examples_from_table(read_tsv(args.test), args.raw_data),
+        classes=list(config.classes),
+        model_config=model,
+        evaluate_config=config.evaluate,
+        dtype=args.dtype,
+    )
 
 
 def _classify(args: argparse.Namespace, config: Config) -> None:

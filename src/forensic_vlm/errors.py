@@ -62,3 +62,7 @@ class ContainerIntegrityError(IntegrityError):
 
 class UnsupportedModelError(ForensicVlmError, ValueError):
     """A checkpoint's architecture is not one the pipeline supports; the message lists those it does."""
+
+
+class ExportParityError(ForensicVlmError, RuntimeError):
+    """A merged model gives an image another class than base + adapter; the message names the image."""
