@@ -59,9 +59,11 @@ TINY_SIZES = ((108, 192), (192, 108), (128, 96), (80, 80))
 H100_BF16_DENSE_TFLOPS = 989.0  # vendor datasheet, SXM, dense
 
 
-def full_size_config(tiny: bool):
+def full_size_config(tiny: bool, architecture: str = "llava_next", processor=None):
     from transformers import CLIPVisionConfig, LlavaNextConfig, MistralConfig
 
+    if architecture == "qwen2_5_vl":
+        return qwen2_5_vl_7b_config(tiny, processor)
     if tiny:
         from forensic_vlm.demo_model import build_model
 
@@ -100,14 +102,53 @@ def full_size_config(tiny: bool):
     )
 
 
-def write_random_model(folder: Path, processor, tiny: bool) -> int:
-    from transformers import LlavaNextForConditionalGeneration
+def qwen2_5_vl_7b_config(tiny: bool, processor):
+    """Qwen/Qwen2.5-VL-7B-Instruct's configuration (8.29 B parameters), its token ids those of the
+    tokenizer made here; ``tiny``: the demo's tiny Qwen2.5-VL."""
+    from transformers import Qwen2_5_VLConfig
 
-    config = full_size_config(tiny)
+    if tiny:
+        from forensic_vlm.models.tiny import build_qwen2_5_vl
+
+        return build_qwen2_5_vl(DemoModelConfig(architecture="qwen2_5_vl"))[0].config
+    ids = processor.tokenizer.convert_tokens_to_ids
+    text = {
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 128000,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+        "tie_word_embeddings": False,
+        "pad_token_id": processor.tokenizer.pad_token_id,
+        "eos_token_id": processor.tokenizer.eos_token_id,
+    }
+    vision = {
+        "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
+        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu",
+    }  # fmt: skip
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        tie_word_embeddings=False,
+    )
+
+
+def write_random_model(folder: Path, processor, tiny: bool, architecture: str = "llava_next") -> int:
+    from transformers import AutoModelForImageTextToText
+
+    config = full_size_config(tiny, architecture, processor)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlavaNextForConditionalGeneration(config).to(torch.bfloat16 if device == "cuda" else torch.float32)
+        model = AutoModelForImageTextToText.from_config(config).to(torch.bfloat16 if device == "cuda" else torch.float32)
     parameters = sum(p.numel() for p in model.parameters())
     (folder.parent / "parameters.json").write_text(json.dumps(parameters))
     model.save_pretrained(folder, safe_serialization=True)
@@ -195,6 +236,7 @@ def project_evaluation(
     devices: int = 1,
     compile: bool = False,
     max_tiles: int | None = None,
+    max_pixels: int | None = None,
     kernels: str = "none",
     fp8_scope: str = "decoder",
 ) -> dict:
@@ -205,6 +247,7 @@ def project_evaluation(
         name_or_path=str(model_dir),
         quantization=quantization,
         max_tiles=max_tiles,
+        max_pixels=max_pixels,
         kernels=kernels,
         fp8_scope=fp8_scope,
     )
@@ -231,6 +274,7 @@ def project_evaluation(
         "devices": devices,
         "compile": compile,
         "max_tiles": max_tiles,
+        "max_pixels": max_pixels,
         "kernels": metrics.get("kernels"),
         "compiled": metrics.get("compiled"),
         "fp8_scope": metrics.get("fp8_scope"),
@@ -472,7 +516,7 @@ def prediction_agreement(root: Path, fast: str, reference: str) -> dict:
 def answer_position(model_dir: Path, examples: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """For each image, the state lm_head reads at the answer position and the class probabilities,
     with the model loaded in ``dtype`` (float32 with TF32 products: the more precise yardstick)."""
-    from transformers import LlavaNextForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     from forensic_vlm.batches import Collator, model_inputs
     from forensic_vlm.decoding import class_probabilities, to_device
@@ -481,7 +525,7 @@ def answer_position(model_dir: Path, examples: list, dtype: torch.dtype) -> tupl
     from forensic_vlm.prompting import answer_tokens, build_prompt
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = LlavaNextForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype, device_map={"": device})
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=dtype, device_map={"": device})
     model.eval()
     processor = load_processor(model_dir)
     prompt = build_prompt(processor, REFERENCE_QUESTION)
@@ -767,6 +811,12 @@ def main() -> None:
     parser.add_argument("--steps", nargs="*", default=None, help=f"steps to run (default: all): {' '.join(STEPS)}")
     parser.add_argument("--json-name", default="gpu_full_scale.json")
     parser.add_argument(
+        "--architecture",
+        choices=("llava_next", "qwen2_5_vl"),
+        default="llava_next",
+        help="the random model: LLaVA-1.6-Mistral-7B or Qwen2.5-VL-7B-Instruct (its own work folder's model)",
+    )
+    parser.add_argument(
         "--check-model",
         choices=("labelled", "sharpened"),
         default="labelled",
@@ -787,15 +837,19 @@ def main() -> None:
 
     root, sizes = args.work_dir, (TINY_SIZES if args.tiny else FULL_SIZES)
     root.mkdir(parents=True, exist_ok=True)
-    processor = (
-        load_processor(args.processor)
-        if args.processor
-        else build_processor(DemoModelConfig(image_size=56 if args.tiny else 336))
-    )
+    if args.processor:
+        processor = load_processor(args.processor)
+    elif args.architecture == "qwen2_5_vl":
+        from forensic_vlm.models.tiny import qwen2_5_vl_processor
+
+        # The checkpoint's own pixel budget (4 to 16,384 tokens an image); the tiny one's with --tiny.
+        processor = qwen2_5_vl_processor(*((56 * 56, 224 * 224) if args.tiny else ()))
+    else:
+        processor = build_processor(DemoModelConfig(image_size=56 if args.tiny else 336))
     model_dir = root / "model"
     if not (model_dir / "config.json").exists():
         start = time.perf_counter()
-        write_random_model(model_dir, processor, args.tiny)
+        write_random_model(model_dir, processor, args.tiny, args.architecture)
         log.info("random model written in %.0f s", time.perf_counter() - start)
     parameters = (
         int(json.loads((root / "parameters.json").read_text())) if (root / "parameters.json").exists() else None
@@ -842,6 +896,8 @@ def main() -> None:
         "project_bf16_scores_batch16": evaluation("bf16_b16", batch=16),
         "project_bf16_scores_compile": evaluation("bf16_compile", compile=True),
         "project_bf16_scores_max_tiles2": evaluation("bf16_tiles2", max_tiles=2),
+        # Qwen2.5-VL: at most 1,024 image tokens (802,816 pixels), the budget Qwen's card suggests for speed.
+        "project_bf16_scores_max_pixels": evaluation("bf16_max_pixels", max_pixels=QWEN_FAST_PIXELS),
         "project_nf4_scores": evaluation("nf4", quantization="nf4"),
         "project_nf4_liger_scores": evaluation("nf4_liger", quantization="nf4", kernels="liger"),
         "profile_bf16_scores": lambda: profile_evaluation(write_images(root, 64, sizes, seed=4), root, model_dir, w),
@@ -887,11 +943,13 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
     processor_folder = args.processor or root / "processor"
     processor.save_pretrained(processor_folder) if not args.processor else None
-    _add_derived(result, sizes, processor_folder)
+    result["architecture"] = args.architecture
+    _add_derived(result, sizes, processor_folder, args.architecture)
     _add_agreement(result, root)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    print(f"\n{device} x{gpus}; random-weight LLaVA-1.6-Mistral-7B architecture")
+    title = {"llava_next": "LLaVA-1.6-Mistral-7B", "qwen2_5_vl": "Qwen2.5-VL-7B-Instruct"}[args.architecture]
+    print(f"\n{device} x{gpus}; random-weight {title} architecture")
     print("| run | images/s | tokens/s | MFU (datasheet / measured) | peak GiB | same class / max dp |")
     print("|---|---|---|---|---|---|")
     for name, run in runs.items():
@@ -915,6 +973,7 @@ def _step_in_process(name: str, args: argparse.Namespace) -> dict:
         *(("--processor", str(args.processor)) if args.processor else ()),
         *(("--tiny",) if args.tiny else ()),
         *("--check-model", args.check_model),
+        *("--architecture", args.architecture),
         *("--steps", name, "--json-name", f"{name}.json"),
     ]
     done = subprocess.run([sys.executable, __file__, *forwarded], check=False)
@@ -924,6 +983,8 @@ def _step_in_process(name: str, args: argparse.Namespace) -> dict:
     runs = json.loads(path.read_text())["runs"]
     return runs if name == "reference" else runs.get(name, {"error": "the step wrote no result"})
 
+
+QWEN_FAST_PIXELS = 1024 * 28 * 28
 
 STEPS = (
     "matmul_ceiling",
@@ -938,6 +999,7 @@ STEPS = (
     "project_bf16_scores_batch16",
     "project_bf16_scores_compile",
     "project_bf16_scores_max_tiles2",
+    "project_bf16_scores_max_pixels",
     "project_nf4_scores",
     "project_nf4_liger_scores",
     "profile_bf16_scores",
@@ -972,7 +1034,7 @@ def _add_agreement(result: dict, root: Path) -> None:
             )
 
 
-def _add_derived(result: dict, sizes, processor_source) -> None:
+def _add_derived(result: dict, sizes, processor_source, architecture: str = "llava_next") -> None:
     """Tokens/s and model FLOP utilisation: 2 x parameters x tokens per forward pass, against the
     datasheet's dense bf16 rate and against the matrix product measured in this run."""
     from forensic_vlm.config import ModelConfig
@@ -981,16 +1043,22 @@ def _add_derived(result: dict, sizes, processor_source) -> None:
 
     measured = result["runs"].get("matmul_ceiling", {}).get("TFLOP_per_s")
     means = {}
-    for cap in (None, 2):
-        processor = load_processor(processor_source, ModelConfig(name_or_path=str(processor_source), max_tiles=cap))
+    # LLaVA-NeXT's token count is capped by anyres tiles, Qwen's by a pixel budget.
+    caps = {"max_tiles": (None, 2)} if architecture == "llava_next" else {"max_pixels": (None, QWEN_FAST_PIXELS)}
+    ((setting, values),) = caps.items()
+    for cap in values:
+        model_config = ModelConfig(name_or_path=str(processor_source), **{setting: cap})
+        processor = load_processor(processor_source, model_config)
         prompt = build_prompt(processor, REFERENCE_QUESTION)
         counter = TokenCounter(processor, prompt, answer_tokens(processor, REFERENCE_QUESTION, [0, 1, 2, 3]))
         means[cap] = float(np.mean([counter(*s) for s in sizes]))
-    result["mean_tokens_per_image"] = {"all tiles": round(means[None], 1), "max_tiles 2": round(means[2], 1)}
+    result["mean_tokens_per_image"] = {
+        ("checkpoint's own" if cap is None else f"{setting} {cap}"): round(mean, 1) for cap, mean in means.items()
+    }
     parameters = result["parameters"]
     for name, run in result["runs"].items():
         if name.startswith("project") and "images_per_s" in run and parameters:
-            tokens = run["images_per_s"] * means[run.get("max_tiles")]
+            tokens = run["images_per_s"] * means[run.get(setting)]
             run["tokens_per_s"] = round(tokens)
             run["mfu_vs_989_TFLOPs"] = round(2 * parameters * tokens / (H100_BF16_DENSE_TFLOPS * 1e12), 3)
             if measured:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from forensic_vlm.config import ModelConfig
 from forensic_vlm.errors import ConfigError
-from forensic_vlm.models.architectures import Architecture, architecture_of
+from forensic_vlm.models.architectures import ARCHITECTURES, Architecture, architecture_of
 
 
 @functools.cache
@@ -100,13 +100,27 @@ def load_processor(
     ``architecture`` defaults to the one ``source``'s config.json names, or for an adapter folder
     (which has none) the one of ``model_config.name_or_path``, its base model."""
     if architecture is None:
-        has_config = (Path(source) / "config.json").is_file()
-        architecture = architecture_of(source if has_config or model_config is None else model_config.name_or_path)
+        architecture = _architecture_of_source(Path(source), model_config)
     processor = processor_class(architecture).from_pretrained(str(source), trust_remote_code=False)
     processor.tokenizer.padding_side = "left"  # decoder-only: the answer position is the last one
     if model_config is not None:
         apply_resolution(processor.image_processor, model_config, architecture)
     return processor
+
+
+def _architecture_of_source(source: Path, model_config: ModelConfig | None) -> Architecture:
+    """A checkpoint's architecture from its config.json; a processor or adapter folder's from the
+    base model's, else from the processor class it was saved with."""
+    if (source / "config.json").is_file():
+        return architecture_of(source)
+    if model_config is not None and (Path(model_config.name_or_path) / "config.json").is_file():
+        return architecture_of(model_config.name_or_path)
+    saved = source / "processor_config.json"
+    name = json.loads(saved.read_text(encoding="utf-8")).get("processor_class") if saved.is_file() else None
+    for architecture in ARCHITECTURES.values():
+        if architecture.processor == name:
+            return architecture
+    return architecture_of(source)  # the named error: no config.json to read the architecture from
 
 
 def apply_resolution(image_processor, model_config: ModelConfig, architecture: Architecture) -> None:

@@ -82,22 +82,30 @@ def _padded_vocabulary(tokenizer) -> int:
     return -(-len(tokenizer) // 64) * 64
 
 
-def build_qwen2_5_vl(config: DemoModelConfig):
-    """(model, processor) of a tiny random Qwen2.5-VL."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def qwen2_5_vl_processor(min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 16384):
+    """Qwen2.5-VL's processor: its image processor (the real checkpoint's pixel budget by default,
+    4 to 16,384 image tokens), its chat template, and a tokenizer made here."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from forensic_vlm.models.architectures import ARCHITECTURES
 
     tokenizer = byte_level_tokenizer(QWEN_SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>")
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    return processor_class(ARCHITECTURES["qwen2_5_vl"])(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_CHAT_TEMPLATE
+    )
+
+
+def build_qwen2_5_vl(config: DemoModelConfig):
+    """(model, processor) of a tiny random Qwen2.5-VL."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
     # Between image_size^2 and (4 x image_size)^2 pixels: 4 to 64 image tokens at the default 56,
     # about what LLaVA-NeXT's tiny model gets from its anyres tiles.
     side = config.image_size
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=side**2, max_pixels=(4 * side) ** 2)
-    processor = processor_class(ARCHITECTURES["qwen2_5_vl"])(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_CHAT_TEMPLATE
-    )
+    processor = qwen2_5_vl_processor(min_pixels=side**2, max_pixels=(4 * side) ** 2)
+    tokenizer = processor.tokenizer
     heads = 4
     head_dim = config.text_hidden_size // heads
     text = {
