@@ -148,7 +148,9 @@ def write_random_model(folder: Path, processor, tiny: bool, architecture: str = 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(config).to(torch.bfloat16 if device == "cuda" else torch.float32)
+        model = AutoModelForImageTextToText.from_config(config).to(
+            torch.bfloat16 if device == "cuda" else torch.float32
+        )
     parameters = sum(p.numel() for p in model.parameters())
     (folder.parent / "parameters.json").write_text(json.dumps(parameters))
     model.save_pretrained(folder, safe_serialization=True)
@@ -635,7 +637,7 @@ def write_class_rows(model_dir: Path, rows: torch.Tensor) -> None:
     from safetensors.torch import load_file, save_file
 
     from forensic_vlm.modeling import load_processor
-    from forensic_vlm.prompting import answer_tokens, build_prompt
+    from forensic_vlm.prompting import answer_tokens
 
     def output_rows(path: Path) -> str | None:
         """The name of lm_head's weight in this file (the input embeddings' where they are tied)."""

@@ -51,7 +51,9 @@ def test_the_merged_checkpoint_is_plain_transformers_and_passes_parity(trained, 
         export_tiny(trained, tiny_model, tiny_dataset, out)
 
 
-def test_altered_merged_weights_stop_the_export_naming_the_image(trained, tiny_model, tiny_dataset, tmp_path, monkeypatch):
+def test_altered_merged_weights_stop_the_export_naming_the_image(
+    trained, tiny_model, tiny_dataset, tmp_path, monkeypatch
+):
     """A merge that went wrong (here: the output rows of the digits 0 and 1 swapped, as a bug in
     merging would) is caught by the parity check; no folder, partial or final, is left."""
     from forensic_vlm.modeling import load_processor

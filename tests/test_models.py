@@ -51,7 +51,7 @@ def test_the_table_names_each_architectures_own_modules(name: str) -> None:
 
 def test_an_unsupported_checkpoint_stops_naming_it_and_listing_the_supported(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "blip-2"}))
-    with pytest.raises(UnsupportedModelError, match="blip-2.*qwen2_5_vl.*idefics3.*gemma3") as caught:
+    with pytest.raises(UnsupportedModelError, match=r"blip-2.*qwen2_5_vl.*idefics3.*gemma3") as caught:
         architecture_of(tmp_path)
     assert str(tmp_path / "config.json") in str(caught.value)
 
@@ -113,7 +113,9 @@ def test_lora_trains_the_language_model_only_and_the_loss_falls(tiny) -> None:
     items = [(i, noise(96, 80, seed=i)) for i in range(4)]
     batch = Collator(processor, prompt, answer, labels=LABELS, mode="train")(items, [0, 1, 2, 3])
     torch.manual_seed(0)
-    model = add_lora(load_base_model(config, CPU), TrainConfig(lora_dropout=0.0), quantized=False, checkpointed_layers=1)
+    model = add_lora(
+        load_base_model(config, CPU), TrainConfig(lora_dropout=0.0), quantized=False, checkpointed_layers=1
+    )
     language_model = ARCHITECTURES[name].language_model
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n and f".{language_model}." in n for n in trained)
@@ -132,7 +134,7 @@ def test_pixel_budgets_change_qwens_tokens_and_are_refused_where_they_mean_nothi
     name, folder = tiny
     image = noise(512, 288)
     if name != "qwen2_5_vl":
-        with pytest.raises(ConfigError, match="min_pixels and model.max_pixels are for Qwen"):
+        with pytest.raises(ConfigError, match=r"min_pixels and model\.max_pixels are for Qwen"):
             load_processor(folder, ModelConfig(name_or_path=str(folder), max_pixels=28 * 28 * 8))
         with pytest.raises(ConfigError, match="max_tiles is for architectures that tile"):
             load_processor(folder, ModelConfig(name_or_path=str(folder), max_tiles=2))
@@ -276,7 +278,9 @@ def test_a_comparison_of_two_architectures_is_side_by_side_in_the_report(demo_ru
     assert [m["name"] for m in comparison["models"]] == ["llava_next", "qwen2_5_vl"]
     assert [m["architecture"] for m in comparison["models"]] == ["llava_next", "qwen2_5_vl"]
     (pair,) = comparison["pairs"]
-    assert pair["paired_images"] == comparison["test_images"] == len(read_tsv(workdir / "results" / "split" / "test.tsv"))
+    assert (
+        pair["paired_images"] == comparison["test_images"] == len(read_tsv(workdir / "results" / "split" / "test.tsv"))
+    )
     for model in comparison["models"]:
         for kind in ("zeroshot", "finetuned"):
             low, high = model[kind]["accuracy_95"]

@@ -17,7 +17,7 @@ from forensic_vlm.errors import ConfigError, DeviceError
 from forensic_vlm.kernels import fused_kernels_wanted, require_fp8
 from forensic_vlm.lightning_module import answer_loss
 from forensic_vlm.modeling import add_lora, decoder_layers, load_adapter, load_base_model, load_processor
-from forensic_vlm.prompting import answer_tokens, build_prompt
+from forensic_vlm.prompting import answer_tokens
 from forensic_vlm.scoring import scoring_path
 from forensic_vlm.training_plan import GiB, ModelShape, choose_plan
 

@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     augment.add_argument("--out", type=Path, default=Path("results/augment"))
     augment.add_argument("--workers", type=int, default=1)
 
-    demo_model = commands.add_parser("demo-model", help="write the tiny random LLaVA-NeXT of the demo")
+    demo_model = commands.add_parser("demo-model", help="write the demo's tiny random model (demo_model.architecture)")
     demo_model.add_argument("out_dir", type=Path)
 
     train = commands.add_parser("train", help="QLoRA fine-tuning; writes the adapter folder")

@@ -82,9 +82,7 @@ def load_base_model(config: ModelConfig, device: torch.device):
     if architecture.resolution == "anyres":
         tile = model.config.vision_config.image_size
         model.config.image_grid_pinpoints = capped_pinpoints(model.config.image_grid_pinpoints, tile, config.max_tiles)
-    log.info(
-        "loaded %s (%s, %s, %s) on %s", config.name_or_path, architecture.name, config.quantization, dtype, device
-    )
+    log.info("loaded %s (%s, %s, %s) on %s", config.name_or_path, architecture.name, config.quantization, dtype, device)
     return model
 
 

@@ -181,14 +181,17 @@ def _comparison_section(comparison: dict, classes: list[ClassSpec]) -> list[str]
         return f"{evaluation[key]:.3f} <span class=ci>[{low:.3f}, {high:.3f}]</span>"
 
     def rate(value: float | None, device: str | None) -> str:
-        return "n/a (every image from the prediction cache)" if value is None else f"{value:.1f} ({escape(device or '')})"
+        return (
+            "n/a (every image from the prediction cache)" if value is None else f"{value:.1f} ({escape(device or '')})"
+        )
 
+    columns = [
+        "model", "architecture", "fine-tuned accuracy [95 %]", "fine-tuned macro-F1 [95 %]",
+        "zero-shot accuracy [95 %]", "zero-shot macro-F1 [95 %]", "training images/s (device)",
+        "scoring images/s, fine-tuned (device)",
+    ]  # fmt: skip
     headline = html_table(
-        [
-            "model", "architecture", "fine-tuned accuracy [95 %]", "fine-tuned macro-F1 [95 %]",
-            "zero-shot accuracy [95 %]", "zero-shot macro-F1 [95 %]", "training images/s (device)",
-            "scoring images/s, fine-tuned (device)",
-        ],  # fmt: skip
+        columns,
         [
             [
                 escape(m["name"]),

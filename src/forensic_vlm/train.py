@@ -36,7 +36,6 @@ from forensic_vlm.errors import ResumeError
 from forensic_vlm.faults import fault_point
 from forensic_vlm.integrity import FolderState, model_files, write_listing
 from forensic_vlm.kernels import apply_fused_kernels, fused_kernels_wanted
-from forensic_vlm.models.architectures import architecture_of
 from forensic_vlm.lightning_module import (
     ClassifierModule,
     ResumableLoader,
@@ -53,6 +52,7 @@ from forensic_vlm.modeling import (
     require_gpus,
     resolve_device,
 )
+from forensic_vlm.models.architectures import architecture_of
 from forensic_vlm.prompting import TokenCounter, answer_tokens, build_prompt, preflight
 from forensic_vlm.provenance import package_versions
 from forensic_vlm.tables import read_tsv, write_atomically

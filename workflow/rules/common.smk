@@ -133,7 +133,9 @@ def get_evaluate_shard_cache(kind, scatteritem, name=None):
 
 def get_evaluate_shard_caches(kind, input, name=None):
     """Every shard's own cache, for the merging evaluation rule to merge into the shared one."""
-    return [get_evaluate_shard_cache(kind, Path(part).stem, name) for part in input.parts]
+    return [
+        get_evaluate_shard_cache(kind, Path(part).stem, name) for part in input.parts
+    ]
 
 
 def get_classify_shard_caches(wildcards, input):

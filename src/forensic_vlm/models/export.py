@@ -137,7 +137,9 @@ def check_parity(
         )  # fmt: skip
         scored[what] = scores
     largest = 0.0
-    for example, merged_row, reference in zip(examples, scored["merged"].rows, scored["base + adapter"].rows, strict=True):
+    for example, merged_row, reference in zip(
+        examples, scored["merged"].rows, scored["base + adapter"].rows, strict=True
+    ):
         if merged_row["predicted"] != reference["predicted"]:
             raise ExportParityError(
                 f"{example.name}: the merged model predicts class {merged_row['predicted']} and base + adapter "

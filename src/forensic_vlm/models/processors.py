@@ -149,7 +149,9 @@ def apply_resolution(image_processor, model_config: ModelConfig, architecture: A
                 f"model.min_pixels/max_pixels give {size['shortest_edge']} > {size['longest_edge']} pixels "
                 "with the checkpoint's own setting for the other"
             )
-        image_processor.size = type(image_processor.size)(**size) if not isinstance(image_processor.size, dict) else size
+        image_processor.size = (
+            type(image_processor.size)(**size) if not isinstance(image_processor.size, dict) else size
+        )
 
 
 def capped_pinpoints(pinpoints: list[list[int]], tile: int, max_tiles: int | None) -> list[list[int]]:
