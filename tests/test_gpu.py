@@ -206,3 +206,26 @@ def test_fp8_scoring_is_compiled_and_recorded(tiny_model: Path, tiny_dataset, tm
     assert results["fp8"]["quantization"] == "fp8"
     rows = {q: read_tsv(tmp_path / q / "predictions.tsv") for q in results}
     assert [r["sha256"] for r in rows["fp8"]] == [r["sha256"] for r in rows["none"]]
+
+
+def test_an_exported_model_gives_base_plus_adapters_classes_in_bf16_on_the_gpu(
+    trained, tiny_model, tiny_dataset, tmp_path, measured
+) -> None:
+    from forensic_vlm.models.export import export_merged
+    from forensic_vlm.tables import examples_from_table
+
+    record = export_merged(
+        trained["adapter"],
+        tmp_path / "merged",
+        examples=examples_from_table(read_tsv(tiny_dataset["val"]), tiny_dataset["raw_data"]),
+        classes=list(DEFAULT_CLASSES),
+        model_config=ModelConfig(name_or_path=str(tiny_model), quantization="none", device="cuda"),
+        evaluate_config=EvaluateConfig(batch_size=4, num_workers=0),
+    )
+    parity = record["parity"]
+    assert parity["compute"].startswith("bfloat16 on ")
+    assert parity["same_class"] == parity["images"] == len(read_tsv(tiny_dataset["val"]))
+    measured(
+        f"export parity on the GPU: same class on {parity['same_class']} of {parity['images']} images, "
+        f"largest probability difference {parity['largest_probability_difference']:.2e} ({parity['compute']})"
+    )
