@@ -361,6 +361,13 @@ class ClassifyConfig:
 
 
 @dataclass(frozen=True)
+class ReviewConfig:
+    dir: str = "reviews"
+    """Folder of the examiners' decisions, one reviews/<case>.jsonl a case: data, never evidence,
+    so never under raw_data nor under results (which a rerun may replace)."""
+
+
+@dataclass(frozen=True)
 class ComparedModel:
     name: str
     """Name of the run: its results are under results/models/<name>/."""
@@ -397,12 +404,17 @@ class Config:
     demo_model: DemoModelConfig = field(default_factory=DemoModelConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    review: ReviewConfig = field(default_factory=ReviewConfig)
     compare: tuple[ComparedModel, ...] = ()
     """Base models trained and evaluated side by side on the same split (results/models/<name>/,
     the report's comparison); each entry's model and train settings are merged over the sections
     above. Empty: the one model of the model section, as always."""
 
     def __post_init__(self) -> None:
+        reviews = Path(self.review.dir).resolve()
+        for key, folder in (("raw_data", self.raw_data), ("results", "results")):
+            if reviews == Path(folder).resolve() or Path(folder).resolve() in reviews.parents:
+                raise ConfigError(f"review.dir {self.review.dir} is inside {key} ({folder}): decisions are kept apart")
         names = [entry.name for entry in self.compare]
         if len(set(names)) != len(names):
             raise ConfigError(f"compare: names must differ, got {names}")

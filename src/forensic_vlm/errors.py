@@ -66,3 +66,7 @@ class UnsupportedModelError(ForensicVlmError, ValueError):
 
 class ExportParityError(ForensicVlmError, RuntimeError):
     """A merged model gives an image another class than base + adapter; the message names the image."""
+
+
+class DecisionFileError(ForensicVlmError, ValueError):
+    """A line of an examiner's decisions file cannot be used; the message names the file and line."""
