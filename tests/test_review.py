@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,115 @@ def test_decisions_are_kept_apart_from_the_evidence_and_the_results(folder: str)
     with pytest.raises(ConfigError, match=r"review\.dir"):
         Config.from_dict({"review": {"dir": folder}})
     assert Config.from_dict({"review": {"dir": "reviews"}}).review.dir == "reviews"
+
+
+def triage_folder(tmp_path: Path) -> tuple[Path, list[dict]]:
+    """A case's triage.tsv and the triage.csv written from it, as rule classify writes them."""
+    from forensic_vlm.exchange import write_triage_csv
+    from forensic_vlm.tables import write_tsv
+
+    folder = tmp_path / "results" / "classify" / "case_117"
+    rows = [
+        {
+            "sha256": f"{i:064x}",
+            "path": f"DCIM/IMG_{i:04d}.jpg",
+            "predicted": str(i % 4),
+            "predicted_en": "x",
+            "status": "scored",
+            "md5": "0" * 32,
+            "sha1": "0" * 40,
+            "size_bytes": "10",
+            "confidence": "0.9",
+            "needs_review": "false",
+            "deleted": "",
+            "partition": "",
+            "inode": "",
+            "mtime_utc": "",
+            "reason": "",
+        }
+        for i in range(1, 7)
+    ]
+    write_tsv(folder / "triage.tsv", list(rows[0]), rows)
+    write_triage_csv(folder / "triage.csv", rows)
+    return folder, rows
+
+
+def edited_csv(folder: Path, tmp_path: Path, categories: dict[int, str]) -> Path:
+    """triage.csv with some Category cells changed, as a spreadsheet saves it (BOM, CRLF)."""
+    import csv
+    import io
+
+    text = (folder / "triage.csv").read_bytes().decode("utf-8-sig")
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    for index, value in categories.items():
+        rows[index]["Category"] = value
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path = tmp_path / "reviewed.csv"
+    path.write_bytes(("\ufeff" + out.getvalue()).encode())
+    return path
+
+
+def test_an_edited_triage_csv_becomes_decisions_for_the_rows_the_examiner_changed(tmp_path: Path) -> None:
+    from forensic_vlm.review.imports import import_decisions
+    from forensic_vlm.tables import sha256_file
+
+    folder, rows = triage_folder(tmp_path)
+    # Row 0 (model: 1) changed to 3; row 1 (model: 2) cleared: not reviewed; row 2 (model: 3) named
+    # in Korean as class 0; row 3 (model: 0) unusable; rows 4 and 5 left as the model said.
+    source = edited_csv(folder, tmp_path, {0: "3", 1: "", 2: "관련 없음", 3: "Unusable"})
+    log = DecisionLog(tmp_path / "reviews" / "case_117.jsonl", DEFAULT_CLASSES)
+    counts = import_decisions(source, folder / "triage.tsv", log, examiner="Kim Jiwoo")
+    assert (counts.rows, counts.decisions, counts.not_reviewed, counts.same_as_model) == (6, 3, 1, 2)
+    made = log.read()
+    assert [(d.sha256, d.decision, d.predicted) for d in made] == [
+        (rows[0]["sha256"], "3", "1"),
+        (rows[2]["sha256"], "0", "3"),
+        (rows[3]["sha256"], UNUSABLE, "0"),
+    ]
+    assert {d.triage_sha256 for d in made} == {sha256_file(folder / "triage.tsv")}
+    assert made[0].source == "import reviewed.csv, line 2" and made[0].examiner == "Kim Jiwoo"
+    again = import_decisions(source, folder / "triage.tsv", log, examiner="Park", all_rows=True)
+    assert again.decisions == 5 and len(log.read()) == 8  # the earlier decisions stay; the later ones hold
+    assert log.current()[rows[4]["sha256"]].decision == rows[4]["predicted"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [({0: "7"}, "line 2: category '7' is no class"), ({2: "drugs?"}, "line 4: category 'drugs?' is no class")],
+)
+def test_an_unknown_category_stops_the_import_naming_the_line_and_writes_nothing(tmp_path, edit, named) -> None:
+    from forensic_vlm.review.imports import import_decisions
+
+    folder, _ = triage_folder(tmp_path)
+    source = edited_csv(folder, tmp_path, {1: "0", **edit})  # a good decision on line 3 comes first or after
+    log = DecisionLog(tmp_path / "reviews" / "case_117.jsonl", DEFAULT_CLASSES)
+    with pytest.raises(DecisionFileError, match=re.escape(named)):
+        import_decisions(source, folder / "triage.tsv", log, examiner="Kim Jiwoo")
+    assert not log.path.exists()
+
+
+def test_a_row_naming_an_image_the_triage_does_not_hold_is_named_by_the_command(tmp_path: Path, capsys) -> None:
+    import os
+
+    from forensic_vlm.cli import main
+
+    triage_folder(tmp_path)
+    source = tmp_path / "suite_export.csv"
+    source.write_text(f"Hash (SHA256),Category\n{2:064x},2\n{'f' * 64},1\n", encoding="utf-8")
+    before = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        status = main(["review", "import", str(source), "--case", "case_117", "--examiner", "Kim", "--all-rows"])
+        assert status == 2
+        assert f"{source}, line 3: SHA-256 {'f' * 64} is not an image of the triage" in capsys.readouterr().err
+        assert not (tmp_path / "reviews").exists()
+        source.write_text(f"Hash (SHA256),Category\n{2:064x},2\n", encoding="utf-8")
+        assert main(["review", "import", str(source), "--case", "case_117", "--examiner", "Kim", "--all-rows"]) == 0
+        assert [d.decision for d in DecisionLog(tmp_path / "reviews" / "case_117.jsonl", DEFAULT_CLASSES).read()] == [
+            "2"
+        ]
+    finally:
+        os.chdir(before)

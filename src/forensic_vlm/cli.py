@@ -116,6 +116,22 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--raw-data", type=Path, required=True, help="the evidence folder the test table names")
     export.add_argument("--model", default=None, help="base model folder or hub id (default: model.name_or_path)")
     export.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="of the saved weights")
+
+    review = commands.add_parser("review", help="the examiner's decisions on a triage (review.dir/<case>.jsonl)")
+    actions = review.add_subparsers(dest="review_command", required=True)
+    imported = actions.add_parser(
+        "import", help="decisions from triage.csv edited in a spreadsheet, or a forensic suite's export"
+    )
+    imported.add_argument("file", type=Path, help="CSV with a SHA-256 column and a category column")
+    imported.add_argument("--case", required=True, help="the triage's case name")
+    imported.add_argument("--examiner", required=True, help="who made the decisions")
+    imported.add_argument(
+        "--results", type=Path, default=None, help="the triage folder (default: results/classify/<case>)"
+    )
+    imported.add_argument("--column", default="Category", help="the category column (default: Category)")
+    imported.add_argument(
+        "--all-rows", action="store_true", help="a category equal to the model's is a decision too (every row reviewed)"
+    )
     return parser
 
 
@@ -187,10 +203,25 @@ def main(argv: list[str] | None = None) -> int:
             build_report(inputs, list(config.classes), config.report, args.out or args.results / "report")
         elif args.command == "export":
             _export(args, config)
+        elif args.command == "review":
+            _review(args, config)
     except ForensicVlmError as error:
         logging.getLogger("forensic_vlm").error("%s", error)
         return 2
     return 0
+
+
+def _review(args: argparse.Namespace, config: Config) -> None:
+    from forensic_vlm.review.decisions import DecisionLog, decisions_path
+    from forensic_vlm.review.imports import import_decisions
+
+    triage = (args.results or Path("results/classify") / args.case) / "triage.tsv"
+    if not triage.is_file():
+        raise InputNotFoundError(f"review import: {triage} does not exist (run the triage of case {args.case} first)")
+    if not args.file.is_file():
+        raise InputNotFoundError(f"review import: {args.file} does not exist")
+    log = DecisionLog(decisions_path(Path(config.review.dir), args.case), config.classes)
+    import_decisions(args.file, triage, log, examiner=args.examiner, column=args.column, all_rows=args.all_rows)
 
 
 def _export(args: argparse.Namespace, config: Config) -> None:
