@@ -210,3 +210,79 @@ def test_a_row_naming_an_image_the_triage_does_not_hold_is_named_by_the_command(
         ]
     finally:
         os.chdir(before)
+
+
+class RunningServer:
+    """The review app on 127.0.0.1, in a thread of this process, on a free port."""
+
+    def __init__(self, session) -> None:
+        import threading
+
+        from werkzeug.serving import make_server
+
+        from forensic_vlm.review.server import create_app
+
+        self.server = make_server("127.0.0.1", 0, create_app(session), threaded=False)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.thread.join()
+
+
+@pytest.mark.slow
+def test_the_review_page_takes_keyboard_decisions_and_a_restart_resumes_where_they_stopped(demo_run, tmp_path) -> None:
+    from playwright.sync_api import sync_playwright
+    from report_screenshot import CHROMIUM_ARGS, chromium, require_chromium
+
+    from conftest import tree_hashes
+    from forensic_vlm.review.server import ReviewSession
+
+    require_chromium()
+    results = demo_run["workdir"] / "results" / "classify" / "demo"
+    evidence = demo_run["workdir"] / "results" / "demo" / "extraction"
+    before = tree_hashes(evidence)
+    log = DecisionLog(tmp_path / "reviews" / "demo.jsonl", DEFAULT_CLASSES)
+    session = ReviewSession(results, log, list(DEFAULT_CLASSES))
+    first = session.items()[:3]
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        server = RunningServer(session)
+        page = browser.new_page()
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(server.url)
+        page.fill("#examiner", "Kim Jiwoo")
+        page.press("#examiner", "Enter")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('1 of')")
+        assert page.eval_on_selector("#image", "e => e.complete && e.naturalWidth > 0") or page.wait_for_function(
+            "document.getElementById('image').naturalWidth > 0"
+        )
+        for key, done in (("2", 1), ("c", 2), ("u", 3)):
+            page.keyboard.press(key)
+            page.wait_for_function(f"document.getElementById('status').textContent.includes('{done} decided')")
+        server.stop()
+        made = log.read()
+        assert [(d.sha256, d.decision) for d in made] == [
+            (first[0]["sha256"], "2"),
+            (first[1]["sha256"], first[1]["predicted"]),
+            (first[2]["sha256"], "unusable"),
+        ]
+        assert {d.examiner for d in made} == {"Kim Jiwoo"} and {d.source for d in made} == {"review page"}
+        # A restarted server (on another port, so the page asks for the examiner again) opens at
+        # the fourth image, the first without a decision.
+        server = RunningServer(ReviewSession(results, log, list(DEFAULT_CLASSES)))
+        page.goto(server.url)
+        page.fill("#examiner", "Kim Jiwoo")
+        page.press("#examiner", "Enter")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('4 of')")
+        assert "3 decided" in page.text_content("#status")
+        page.keyboard.press("ArrowLeft")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('3 of')")
+        assert "decided: unusable" in page.text_content("#status")
+        server.stop()
+        browser.close()
+    assert errors == []
+    assert tree_hashes(evidence) == before  # the evidence was only read

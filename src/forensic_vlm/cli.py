@@ -119,6 +119,12 @@ def _parser() -> argparse.ArgumentParser:
 
     review = commands.add_parser("review", help="the examiner's decisions on a triage (review.dir/<case>.jsonl)")
     actions = review.add_subparsers(dest="review_command", required=True)
+    served = actions.add_parser("serve", help="the review page on http://127.0.0.1:PORT/ (this machine only)")
+    served.add_argument("--case", required=True, help="the triage's case name")
+    served.add_argument(
+        "--results", type=Path, default=None, help="the triage folder (default: results/classify/<case>)"
+    )
+    served.add_argument("--port", type=int, default=8765)
     imported = actions.add_parser(
         "import", help="decisions from triage.csv edited in a spreadsheet, or a forensic suite's export"
     )
@@ -215,12 +221,17 @@ def _review(args: argparse.Namespace, config: Config) -> None:
     from forensic_vlm.review.decisions import DecisionLog, decisions_path
     from forensic_vlm.review.imports import import_decisions
 
+    log = DecisionLog(decisions_path(Path(config.review.dir), args.case), config.classes)
+    if args.review_command == "serve":
+        from forensic_vlm.review.server import ReviewSession, serve
+
+        serve(ReviewSession(args.results or Path("results/classify") / args.case, log, list(config.classes)), args.port)
+        return
     triage = (args.results or Path("results/classify") / args.case) / "triage.tsv"
     if not triage.is_file():
         raise InputNotFoundError(f"review import: {triage} does not exist (run the triage of case {args.case} first)")
     if not args.file.is_file():
         raise InputNotFoundError(f"review import: {args.file} does not exist")
-    log = DecisionLog(decisions_path(Path(config.review.dir), args.case), config.classes)
     import_decisions(args.file, triage, log, examiner=args.examiner, column=args.column, all_rows=args.all_rows)
 
 
