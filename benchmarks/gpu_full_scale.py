@@ -105,13 +105,10 @@ def full_size_config(tiny: bool, architecture: str = "llava_next", processor=Non
 def qwen2_5_vl_7b_config(tiny: bool, processor):
     """Qwen/Qwen2.5-VL-7B-Instruct's configuration (8.29 B parameters), its token ids those of the
     tokenizer made here; ``tiny``: the demo's tiny Qwen2.5-VL."""
-    from transformers import Qwen2_5_VLConfig
+    from forensic_vlm.models.tiny import build_qwen2_5_vl, qwen2_5_vl_config
 
     if tiny:
-        from forensic_vlm.models.tiny import build_qwen2_5_vl
-
         return build_qwen2_5_vl(DemoModelConfig(architecture="qwen2_5_vl"))[0].config
-    ids = processor.tokenizer.convert_tokens_to_ids
     text = {
         "vocab_size": 152064,
         "hidden_size": 3584,
@@ -131,14 +128,7 @@ def qwen2_5_vl_7b_config(tiny: bool, processor):
         "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
         "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu",
     }  # fmt: skip
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        tie_word_embeddings=False,
-    )
+    return qwen2_5_vl_config(processor.tokenizer, text, vision)
 
 
 def write_random_model(folder: Path, processor, tiny: bool, architecture: str = "llava_next") -> int:

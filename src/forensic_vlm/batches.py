@@ -139,7 +139,7 @@ class Collator:
         for key, value in batch.items():
             # Per-token tensors beside the ids (Gemma's token_type_ids, Qwen's mm_token_type_ids)
             # mark image positions: the answer's tokens are text, 0.
-            if key not in ("input_ids", "attention_mask", "indices") and value.shape == batch["input_ids"].shape:
+            if key not in ("input_ids", "attention_mask") and value.shape == batch["input_ids"].shape:
                 batch[key] = torch.cat([value, torch.zeros_like(tail, dtype=value.dtype)], dim=1)
         batch["input_ids"] = torch.cat([batch["input_ids"], tail], dim=1)
         batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(tail)], dim=1)

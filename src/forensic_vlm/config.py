@@ -216,7 +216,7 @@ class DemoModelConfig:
     """Layers in each of the two towers."""
     image_size: int = 56
     """Tile size in pixels (patch 14): LLaVA-NeXT's anyres grid pinpoints are multiples of it,
-    Idefics3 splits into tiles of it, and Qwen2.5-VL's pixel budget is (2 x image_size)^2."""
+    Idefics3 splits into tiles of it, and Qwen2.5-VL's pixel budget is image_size^2 to (4 x image_size)^2."""
     seed: int = 0
     """Seed of the random initialisation."""
 

@@ -35,11 +35,17 @@ def png_data_uri(path: Path) -> str:
 def thumbnail(path: Path, sha256: str, size: int, data: bytes | None = None) -> str:
     """A JPEG thumbnail as a data URI, made after the file's sha256 is checked again (``data``:
     its bytes as read from an evidence container)."""
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg_bytes(path, sha256, size, data)).decode()
+
+
+def jpeg_bytes(path: Path, sha256: str, size: int, data: bytes | None = None, *, quality: int = 80) -> bytes:
+    """The image as JPEG in memory, at most ``size`` pixels a side, after its sha256 is checked
+    again; nothing is written anywhere."""
     image = load_checked_image(path, sha256, data)
     image.thumbnail((size, size))
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
 
 
 STYLE = (

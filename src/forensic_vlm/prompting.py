@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from forensic_vlm.errors import PreflightError
-from forensic_vlm.models.architectures import ARCHITECTURES, DEFAULT, Architecture
+from forensic_vlm.models.architectures import DEFAULT, Architecture, by_processor
 
 
 def build_prompt(processor, question: str) -> str:
@@ -35,8 +35,7 @@ def _conversation(question: str, answer: str | None = None) -> list[dict]:
 
 def processor_architecture(processor) -> Architecture:
     """The architecture a processor belongs to, by its class (the default for any other)."""
-    name = type(processor).__name__
-    return next((a for a in ARCHITECTURES.values() if a.processor == name), DEFAULT)
+    return by_processor(type(processor).__name__) or DEFAULT
 
 
 @dataclass(frozen=True)

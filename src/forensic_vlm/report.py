@@ -67,8 +67,12 @@ def mcnemar(zeroshot: list[dict], finetuned: list[dict]) -> dict:
 
 
 def _interval(metrics: dict, key: str) -> str:
-    low, high = metrics["bootstrap_95"][key]
-    return f"{metrics[key]:.3f} <span class=ci>[{low:.3f}, {high:.3f}]</span>"
+    return _with_interval(metrics[key], metrics["bootstrap_95"][key])
+
+
+def _with_interval(value: float, interval: list[float]) -> str:
+    low, high = interval
+    return f"{value:.3f} <span class=ci>[{low:.3f}, {high:.3f}]</span>"
 
 
 def provenance(inputs: ReportInputs, metrics: dict[str, dict]) -> list[list[object]]:
@@ -177,8 +181,7 @@ def _comparison_section(comparison: dict, classes: list[ClassSpec]) -> list[str]
     models = comparison["models"]
 
     def interval(evaluation: dict, key: str) -> str:
-        low, high = evaluation[f"{key}_95"]
-        return f"{evaluation[key]:.3f} <span class=ci>[{low:.3f}, {high:.3f}]</span>"
+        return _with_interval(evaluation[key], evaluation[f"{key}_95"])
 
     def rate(value: float | None, device: str | None) -> str:
         return (

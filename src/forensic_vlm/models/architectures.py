@@ -133,6 +133,11 @@ def by_name(name: str) -> Architecture:
     return ARCHITECTURES[name]
 
 
+def by_processor(name: str | None) -> Architecture | None:
+    """The architecture whose processor class is ``name`` (as a saved processor_config.json names it)."""
+    return next((a for a in ARCHITECTURES.values() if a.processor == name), None)
+
+
 def by_model_type(model_type: str, where: str) -> Architecture:
     for architecture in ARCHITECTURES.values():
         if model_type in architecture.model_types:

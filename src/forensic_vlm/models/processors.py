@@ -16,7 +16,7 @@ from pathlib import Path
 
 from forensic_vlm.config import ModelConfig
 from forensic_vlm.errors import ConfigError
-from forensic_vlm.models.architectures import ARCHITECTURES, Architecture, architecture_of
+from forensic_vlm.models.architectures import Architecture, architecture_of, by_processor
 
 
 @functools.cache
@@ -117,10 +117,8 @@ def _architecture_of_source(source: Path, model_config: ModelConfig | None) -> A
         return architecture_of(model_config.name_or_path)
     saved = source / "processor_config.json"
     name = json.loads(saved.read_text(encoding="utf-8")).get("processor_class") if saved.is_file() else None
-    for architecture in ARCHITECTURES.values():
-        if architecture.processor == name:
-            return architecture
-    return architecture_of(source)  # the named error: no config.json to read the architecture from
+    # Neither: architecture_of gives the named error (no config.json to read the architecture from).
+    return by_processor(name) or architecture_of(source)
 
 
 def apply_resolution(image_processor, model_config: ModelConfig, architecture: Architecture) -> None:

@@ -99,7 +99,7 @@ def qwen2_5_vl_processor(min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 
 def build_qwen2_5_vl(config: DemoModelConfig):
     """(model, processor) of a tiny random Qwen2.5-VL."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     # Between image_size^2 and (4 x image_size)^2 pixels: 4 to 64 image tokens at the default 56,
     # about what LLaVA-NeXT's tiny model gets from its anyres tiles.
@@ -135,8 +135,16 @@ def build_qwen2_5_vl(config: DemoModelConfig):
         "window_size": 56,
         "fullatt_block_indexes": [config.num_layers - 1],
     }
+    torch.manual_seed(config.seed)
+    return Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tokenizer, text, vision)), processor
+
+
+def qwen2_5_vl_config(tokenizer, text: dict, vision: dict):
+    """A Qwen2.5-VL configuration whose image and video token ids are those of ``tokenizer``."""
+    from transformers import Qwen2_5_VLConfig
+
     ids = tokenizer.convert_tokens_to_ids
-    model_config = Qwen2_5_VLConfig(
+    return Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,
         image_token_id=ids("<|image_pad|>"),
@@ -144,8 +152,6 @@ def build_qwen2_5_vl(config: DemoModelConfig):
         vision_start_token_id=ids("<|vision_start|>"),
         tie_word_embeddings=False,
     )
-    torch.manual_seed(config.seed)
-    return Qwen2_5_VLForConditionalGeneration(model_config), processor
 
 
 def _mrope(head_dim: int) -> list[int]:

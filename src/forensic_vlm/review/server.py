@@ -12,7 +12,6 @@ network: the page works offline.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
@@ -76,7 +75,7 @@ class ReviewSession:
 
     def image(self, sha256: str) -> bytes:
         """The image as JPEG, from the evidence, its content checked against the triage's sha256."""
-        from forensic_vlm.images import load_checked_image
+        from forensic_vlm.pages import jpeg_bytes
 
         row = self.by_sha256[sha256]
         data = None
@@ -84,11 +83,7 @@ class ReviewSession:
             from forensic_vlm.evidence import read_located
 
             data = read_located(self.locators[sha256])
-        image = load_checked_image(self.input_dir / decode_path(row["path"], row["flags"]), sha256, data)
-        image.thumbnail((1600, 1600))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=90)
-        return buffer.getvalue()
+        return jpeg_bytes(self.input_dir / decode_path(row["path"], row["flags"]), sha256, 1600, data, quality=90)
 
     def decide(self, sha256: str, decision: str, examiner: str) -> Decision:
         row = self.by_sha256[sha256]
