@@ -317,11 +317,11 @@ def test_a_container_changed_after_its_listing_stops_the_triage(tiny_model: Path
     script = (
         "import sys, json\n"
         "from pathlib import Path\n"
-        "from forensic_vlm.batches import Example, read_example\n"
-        "from forensic_vlm.images import load_checked_image\n"
+        "from forensic_vlm.batches import Example\n"
+        "from forensic_vlm.images import load_checked_image, read_located_bytes\n"
         "row = json.loads(sys.argv[1])\n"
         "example = Example(Path(row['path']), row['sha256'], -1, 1, 1, row['path'], locator=row['locator'])\n"
-        "load_checked_image(example.path, example.sha256, read_example(example))\n"
+        "load_checked_image(example.path, example.sha256, read_located_bytes(example.locator))\n"
     )
     changed = next(r for r in listing.inspections if r.path == "DCIM/1.jpg")
     row = json.dumps({"path": f"{archive}/{changed.path}", "sha256": changed.sha256, "locator": changed.locator})

@@ -43,7 +43,11 @@ LINEAGE_COLUMNS = (
     "reused",
 )
 PIPELINE_VERSION = "reference-2"  # bump when reference_pipeline changes, so cached children are redone
-TRAINING_COLUMNS = ("sha256", "path", "flags", "label", "width", "height", "source", "parent_sha256")
+# case: the reviewed case a row (or its parent) came from, empty for raw_data; root and locator
+# find a reviewed image in its case's evidence.
+TRAINING_COLUMNS = (
+    "sha256", "path", "flags", "label", "width", "height", "source", "parent_sha256", "case", "root", "locator",
+)  # fmt: skip
 
 
 def reference_pipeline(height: int, width: int, seed: int, crop_size: tuple[int, int] | None) -> A.Compose:
@@ -176,6 +180,7 @@ def augment_training_set(
     work = partial(_augment_one, raw_data=Path(raw_data), images_dir=images_dir, config=config, cache=cache)
     lineage = [row for rows in ordered_map(work, jobs, workers, "augment") for row in rows]
     write_tsv(out_dir / "lineage.tsv", LINEAGE_COLUMNS, lineage)
+    case_of = {r["sha256"]: r.get("case", "") for r in train}
     training = [
         {
             "sha256": r["sha256"],
@@ -184,8 +189,11 @@ def augment_training_set(
             "label": r["label"],
             "width": r["width"],
             "height": r["height"],
-            "source": "raw_data",
+            "source": "review" if r.get("case") else "raw_data",
             "parent_sha256": "",
+            "case": r.get("case", ""),
+            "root": r.get("root", ""),
+            "locator": r.get("locator", ""),
         }
         for r in train
     ] + [
@@ -197,6 +205,7 @@ def augment_training_set(
             "height": c["height"],
             "source": "augment",
             "parent_sha256": c["parent_sha256"],
+            "case": case_of[c["parent_sha256"]],
         }
         for c in lineage
     ]

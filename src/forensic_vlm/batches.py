@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from forensic_vlm.images import load_checked_image
+from forensic_vlm.images import load_checked_image, read_located_bytes
 from forensic_vlm.prompting import AnswerTokens
 
 # Re-exported: the examples of a table are read in modules that never import torch.
@@ -32,15 +32,6 @@ def model_inputs(batch: dict) -> dict:
     return {key: value for key, value in batch.items() if key not in BOOKKEEPING}
 
 
-def read_example(example: Example) -> bytes | None:
-    """The bytes of an example inside an evidence container (None: read ``example.path``)."""
-    if not example.locator:
-        return None
-    from forensic_vlm.evidence import read_located  # the [evidence] extra, only for containers
-
-    return read_located(example.locator)
-
-
 class ImageDataset(Dataset):
     def __init__(self, examples: Sequence[Example]) -> None:
         self.examples = list(examples)
@@ -50,7 +41,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, object]:
         example = self.examples[index]
-        return index, load_checked_image(example.path, example.sha256, read_example(example))
+        return index, load_checked_image(example.path, example.sha256, read_located_bytes(example.locator))
 
 
 class TokenGroupedBatches(Sampler[list[int]]):

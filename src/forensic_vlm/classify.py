@@ -222,6 +222,13 @@ def _examples(root: Path, usable: list[Inspection]) -> list[Example]:
     ]
 
 
+def _reviews_trained_on(adapter: Path | None) -> list[dict]:
+    card = Path(adapter) / "training.json" if adapter else None
+    if card is None or not card.is_file():
+        return []
+    return json.loads(card.read_text(encoding="utf-8")).get("reviews", [])
+
+
 def write_triage(
     root: Path,
     inspections: list[Inspection],
@@ -526,6 +533,8 @@ def custody_record(
             "files_sha256": scoring["model_files_sha256"],
         },
         "adapter": {"path": str(adapter), "files_sha256": scoring["adapter_files_sha256"]} if adapter else None,
+        # The examiners' decisions files the adapter learned from (their sha256 as trained on).
+        "reviews_trained_on": _reviews_trained_on(adapter),
         "review_thresholds": thresholds or "none: zero-shot has no validated thresholds; every image needs review",
         "configuration_sha256": config_sha256(configuration),
         "configuration": configuration,

@@ -283,10 +283,15 @@ class DemoConfig:
     """Add a few deliberately unusable files so the demo shows rejects and flags."""
     extraction_images: int = 48
     """Images in the demo's unlabeled phone extraction (results/demo/extraction), for classify."""
+    review_case_images: int = 48
+    """Images in each of the demo's new-phone cases (results/demo/review_cases/<case>), whose
+    pictures look unlike raw_data's, for the review loop (docs/review.md)."""
 
     def __post_init__(self) -> None:
-        if self.images_per_class < 1 or self.extraction_images < 1:
-            raise ConfigError("demo.images_per_class and demo.extraction_images must be at least 1")
+        if self.images_per_class < 1 or self.extraction_images < 1 or self.review_case_images < 4:
+            raise ConfigError(
+                "demo.images_per_class and demo.extraction_images must be at least 1, demo.review_case_images at least 4"
+            )
 
 
 @dataclass(frozen=True)
@@ -365,6 +370,18 @@ class ReviewConfig:
     dir: str = "reviews"
     """Folder of the examiners' decisions, one reviews/<case>.jsonl a case: data, never evidence,
     so never under raw_data nor under results (which a rerun may replace)."""
+    use_for_training: bool = False
+    """Reviewed images of every case join the labeled set (results/review/labels.tsv), each case
+    whole on one side of the split; the report then compares the model before and after them."""
+    test_cases: tuple[str, ...] = ()
+    """Reviewed cases held out whole for testing (the measured gain); every other case trains."""
+
+    def __post_init__(self) -> None:
+        if self.test_cases and not self.use_for_training:
+            raise ConfigError("review.test_cases is set but review.use_for_training is false")
+        for case in self.test_cases:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", case):
+                raise ConfigError(f"review.test_cases: {case!r} is not a case name")
 
 
 @dataclass(frozen=True)

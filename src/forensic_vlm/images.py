@@ -13,14 +13,25 @@ import pillow_heif
 from PIL import Image, ImageOps
 
 from forensic_vlm.errors import EvidenceChangedError
-from forensic_vlm.tables import decode_path, sha256_bytes
+from forensic_vlm.tables import image_location, sha256_bytes
 
 pillow_heif.register_heif_opener()
 
 
 def load_evidence_image(raw_data: Path, row: dict[str, str]) -> Image.Image:
-    """Open a manifest row's file read-only, check its sha256, and return it upright in RGB."""
-    return load_checked_image(Path(raw_data) / decode_path(row["path"], row.get("flags", "")), row["sha256"])
+    """Open a table row's file read-only (under raw_data, or in a reviewed case's evidence), check
+    its sha256, and return it upright in RGB."""
+    path, locator = image_location(row, raw_data)
+    return load_checked_image(path, row["sha256"], read_located_bytes(locator))
+
+
+def read_located_bytes(locator: str) -> bytes | None:
+    """The bytes of a file inside an evidence container (None without a locator: read the path)."""
+    if not locator:
+        return None
+    from forensic_vlm.evidence import read_located  # the [evidence] extra, only for containers
+
+    return read_located(locator)
 
 
 def load_checked_image(path: Path, sha256: str, data: bytes | None = None) -> Image.Image:

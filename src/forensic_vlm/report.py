@@ -19,7 +19,8 @@ from forensic_vlm.figures import plot_learning_curves, plot_reliability
 from forensic_vlm.metrics import paired_mcnemar
 from forensic_vlm.pages import escape, html_page, html_table, png_data_uri, thumbnail
 from forensic_vlm.provenance import config_sha256, git_commit, package_versions
-from forensic_vlm.tables import decode_path, read_tsv, sha256_file
+from forensic_vlm.images import read_located_bytes
+from forensic_vlm.tables import image_location, read_tsv, sha256_file
 
 KINDS = ("zeroshot", "finetuned")
 TITLES = {"zeroshot": "zero-shot (base model)", "finetuned": "fine-tuned (base + adapter)"}
@@ -304,9 +305,8 @@ def _gallery(rows: list[dict], raw_data: Path, by_id: dict[int, ClassSpec], conf
         )
         image = ""
         if config.show_images:
-            source = thumbnail(
-                Path(raw_data) / decode_path(r["path"], r.get("flags", "")), r["sha256"], config.thumbnail_px
-            )
+            path, locator = image_location(r, raw_data)
+            source = thumbnail(path, r["sha256"], config.thumbnail_px, read_located_bytes(locator))
             image = f"<img alt='{escape(r['path'])}' src='{source}'>"
         cards.append(f"<figure class=card>{image}<figcaption>{caption}</figcaption></figure>")
     return [*head, f"<div class=gallery>{''.join(cards)}</div>" if cards else "<p>None.</p>"]

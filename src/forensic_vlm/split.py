@@ -27,7 +27,12 @@ from forensic_vlm.tables import read_tsv, write_tsv
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-SPLIT_COLUMNS = ("sha256", "path", "label", "class_folder", "group", "flags", "format", "width", "height")
+# case, root, locator: empty for raw_data; for an image that joined from an examiner's review, its
+# case, the evidence folder or container it was triaged from, and its locator inside a container.
+SPLIT_COLUMNS = (
+    "sha256", "path", "label", "class_folder", "group", "flags", "format", "width", "height",
+    "case", "root", "locator",
+)  # fmt: skip
 SUMMARY_COLUMNS = ("label", "class_en", "class_ko", "split", "n", "share", "target_share", "note")
 
 
@@ -130,16 +135,33 @@ def _reference_split(items: list[str], labels: list[str], size: float, seed: int
         return train_test_split(items, test_size=size, random_state=seed)
 
 
-def split_dataset(manifest: Path, out_dir: Path, classes: Sequence[ClassSpec], config: SplitConfig) -> dict[str, int]:
-    """Write train/val/test.tsv and summary.tsv for the usable, de-duplicated manifest rows."""
-    rows = [r for r in read_tsv(Path(manifest)) if not r["duplicate_of"]]
+def assign_raw_data(rows: Sequence[dict[str, str]], config: SplitConfig) -> dict[str, tuple[str, str]]:
+    """sha256 -> (split, group) for raw_data's rows, by the configured method."""
     assign = assign_stable if config.method == "stable" else assign_sklearn
-    assignment = assign(rows, config) if rows else {}
+    return assign(rows, config) if rows else {}
+
+
+def split_dataset(
+    manifest: Path,
+    out_dir: Path,
+    classes: Sequence[ClassSpec],
+    config: SplitConfig,
+    reviewed: Path | None = None,
+) -> dict[str, int]:
+    """Write train/val/test.tsv and summary.tsv for the usable, de-duplicated manifest rows.
+
+    ``reviewed``: results/review/labels.tsv, the examiners' labels, each on the side its case was
+    given (review.labels); raw_data's rows are assigned exactly as without them.
+    """
+    rows = [r for r in read_tsv(Path(manifest)) if not r["duplicate_of"]]
+    assignment = assign_raw_data(rows, config)
     out_dir = Path(out_dir)
     by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for row in rows:
         split, group = assignment[row["sha256"]]
         by_split[split].append({**row, "group": group})
+    for row in read_tsv(Path(reviewed)) if reviewed else []:
+        by_split[row["split"]].append(row)
     counts = {}
     for split, members in by_split.items():
         counts[split] = write_tsv(out_dir / f"{split}.tsv", SPLIT_COLUMNS, members)

@@ -119,6 +119,16 @@ class Example:
     locator: str = ""  # inside an evidence container: its dfVFS locator (``path`` then only names it)
 
 
+def image_location(row: Mapping[str, str], raw_data: Path) -> tuple[Path, str]:
+    """Where a table row's image is: its file, and its locator when it lies inside a container.
+
+    Rows from raw_data name a path under it; rows that joined from an examiner's review carry the
+    root of their case's evidence (``root``) and, inside a container, the dfVFS locator.
+    """
+    root = Path(row["root"]) if row.get("root") else Path(raw_data)
+    return root / decode_path(row["path"], row.get("flags", "")), row.get("locator", "") or ""
+
+
 def examples_from_table(
     rows: Sequence[dict[str, str]], raw_data: Path, augment_dir: Path | None = None
 ) -> list[Example]:
@@ -129,8 +139,9 @@ def examples_from_table(
             if augment_dir is None:
                 raise ValueError(f"{row['path']}: an augmented image but no augment folder was given")
             path = Path(augment_dir) / row["path"]
+            locator = ""
         else:
-            path = Path(raw_data) / decode_path(row["path"], row.get("flags", ""))
+            path, locator = image_location(row, raw_data)
         examples.append(
             Example(
                 path,
@@ -140,6 +151,7 @@ def examples_from_table(
                 int(row["height"]),
                 row["path"],
                 row.get("flags", ""),
+                locator,
             )
         )
     return examples

@@ -67,15 +67,46 @@ class TrainingData:
     train: list[Example]
     val: list[Example]
     manifest_sha256: str  # digest of the tables trained on, recorded in the model card
+    reviews: list[dict] | None = None  # the decisions files whose labels were trained on (name, sha256)
 
 
-def load_training_data(train_table: Path, val_table: Path, raw_data: Path, augment_dir: Path | None) -> TrainingData:
-    """Examples of ``train_augmented.tsv`` (or a split's train.tsv) and ``val.tsv``."""
-    digest = hashlib.sha256(Path(train_table).read_bytes() + Path(val_table).read_bytes()).hexdigest()
+def load_training_data(
+    train_table: Path,
+    val_table: Path,
+    raw_data: Path,
+    augment_dir: Path | None,
+    *,
+    reviews: Path | None = None,
+    without_review: bool = False,
+) -> TrainingData:
+    """Examples of ``train_augmented.tsv`` (or a split's train.tsv) and ``val.tsv``.
+
+    ``reviews``: results/review/reviews.json, the decisions files behind the table's reviewed rows,
+    recorded in the model card. ``without_review``: leave out every row that came from a review
+    (and its augmented children): the model before the reviewed labels, for the report.
+    """
+    train_bytes = Path(train_table).read_bytes()
+    rows = read_tsv(Path(train_table))
+    if without_review:
+        rows = [r for r in rows if not r.get("case")]
+        train_bytes += b"\nwithout the reviewed rows\n"
+    digest = hashlib.sha256(train_bytes + Path(val_table).read_bytes()).hexdigest()
+    trained_cases = {r["case"] for r in rows if r.get("case")}
+    record = None
+    if trained_cases:
+        if reviews is None:
+            raise ValueError(f"{train_table}: rows from reviewed cases, but no reviews.json names their decisions")
+        summary = json.loads(Path(reviews).read_text(encoding="utf-8"))
+        record = [
+            {key: case[key] for key in ("case", "file", "sha256", "labels")}
+            for case in summary["cases"]
+            if case["case"] in trained_cases
+        ]
     return TrainingData(
-        train=examples_from_table(read_tsv(Path(train_table)), raw_data, augment_dir),
+        train=examples_from_table(rows, raw_data, augment_dir),
         val=examples_from_table(read_tsv(Path(val_table)), raw_data),
         manifest_sha256=digest,
+        reviews=record,
     )
 
 
@@ -497,6 +528,8 @@ def write_model_card(
         "training_images": len(data.train),
         "validation_images": len(data.val),
         "data_sha256": data.manifest_sha256,
+        # The examiners' decisions files this adapter learned from (none: raw_data only).
+        "reviews": data.reviews or [],
         "validation": metrics,
         "versions": versions,
     }

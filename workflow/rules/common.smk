@@ -158,6 +158,35 @@ def get_classify_fingerprint(wildcards):
     return fingerprint(Path(source), skip_documentation=False)
 
 
+def get_review_labels():
+    return "results/review/labels.tsv" if SETTINGS.review.use_for_training else []
+
+
+def get_review_decision_files():
+    """Every case's decisions file under review.dir (with use_for_training)."""
+    if not SETTINGS.review.use_for_training:
+        return []
+    from forensic_vlm.review.labels import decision_files
+
+    return [str(path) for path in decision_files(Path(SETTINGS.review.dir))]
+
+
+def get_review_listing_digests():
+    """sha256 of each reviewed case's triage listing (absent: "none", the rule then names it)."""
+    from forensic_vlm.review.labels import listing_of
+    from forensic_vlm.tables import sha256_file
+
+    digests = {}
+    for file in get_review_decision_files():
+        listing = listing_of(Path("results/classify"), Path(file).stem)
+        digests[Path(file).stem] = sha256_file(listing) if listing.is_file() else "none"
+    return digests
+
+
+def get_review_summary():
+    return "results/review/reviews.json" if SETTINGS.review.use_for_training else []
+
+
 def get_final_outputs():
     # The evaluations too, not only the report built from them: Snakemake does not remake a
     # missing file that an up-to-date target no longer needs, so an evaluation killed with

@@ -13,6 +13,7 @@ use rule train as train_model with:
         augmented="results/augment/images",
         raw_data=get_raw_data_input(),
         model=get_compared_model_input,
+        reviews=get_review_summary(),
     output:
         adapter=directory("results/models/{name}/train/adapter"),
         curves="results/models/{name}/train/metrics.csv",

@@ -1,6 +1,8 @@
 rule split:
     input:
         manifest="results/manifest/manifest.tsv",
+        # The examiners' labels, each case on its side (review.use_for_training), else nothing.
+        reviewed=get_review_labels(),
     output:
         train="results/split/train.tsv",
         val="results/split/val.tsv",

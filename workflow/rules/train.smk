@@ -5,6 +5,8 @@ rule train:
         augmented="results/augment/images",
         raw_data=get_raw_data_input(),
         model=get_model_input(),
+        # With review.use_for_training: which decisions files the reviewed rows came from.
+        reviews=get_review_summary(),
     output:
         adapter=directory("results/train/adapter"),
         curves=report(

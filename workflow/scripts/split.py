@@ -14,4 +14,6 @@ split_dataset(
     out_dir=Path(snakemake.output.summary).parent,
     classes=build_classes(snakemake.params.classes),
     config=build_section(SplitConfig, snakemake.params.split, "split"),
+    # results/review/labels.tsv with review.use_for_training, else nothing.
+    reviewed=Path(snakemake.input.reviewed) if snakemake.input.reviewed else None,
 )

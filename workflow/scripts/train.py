@@ -19,6 +19,9 @@ if __name__ == "__main__":
             val_table=Path(snakemake.input.val),
             raw_data=Path(snakemake.params.raw_data),
             augment_dir=Path(snakemake.input.augmented).parent,
+            # With review.use_for_training: results/review/reviews.json, recorded in training.json.
+            reviews=Path(snakemake.input.reviews) if snakemake.input.get("reviews") else None,
+            without_review=bool(snakemake.params.get("without_review", False)),
         ),
         classes=list(build_classes(snakemake.params.classes)),
         model_config=build_section(ModelConfig, snakemake.params.model, "model"),

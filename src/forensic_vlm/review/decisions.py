@@ -111,6 +111,10 @@ class DecisionLog:
 
     def read(self) -> list[Decision]:
         """Every decision, in the order made. A torn last line is dropped; any other bad line stops."""
+        return [decision for _, decision in self.numbered()]
+
+    def numbered(self) -> list[tuple[int, Decision]]:
+        """Every decision with its line number in the file, in the order made."""
         if not self.path.exists():
             return []
         data = self.path.read_bytes()
@@ -132,12 +136,16 @@ class DecisionLog:
                 raise DecisionFileError(f"{where}: every value must be text")
             decision = Decision(**record)
             check_decision(decision, self.classes, where)
-            decisions.append(decision)
+            decisions.append((number, decision))
         return decisions
 
     def current(self) -> dict[str, Decision]:
         """The decision in force for each image (the latest; the earlier ones stay in the file)."""
-        latest: dict[str, Decision] = {}
-        for decision in self.read():
-            latest[decision.sha256] = decision
+        return {sha256: decision for sha256, (_, decision) in self.current_numbered().items()}
+
+    def current_numbered(self) -> dict[str, tuple[int, Decision]]:
+        """The decision in force for each image, with its line number."""
+        latest: dict[str, tuple[int, Decision]] = {}
+        for number, decision in self.numbered():
+            latest[decision.sha256] = (number, decision)
         return latest
