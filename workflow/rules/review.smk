@@ -13,7 +13,7 @@ rule review_labels:
     log:
         "results/logs/review_labels.log",
     conda:
-        "../../envs/data.yaml"
+        "../../envs/model.yaml"  # reads the triage listing (forensic_vlm.classify) and containers
     params:
         classes=config["classes"],
         split=config["split"],
