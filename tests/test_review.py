@@ -4,6 +4,8 @@ named error naming the line, later decisions superseding earlier ones with both 
 from __future__ import annotations
 
 import dataclasses
+import http.client
+import os
 import json
 import re
 from pathlib import Path
@@ -286,3 +288,57 @@ def test_the_review_page_takes_keyboard_decisions_and_a_restart_resumes_where_th
         browser.close()
     assert errors == []
     assert tree_hashes(evidence) == before  # the evidence was only read
+
+
+@pytest.mark.slow
+def test_a_server_killed_while_writing_a_decision_loses_only_that_one(demo_run, tmp_path) -> None:
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    results = demo_run["workdir"] / "results" / "classify" / "demo"
+
+    def start(**environment: str) -> tuple[subprocess.Popen, str]:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "forensic_vlm", "review", "serve", "--case", "demo", "--results", str(results),
+                   "--port", str(port)]  # fmt: skip
+        server = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, **environment}, stderr=subprocess.PIPE)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):  # until it answers (no time limit on the test: it waits on the process)
+            try:
+                urllib.request.urlopen(f"{url}/api/items")
+                return server, url
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                time.sleep(0.1)
+        raise AssertionError("the review server never answered")
+
+    def post(url: str, sha256: str, choice: str) -> None:
+        body = json.dumps({"sha256": sha256, "decision": choice, "examiner": "Kim Jiwoo"}).encode()
+        request = urllib.request.Request(f"{url}/api/decision", body, {"Content-Type": "application/json"})
+        urllib.request.urlopen(request).read()
+
+    server, url = start(FORENSIC_VLM_KILL_AT="review.decision:3")
+    items = json.loads(urllib.request.urlopen(f"{url}/api/items").read())
+    post(url, items[0]["sha256"], "1")
+    post(url, items[1]["sha256"], "unusable")
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.RemoteDisconnected)):
+        post(url, items[2]["sha256"], "3")  # killed while writing this one
+    assert server.wait() == -signal.SIGKILL
+    log = DecisionLog(tmp_path / "reviews" / "demo.jsonl", DEFAULT_CLASSES)
+    assert [(d.sha256, d.decision) for d in log.read()] == [(items[0]["sha256"], "1"), (items[1]["sha256"], UNUSABLE)]
+    server, url = start()
+    try:
+        again = json.loads(urllib.request.urlopen(f"{url}/api/items").read())
+        assert [i["decision"] for i in again[:3]] == ["1", UNUSABLE, None]  # the page resumes at the lost one
+        post(url, items[2]["sha256"], "3")
+        assert [d.decision for d in log.read()] == ["1", UNUSABLE, "3"]
+    finally:
+        server.terminate()
+        server.wait()

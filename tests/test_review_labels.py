@@ -224,3 +224,46 @@ def test_a_case_without_a_triage_or_an_unknown_test_case_is_named(lab: dict) -> 
     (lab["reviews"] / "phone4.jsonl").write_bytes(decisions_path(lab["reviews"], "phone2").read_bytes())
     with pytest.raises(InputNotFoundError, match=r"phone4\.jsonl: decisions on case 'phone4', but .*listing\.jsonl does not exist"):
         build(lab)
+
+
+@pytest.mark.slow
+def test_the_workflow_trains_on_reviewed_labels_and_custody_names_the_decisions(demo_run: dict, tmp_path: Path) -> None:
+    import csv
+    import subprocess
+    import sys
+
+    from conftest import copy_run, snakemake
+
+    workdir = copy_run(demo_run["workdir"], tmp_path / "run")
+    extraction = workdir / "results" / "demo" / "extraction"
+    before = {str(p): sha256_file(p) for p in sorted(extraction.rglob("*")) if p.is_file()}
+    truth = [r for r in read_tsv(workdir / "results" / "demo" / "extraction.tsv") if r["true_class"]][:12]
+    with open(tmp_path / "export.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["SHA-256", "Category"])
+        writer.writerows([r["sha256"], r["true_class"]] for r in truth)
+    imported = subprocess.run(
+        [sys.executable, "-m", "forensic_vlm", "review", "import", str(tmp_path / "export.csv"), "--case", "demo",
+         "--examiner", "Kim Jiwoo", "--all-rows"],
+        cwd=workdir, capture_output=True, text=True,
+    )  # fmt: skip
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    review = "review={use_for_training: true}"
+    result = snakemake(workdir, "--config", review, demo=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    decisions_sha256 = sha256_file(workdir / "reviews" / "demo.jsonl")
+    summary = json.loads((workdir / "results" / "review" / "reviews.json").read_text())
+    (case,) = summary["cases"]
+    assert case["sha256"] == decisions_sha256 and case["labels"] == len({r["sha256"] for r in truth})
+    train = read_tsv(workdir / "results" / "split" / "train.tsv")
+    assert sum(1 for r in train if r["case"] == "demo") == case["labels"]
+    for split in ("val", "test"):
+        assert not [r for r in read_tsv(workdir / "results" / "split" / f"{split}.tsv") if r["case"]]
+    card = json.loads((workdir / "results" / "train" / "adapter" / "training.json").read_text())
+    assert card["reviews"] == [{"case": "demo", "file": "reviews/demo.jsonl", "sha256": decisions_sha256, "labels": case["labels"]}]
+    custody = json.loads((workdir / "results" / "classify" / "demo" / "custody.json").read_text())
+    assert custody["reviews_trained_on"] == card["reviews"]
+    # Re-triaged by the new adapter, the case's listing is unchanged: nothing is stale.
+    dry = snakemake(workdir, "-n", "--config", review, demo=True)
+    assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-2000:]
+    assert {str(p): sha256_file(p) for p in sorted(extraction.rglob("*")) if p.is_file()} == before

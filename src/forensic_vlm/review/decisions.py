@@ -22,6 +22,7 @@ from pathlib import Path
 
 from forensic_vlm.config import ClassSpec
 from forensic_vlm.errors import DecisionFileError
+from forensic_vlm.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class DecisionLog:
         descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             self._cut_torn_tail(descriptor)
+            fault_point("review.decision")  # killed here, this decision is the one lost
             if os.write(descriptor, line) != len(line):
                 raise OSError(f"{self.path}: a decision was written only in part")
             os.fsync(descriptor)
