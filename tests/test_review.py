@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
-import os
 import json
+import os
 import re
 from pathlib import Path
 

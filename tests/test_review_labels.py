@@ -140,8 +140,12 @@ def test_conflicts_and_duplicates_are_withheld_never_guessed(lab: dict) -> None:
     same = lab["cases"]["phone2"] / "DCIM" / "same.png"
     same.write_bytes((lab["raw"] / "1_chat_history" / "1.png").read_bytes())
     # phone3 holds the same image as phone2's IMG_1000.
-    (lab["cases"]["phone3"] / "DCIM" / "shared.png").write_bytes((lab["cases"]["phone2"] / "DCIM" / "IMG_1000.png").read_bytes())
-    (lab["cases"]["phone3"] / "DCIM" / "shared2.png").write_bytes((lab["cases"]["phone2"] / "DCIM" / "IMG_1001.png").read_bytes())
+    (lab["cases"]["phone3"] / "DCIM" / "shared.png").write_bytes(
+        (lab["cases"]["phone2"] / "DCIM" / "IMG_1000.png").read_bytes()
+    )
+    (lab["cases"]["phone3"] / "DCIM" / "shared2.png").write_bytes(
+        (lab["cases"]["phone2"] / "DCIM" / "IMG_1001.png").read_bytes()
+    )
     for case in ("phone2", "phone3"):
         classify_listing(lab["cases"][case], lab["classify"] / case / "listing.jsonl", ManifestConfig())
     decide(lab, "phone2", "DCIM/copy.png", "3")  # raw_data says 2
@@ -192,7 +196,9 @@ def test_a_decision_on_an_image_the_case_does_not_hold_names_its_line(lab: dict)
     log = DecisionLog(decisions_path(lab["reviews"], "phone2"), DEFAULT_CLASSES)
     wrong = Decision(**{**json.loads(log.path.read_text().splitlines()[0]), "sha256": "ef" * 32})
     log.append(wrong)
-    with pytest.raises(DecisionFileError, match=r"phone2\.jsonl, line 2: image (ef){32} is not among the usable images"):
+    with pytest.raises(
+        DecisionFileError, match=r"phone2\.jsonl, line 2: image (ef){32} is not among the usable images"
+    ):
         build(lab)
 
 
@@ -209,7 +215,9 @@ def test_an_image_no_longer_in_the_evidence_names_its_line(lab: dict) -> None:
     decide(lab, "phone2", "DCIM/IMG_1000.png", "1")
     decide(lab, "phone2", "DCIM/IMG_1001.png", "2")
     (lab["cases"]["phone2"] / "DCIM" / "IMG_1001.png").unlink()
-    with pytest.raises(DecisionFileError, match=r"phone2\.jsonl, line 2: image [0-9a-f]{64} is no longer in the evidence"):
+    with pytest.raises(
+        DecisionFileError, match=r"phone2\.jsonl, line 2: image [0-9a-f]{64} is no longer in the evidence"
+    ):
         build(lab)
     (lab["cases"]["phone2"] / "DCIM" / "IMG_1001.png").write_bytes(picture(5))  # other content, same name
     with pytest.raises(DecisionFileError, match=r"line 2: .*content changed since the triage listed it"):
@@ -219,10 +227,12 @@ def test_an_image_no_longer_in_the_evidence_names_its_line(lab: dict) -> None:
 
 def test_a_case_without_a_triage_or_an_unknown_test_case_is_named(lab: dict) -> None:
     decide(lab, "phone2", "DCIM/IMG_1000.png", "1")
-    with pytest.raises(DecisionFileError, match="review.test_cases names phone9, which have no decisions file"):
+    with pytest.raises(DecisionFileError, match=r"review\.test_cases names phone9, which have no decisions file"):
         build(lab, test_cases=("phone9",))
     (lab["reviews"] / "phone4.jsonl").write_bytes(decisions_path(lab["reviews"], "phone2").read_bytes())
-    with pytest.raises(InputNotFoundError, match=r"phone4\.jsonl: decisions on case 'phone4', but .*listing\.jsonl does not exist"):
+    with pytest.raises(
+        InputNotFoundError, match=r"phone4\.jsonl: decisions on case 'phone4', but .*listing\.jsonl does not exist"
+    ):
         build(lab)
 
 
@@ -260,7 +270,9 @@ def test_the_workflow_trains_on_reviewed_labels_and_custody_names_the_decisions(
     for split in ("val", "test"):
         assert not [r for r in read_tsv(workdir / "results" / "split" / f"{split}.tsv") if r["case"]]
     card = json.loads((workdir / "results" / "train" / "adapter" / "training.json").read_text())
-    assert card["reviews"] == [{"case": "demo", "file": "reviews/demo.jsonl", "sha256": decisions_sha256, "labels": case["labels"]}]
+    assert card["reviews"] == [
+        {"case": "demo", "file": "reviews/demo.jsonl", "sha256": decisions_sha256, "labels": case["labels"]}
+    ]
     custody = json.loads((workdir / "results" / "classify" / "demo" / "custody.json").read_text())
     assert custody["reviews_trained_on"] == card["reviews"]
     # Re-triaged by the new adapter, the case's listing is unchanged: nothing is stale.

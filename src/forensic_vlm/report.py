@@ -16,10 +16,10 @@ from pathlib import Path
 
 from forensic_vlm.config import ClassSpec, ReportConfig
 from forensic_vlm.figures import plot_learning_curves, plot_reliability
+from forensic_vlm.images import read_located_bytes
 from forensic_vlm.metrics import paired_mcnemar
 from forensic_vlm.pages import escape, html_page, html_table, png_data_uri, thumbnail
 from forensic_vlm.provenance import config_sha256, git_commit, package_versions
-from forensic_vlm.images import read_located_bytes
 from forensic_vlm.tables import image_location, read_tsv, sha256_file
 
 KINDS = ("zeroshot", "finetuned")

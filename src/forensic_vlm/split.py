@@ -146,12 +146,13 @@ def split_dataset(
     out_dir: Path,
     classes: Sequence[ClassSpec],
     config: SplitConfig,
+    *,
     reviewed: Path | None = None,
 ) -> dict[str, int]:
     """Write train/val/test.tsv and summary.tsv for the usable, de-duplicated manifest rows.
 
     ``reviewed``: results/review/labels.tsv, the examiners' labels, each on the side its case was
-    given (review.labels); raw_data's rows are assigned exactly as without them.
+    given (forensic_vlm.review.labels); raw_data's rows are assigned exactly as without them.
     """
     rows = [r for r in read_tsv(Path(manifest)) if not r["duplicate_of"]]
     assignment = assign_raw_data(rows, config)

@@ -22,6 +22,7 @@ and examiner agreed: the adapter trained on these labels carries it into every c
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -33,8 +34,6 @@ from forensic_vlm.errors import DecisionFileError, EvidenceChangedError, InputNo
 from forensic_vlm.review.decisions import UNUSABLE, Decision, DecisionLog
 from forensic_vlm.review.evidence import CaseEvidence
 from forensic_vlm.split import SPLIT_COLUMNS, assign_raw_data, near_duplicate_groups
-import json
-
 from forensic_vlm.tables import read_tsv, sha256_file, write_atomically, write_tsv
 
 log = logging.getLogger(__name__)
@@ -112,7 +111,9 @@ def build_review_labels(
                 raise DecisionFileError(f"{where}: image {sha256} is no longer in the evidence: {error}") from None
             image = evidence.images[sha256]
             if decision.decision == UNUSABLE:
-                withheld.append(_withheld(case, line, decision, "unusable", "the examiner marked it unusable"))
+                withheld.append(
+                    _withheld(case, line, decision, reason="unusable", detail="the examiner marked it unusable")
+                )
                 continue
             spec = next(c for c in classes if str(c.id) == decision.decision)
             row = {
@@ -136,7 +137,7 @@ def build_review_labels(
     out_dir = Path(out_dir)
     write_tsv(out_dir / "labels.tsv", LABEL_COLUMNS, [c.row for c in joined])
     write_tsv(out_dir / "withheld.tsv", WITHHELD_COLUMNS, withheld)
-    summary = _summary(cases, candidates, joined, withheld, test_cases)
+    summary = _summary(cases, candidates=candidates, joined=joined, withheld=withheld, test_cases=test_cases)
     write_atomically(out_dir / "reviews.json", (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode())
     log.info(
         "review labels: %d image(s) from %d case(s) join the labeled set (%s); %d withheld (%s)",
@@ -146,7 +147,7 @@ def build_review_labels(
     return summary
 
 
-def _withheld(case: str, line: int, decision: Decision, reason: str, detail: str) -> dict:
+def _withheld(case: str, line: int, decision: Decision, *, reason: str, detail: str) -> dict:
     return {
         "case": case,
         "sha256": decision.sha256,
@@ -158,9 +159,7 @@ def _withheld(case: str, line: int, decision: Decision, reason: str, detail: str
     }
 
 
-def _deduplicated(
-    candidates: list[_Candidate], raw_by_sha: dict[str, dict], withheld: list[dict]
-) -> list[_Candidate]:
+def _deduplicated(candidates: list[_Candidate], raw_by_sha: dict[str, dict], withheld: list[dict]) -> list[_Candidate]:
     """Content-deduplicated against raw_data and across cases; conflicts withheld, never resolved."""
     by_sha: dict[str, list[_Candidate]] = defaultdict(list)
     for candidate in candidates:
@@ -173,18 +172,18 @@ def _deduplicated(
                 same = raw["label"] == c.decision.decision
                 reason = "already_in_raw_data" if same else "conflicts_with_raw_data"
                 detail = f"raw_data/{raw['path']} is in class folder {raw['class_folder']}"
-                withheld.append(_withheld(c.case, c.line, c.decision, reason, detail))
+                withheld.append(_withheld(c.case, c.line, c.decision, reason=reason, detail=detail))
             continue
         if len({c.decision.decision for c in group}) > 1:
             detail = "; ".join(f"case {c.case} line {c.line}: {c.decision.decision}" for c in group)
             for c in group:
-                withheld.append(_withheld(c.case, c.line, c.decision, "conflicts_between_cases", detail))
+                withheld.append(_withheld(c.case, c.line, c.decision, reason="conflicts_between_cases", detail=detail))
             continue
         first, *others = sorted(group, key=lambda c: c.case)
         joined.append(first)
         for c in others:
             detail = f"the same image and class in case {first.case} (line {first.line}), which joins"
-            withheld.append(_withheld(c.case, c.line, c.decision, "duplicate_of_case", detail))
+            withheld.append(_withheld(c.case, c.line, c.decision, reason="duplicate_of_case", detail=detail))
     return sorted(joined, key=lambda c: (c.case, c.line))
 
 
@@ -208,7 +207,13 @@ def _apart_from_near_duplicates(
             where = f"case {other['case']}" if other.get("case") else f"raw_data/{other['path']}"
             detail = f"near-duplicate of {other['sha256']} ({where}) in {sides[others[0]]}"
             withheld.append(
-                _withheld(candidate.case, candidate.line, candidate.decision, "near_duplicate_across_sides", detail)
+                _withheld(
+                    candidate.case,
+                    candidate.line,
+                    candidate.decision,
+                    reason="near_duplicate_across_sides",
+                    detail=detail,
+                )
             )
             continue
         candidate.row["group"] = min(rows[i]["sha256"] for i in members[groups[index]])
@@ -218,6 +223,7 @@ def _apart_from_near_duplicates(
 
 def _summary(
     cases: list[dict],
+    *,
     candidates: list[_Candidate],
     joined: list[_Candidate],
     withheld: list[dict],
@@ -236,9 +242,17 @@ def _summary(
     return {
         "cases": cases,
         "test_cases": list(test_cases),
-        "labels": {"train": sum(c.row["split"] == "train" for c in joined), "test": sum(c.row["split"] == "test" for c in joined)},
+        "labels": {
+            "train": sum(c.row["split"] == "train" for c in joined),
+            "test": sum(c.row["split"] == "test" for c in joined),
+        },
         "decisions": [
-            {"case": c.case, "sha256": c.decision.sha256, "predicted": c.decision.predicted, "decision": c.decision.decision}
+            {
+                "case": c.case,
+                "sha256": c.decision.sha256,
+                "predicted": c.decision.predicted,
+                "decision": c.decision.decision,
+            }
             for c in candidates
         ],
     }
