@@ -19,7 +19,8 @@ from pathlib import Path
 from forensic_vlm.config import ClassSpec
 from forensic_vlm.errors import DecisionFileError, InputNotFoundError
 from forensic_vlm.review.decisions import UNUSABLE, Decision, DecisionLog
-from forensic_vlm.tables import decode_path, read_tsv, sha256_file
+from forensic_vlm.review.evidence import CaseEvidence
+from forensic_vlm.tables import read_tsv, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,7 @@ class ReviewSession:
             raise InputNotFoundError(f"{triage} does not exist: triage the case first")
         self.triage_sha256 = sha256_file(triage)
         self.rows = review_order(read_tsv(triage))
-        custody = json.loads((self.results / "custody.json").read_text(encoding="utf-8"))
-        self.input_dir = Path(custody["input_dir"])
-        listing = self.results / "listing.jsonl"
-        self.locators = {}
-        for line in listing.read_text(encoding="utf-8").splitlines()[1:]:
-            entry = json.loads(line)
-            if entry.get("locator"):
-                self.locators[entry["sha256"]] = entry["locator"]
+        self.evidence = CaseEvidence(self.results / "listing.jsonl")
         self.by_sha256 = {row["sha256"]: row for row in self.rows}
         decisions.read()  # a damaged file stops here, before the examiner starts
 
@@ -77,13 +71,7 @@ class ReviewSession:
         """The image as JPEG, from the evidence, its content checked against the triage's sha256."""
         from forensic_vlm.pages import jpeg_bytes
 
-        row = self.by_sha256[sha256]
-        data = None
-        if sha256 in self.locators:
-            from forensic_vlm.evidence import read_located
-
-            data = read_located(self.locators[sha256])
-        return jpeg_bytes(self.input_dir / decode_path(row["path"], row["flags"]), sha256, 1600, data, quality=90)
+        return jpeg_bytes(self.evidence.file(sha256), sha256, 1600, self.evidence.read(sha256), quality=90)
 
     def decide(self, sha256: str, decision: str, examiner: str) -> Decision:
         row = self.by_sha256[sha256]
