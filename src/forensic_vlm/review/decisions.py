@@ -147,7 +147,12 @@ class DecisionLog:
 
     def current_numbered(self) -> dict[str, tuple[int, Decision]]:
         """The decision in force for each image, with its line number."""
-        latest: dict[str, tuple[int, Decision]] = {}
-        for number, decision in self.numbered():
-            latest[decision.sha256] = (number, decision)
-        return latest
+        return in_force(self.numbered())
+
+
+def in_force(numbered: Iterable[tuple[int, Decision]]) -> dict[str, tuple[int, Decision]]:
+    """Of decisions in file order, the latest on each image (sha256), with its line number."""
+    latest: dict[str, tuple[int, Decision]] = {}
+    for number, decision in numbered:
+        latest[decision.sha256] = (number, decision)
+    return latest

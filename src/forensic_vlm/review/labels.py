@@ -31,7 +31,7 @@ from pathlib import Path
 
 from forensic_vlm.config import ClassSpec, SplitConfig
 from forensic_vlm.errors import DecisionFileError, EvidenceChangedError, InputNotFoundError
-from forensic_vlm.review.decisions import UNUSABLE, Decision, DecisionLog
+from forensic_vlm.review.decisions import UNUSABLE, Decision, DecisionLog, in_force
 from forensic_vlm.review.evidence import CaseEvidence
 from forensic_vlm.split import SPLIT_COLUMNS, assign_raw_data, near_duplicate_groups
 from forensic_vlm.tables import read_tsv, sha256_file, write_atomically, write_tsv
@@ -83,7 +83,8 @@ def build_review_labels(
     for file in files:
         case = Path(file).stem
         log_file = DecisionLog(Path(file), classes)
-        in_force = log_file.current_numbered()  # every line checked, a bad one named
+        numbered = log_file.numbered()  # every line checked, a bad one named
+        current = in_force(numbered)
         try:
             evidence = CaseEvidence(listing_of(classify_dir, case))
         except InputNotFoundError as error:
@@ -93,13 +94,13 @@ def build_review_labels(
             "case": case,
             "file": str(file),
             "sha256": sha256_file(Path(file)),
-            "decisions": len(log_file.read()),
-            "in_force": len(in_force),
+            "decisions": len(numbered),
+            "in_force": len(current),
             "side": side,
             "evidence": str(evidence.root),
         }
         cases.append(record)
-        for sha256, (line, decision) in in_force.items():
+        for sha256, (line, decision) in current.items():
             where = f"{file}, line {line}"
             if sha256 not in evidence:
                 raise DecisionFileError(
