@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from forensic_vlm.config import DEFAULT_CLASSES, DemoConfig, ManifestConfig
 from forensic_vlm.demo_data import generate_demo_data
@@ -65,3 +67,39 @@ def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         generate_demo_data(tmp_path / "evidence", tmp_path / "e.tsv", list(DEFAULT_CLASSES), DemoConfig(1))
     assert (tmp_path / "evidence" / "photo.jpg").read_bytes() == b"precious"
+
+
+def test_a_review_case_holds_every_class_in_a_new_look_with_its_examiner_export(tmp_path: Path) -> None:
+    import csv
+
+    from forensic_vlm.demo_data import DRAWERS, generate_demo_review_case, new_phone_look
+
+    config = DemoConfig(review_case_images=8)
+    listings = {}
+    for case in ("phone2", "phone3"):
+        written = generate_demo_review_case(
+            tmp_path / case, tmp_path / f"{case}.tsv", list(DEFAULT_CLASSES), config,
+            case=case, export=tmp_path / f"{case}.csv",
+        )  # fmt: skip
+        listings[case] = read_tsv(tmp_path / f"{case}.tsv")
+        assert written == len(listings[case]) == 8
+        assert sorted(int(r["true_class"]) for r in listings[case]) == [0, 0, 1, 1, 2, 2, 3, 3]
+        names = {str(spec.id): spec.en for spec in DEFAULT_CLASSES}
+        with open(tmp_path / f"{case}.csv", newline="") as handle:
+            export = {row["SHA-256"]: row["Category"] for row in csv.DictReader(handle)}
+        assert export == {r["sha256"]: names[r["true_class"]] for r in listings[case]}
+    # Two phones never share an image; the same case and seed give the same bytes.
+    assert not {r["sha256"] for r in listings["phone2"]} & {r["sha256"] for r in listings["phone3"]}
+    generate_demo_review_case(
+        tmp_path / "again",
+        tmp_path / "again.tsv",
+        list(DEFAULT_CLASSES),
+        config,
+        case="phone2",
+        export=tmp_path / "a.csv",
+    )
+    assert [r["sha256"] for r in read_tsv(tmp_path / "again.tsv")] == [r["sha256"] for r in listings["phone2"]]
+    # The look: raw_data's scene with its colour channels rotated.
+    scene = DRAWERS[1](np.random.default_rng(0), (64, 48))
+    red, green, blue = scene.split()
+    assert list(new_phone_look(scene).getdata()) == list(Image.merge("RGB", (blue, red, green)).getdata())

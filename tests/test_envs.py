@@ -61,9 +61,12 @@ def rule_environments() -> dict[str, tuple[Path, Path]]:
                 if match:
                     found[directive] = (smk.parent / match.group(1)).resolve()
             declared[name] = found
+    def inherited(name: str) -> dict[str, Path]:  # a rule made from a rule made with use rule
+        return {**(inherited(parents[name]) if name in parents else {}), **declared.get(name, {})}
+
     rules = {}
-    for name, found in declared.items():
-        merged = {**declared.get(parents.get(name, ""), {}), **found}
+    for name in declared:
+        merged = inherited(name)
         if name != "all":
             assert set(merged) == {"conda", "script"}, f"rule {name} lacks { ({'conda', 'script'} - set(merged)) }"
             rules[name] = (merged["conda"], merged["script"])

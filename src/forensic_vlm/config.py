@@ -283,9 +283,9 @@ class DemoConfig:
     """Add a few deliberately unusable files so the demo shows rejects and flags."""
     extraction_images: int = 48
     """Images in the demo's unlabeled phone extraction (results/demo/extraction), for classify."""
-    review_case_images: int = 48
+    review_case_images: int = 96
     """Images in each of the demo's new-phone cases (results/demo/review_cases/<case>), whose
-    pictures look unlike raw_data's, for the review loop (docs/review.md)."""
+    colours are unlike raw_data's, for the review loop (docs/review.md)."""
 
     def __post_init__(self) -> None:
         if self.images_per_class < 1 or self.extraction_images < 1 or self.review_case_images < 4:

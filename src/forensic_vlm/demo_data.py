@@ -9,6 +9,7 @@ phone portrait ratios; a few files are saved as HEIC or carry an EXIF rotation, 
 
 from __future__ import annotations
 
+import csv
 import io
 import logging
 import shutil
@@ -307,6 +308,65 @@ def generate_demo_extraction(
     ]
     write_tsv(listing, ("path", "size_bytes", "sha256", "true_class"), rows)
     log.info("demo extraction: %d files under %s", len(rows), out_dir)
+    return len(rows)
+
+
+def new_phone_look(image: Image.Image) -> Image.Image:
+    """The demo's new phone: a camera and a theme whose colours are unlike raw_data's, drawn as
+    the colour channels rotated (R, G, B -> B, R, G). The scenes are raw_data's; only the colours
+    are new, so a model trained on raw_data alone gets about a third of them wrong
+    (docs/review.md)."""
+    red, green, blue = image.convert("RGB").split()
+    return Image.merge("RGB", (blue, red, green))
+
+
+def generate_demo_review_case(
+    out_dir: Path,
+    listing: Path,
+    classes: list[ClassSpec],
+    config: DemoConfig,
+    *,
+    case: str,
+    export: Path,
+    replace: bool = False,
+) -> int:
+    """A new phone's extraction (``demo.review_case_images`` images, every class in turn, in the
+    :func:`new_phone_look`), for the review loop; returns files written.
+
+    As in :func:`generate_demo_extraction`, the true classes are only in ``listing`` (path,
+    size_bytes, sha256, true_class), outside the folder, and in ``export``: the examiner's decisions
+    as a forensic suite exports them (a CSV of SHA-256 and Category, the class's English name), for
+    ``forensic-vlm review import``. Each case's images come from a seed of its own (``case``), so two cases never share an image.
+    """
+    out_dir, listing = Path(out_dir), Path(listing)
+    _empty_folder(out_dir, replace)
+    truth: dict[str, int] = {}
+    for index in range(config.review_case_images):
+        rng = np.random.default_rng([config.seed, 11, zlib.crc32(case.encode()), index])
+        spec = classes[index % len(classes)]
+        folder, pattern = EXTRACTION_PLACES[spec.id % len(EXTRACTION_PLACES)][int(rng.integers(2))]
+        path = out_dir / folder / pattern.format(index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = new_phone_look(DRAWERS[spec.id % len(DRAWERS)](rng, SIZES[int(rng.integers(len(SIZES)))]))
+        path.write_bytes(_encode(image, "png" if path.suffix == ".png" else "jpeg"))
+        truth[str(path.relative_to(out_dir))] = spec.id
+    rows = [
+        {
+            "path": str(p.relative_to(out_dir)),
+            "size_bytes": p.stat().st_size,
+            "sha256": sha256_file(p),
+            "true_class": truth[str(p.relative_to(out_dir))],
+        }
+        for p in sorted(out_dir.rglob("*"))
+        if p.is_file()
+    ]
+    write_tsv(listing, ("path", "size_bytes", "sha256", "true_class"), rows)
+    by_id = {spec.id: spec for spec in classes}
+    with open(export, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["SHA-256", "Category"])
+        writer.writerows([row["sha256"], by_id[row["true_class"]].en] for row in rows)
+    log.info("demo review case %s: %d files under %s", case, len(rows), out_dir)
     return len(rows)
 
 

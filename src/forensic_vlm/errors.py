@@ -70,3 +70,7 @@ class ExportParityError(ForensicVlmError, RuntimeError):
 
 class DecisionFileError(ForensicVlmError, ValueError):
     """A line of an examiner's decisions file cannot be used; the message names the file and line."""
+
+
+class ReviewGainError(ForensicVlmError, ValueError):
+    """The models before and after the reviewed labels were not scored on the same test images."""

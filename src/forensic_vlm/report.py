@@ -38,6 +38,9 @@ class ReportInputs:
     raw_data: Path
     config: dict
     comparison: Path | None = None  # results/models/comparison.json, when base models are compared
+    review_gain: Path | None = None  # results/review/gain.json, with review.use_for_training
+    # results/split/test.tsv: where each test image lies (a reviewed case's, outside raw_data).
+    test_table: Path | None = None
 
     @classmethod
     def from_results(cls, results: Path, raw_data: Path, config: dict) -> ReportInputs:
@@ -53,6 +56,7 @@ class ReportInputs:
             evaluations={kind: results / "evaluate" / kind for kind in KINDS},
             raw_data=Path(raw_data),
             config=config,
+            test_table=results / "split" / "test.tsv",
         )
 
 
@@ -167,8 +171,11 @@ def build_report(inputs: ReportInputs, classes: list[ClassSpec], config: ReportC
         "<h2>Calibration</h2>",
         f"<figure><img alt='reliability diagram' src='{png_data_uri(out_dir / 'reliability.png')}'></figure>",
         *(_comparison_section(json.loads(inputs.comparison.read_text()), classes) if inputs.comparison else []),
+        *(_review_section(json.loads(inputs.review_gain.read_text()), classes) if inputs.review_gain else []),
         *_data_sections(inputs, classes),
-        *_gallery(predictions["finetuned"], inputs.raw_data, by_id, config),
+        *_gallery(
+            predictions["finetuned"], test_rows=_test_rows(inputs), raw_data=inputs.raw_data, by_id=by_id, config=config
+        ),
         "<h2>Provenance</h2>",
         html_table(["what", "value"], provenance(inputs, metrics)),
     ]
@@ -238,6 +245,77 @@ def _comparison_section(comparison: dict, classes: list[ClassSpec]) -> list[str]
     ]
 
 
+def _review_section(gain: dict, classes: list[ClassSpec]) -> list[str]:
+    """Examiner's review: the model before and after the reviewed labels (rule review_gain)."""
+
+    def interval(scores: dict, key: str) -> str:
+        return _with_interval(scores[key], scores[f"{key}_95"])
+
+    before, after, test = gain["before"], gain["after"], gain["mcnemar"]
+    held_out = gain["reviewed_test_cases"]
+    rows = [
+        ["accuracy [bootstrap 95 %]", interval(before, "accuracy"), interval(after, "accuracy")],
+        ["macro-F1 [bootstrap 95 %]", interval(before, "macro_f1"), interval(after, "macro_f1")],
+        *[
+            [
+                f"F1, {c.id} {escape(c.ko)} / {escape(c.en)}",
+                *[f"{s['per_class_f1'][str(c.id)]:.3f}" for s in (before, after)],
+            ]
+            for c in classes
+        ],
+        ["test images", before["n"], after["n"]],
+    ]
+    if held_out["images"]:
+        cases = escape(", ".join(held_out["cases"]))
+        rows += [
+            [f"accuracy on the {held_out['images']} images of {cases} [95 %]",
+             interval(held_out["before"], "accuracy"), interval(held_out["after"], "accuracy")],
+            [f"macro-F1 on the images of {cases} [95 %]",
+             interval(held_out["before"], "macro_f1"), interval(held_out["after"], "macro_f1")],
+        ]  # fmt: skip
+    headline = html_table(["", "before the reviewed labels", "after (trained on them)"], rows, raw=True)
+    cases = html_table(
+        ["case", "decisions (lines)", "in force", "side of the split", "labels joined", "withheld (reason: count)",
+         "model agreed with the examiner", "decisions file sha256"],
+        [
+            [
+                c["case"], c["decisions"], c["in_force"], c["side"], c["labels"],
+                ", ".join(f"{reason}: {count}" for reason, count in sorted(c["withheld"].items())) or "none",
+                f"{c['agreement']['model_agreed']} of {c['agreement']['images']}"
+                + (f" ({c['agreement']['model_agreed'] / c['agreement']['images']:.0%})" if c["agreement"]["images"] else ""),
+                c["sha256"],
+            ]
+            for c in gain["cases"]
+        ],
+    )  # fmt: skip
+    change = gain["accuracy_gain"]
+    verdict = (
+        f"Training on {gain['trained_on_reviewed_labels']} reviewed labels moved the accuracy on the same "
+        f"{gain['test_images']} test images by {change:+.3f} ({before['accuracy']:.3f} to {after['accuracy']:.3f}); "
+        + (
+            f"the two models err on different images (McNemar p = {test['p_value']:.3g})."
+            if test["p_value"] < 0.05
+            else f"not a significant difference at the 5 % level (McNemar p = {test['p_value']:.3g})."
+        )
+    )
+    return [
+        "<h2 id=review>Examiner's review: before and after</h2>",
+        "<p class=note>The adapter trained without the reviewed images (results/review/before/) and the one "
+        "trained with them (results/train/), scored on the same test images. Reviewed cases named in "
+        "review.test_cases are held out whole: in the test split, never trained on. The model's agreement "
+        "is with the triage that was reviewed.</p>",
+        headline,
+        f"<p>{escape(verdict)}</p>",
+        "<h3>McNemar's test (paired, exact)</h3>",
+        html_table(
+            ["images scored by both", "right only after", "right only before", "p-value"],
+            [[test["paired_images"], test["only_after_right"], test["only_before_right"], f"{test['p_value']:.3g}"]],
+        ),
+        "<h3>Decisions per case</h3>",
+        cases,
+    ]
+
+
 def _fmt(value: float | None) -> str:
     return "n/a (generated answers carry no probability)" if value is None else f"{value:.3f}"
 
@@ -284,7 +362,16 @@ def _confidence(row: dict[str, str]) -> float | None:
     return max((float(row[k]) for k in row if k.startswith("p") and k[1:].isdigit() and row[k]), default=None)
 
 
-def _gallery(rows: list[dict], raw_data: Path, by_id: dict[int, ClassSpec], config: ReportConfig) -> list[str]:
+def _test_rows(inputs: ReportInputs) -> dict[str, dict]:
+    """The test split's rows by sha256 (their case, root and locator), where the report has it."""
+    if inputs.test_table is None:
+        return {}
+    return {row["sha256"]: row for row in read_tsv(inputs.test_table)}
+
+
+def _gallery(
+    rows: list[dict], *, test_rows: dict[str, dict], raw_data: Path, by_id: dict[int, ClassSpec], config: ReportConfig
+) -> list[str]:
     wrong = [r for r in rows if r["predicted"] != r["true"]]
     wrong.sort(key=lambda r: -(_confidence(r) or 0.0))
     shown = wrong[: config.gallery_size]
@@ -299,13 +386,16 @@ def _gallery(rows: list[dict], raw_data: Path, by_id: dict[int, ClassSpec], conf
     cards = []
     for r in shown:
         confidence = _confidence(r)
+        # A reviewed case's image: found under its case's evidence, and named with its case.
+        where = test_rows.get(r["sha256"], r)
+        case = f"{where['case']}: " if where.get("case") else ""
         caption = (
-            f"{escape(r['path'])}<br>true {escape(name(r['true']))}<br>predicted {escape(name(r['predicted']))}"
+            f"{escape(case + r['path'])}<br>true {escape(name(r['true']))}<br>predicted {escape(name(r['predicted']))}"
             + (f" ({confidence:.2f})" if confidence is not None else "")
         )
         image = ""
         if config.show_images:
-            path, locator = image_location(r, raw_data)
+            path, locator = image_location(where, raw_data)
             source = thumbnail(path, r["sha256"], config.thumbnail_px, read_located_bytes(locator))
             image = f"<img alt='{escape(r['path'])}' src='{source}'>"
         cards.append(f"<figure class=card>{image}<figcaption>{caption}</figcaption></figure>")

@@ -26,10 +26,35 @@ DEMO_ARCHITECTURES = ("llava_next", "qwen2_5_vl", "idefics3")
 DEMO_MODELS = {f"results/demo/models/{name}" for name in DEMO_ARCHITECTURES}
 DEMO_EXTRACTION = "results/demo/extraction"
 DEMO_EXTRACTION_LISTING = "results/demo/extraction.tsv"
+DEMO_REVIEW_CASES = "results/demo/review_cases"
+
+
+def demo_listing_of(source):
+    """The listing a demo rule writes beside a demo folder it makes (the extraction, or a
+    review case's under results/demo/review_cases), or None for any other folder."""
+    if source is None:
+        return None
+    if Path(source) == Path(DEMO_EXTRACTION):
+        return DEMO_EXTRACTION_LISTING
+    if Path(source).parent == Path(DEMO_REVIEW_CASES):
+        return f"{Path(source)}.tsv"
+    return None
+
 
 # Every configured input path must exist, whatever outputs are already there: a mistyped
 # evidence path stops here, naming its key, instead of ending in "Nothing to be done".
-SETTINGS.require_input_paths({DEMO_RAW_DATA, DEMO_MODEL, DEMO_EXTRACTION, *DEMO_MODELS})
+SETTINGS.require_input_paths(
+    {
+        DEMO_RAW_DATA,
+        DEMO_MODEL,
+        *DEMO_MODELS,
+        *(
+            [SETTINGS.classify.source]
+            if demo_listing_of(SETTINGS.classify.source)
+            else []
+        ),
+    }
+)
 
 
 def uses_demo_data():
@@ -108,8 +133,8 @@ def get_classify_input():
     source = SETTINGS.classify.source
     if source is None:  # no triage asked for: the rule is never scheduled
         return []
-    if Path(source) == Path(DEMO_EXTRACTION):
-        return DEMO_EXTRACTION_LISTING
+    if demo_listing_of(source):
+        return demo_listing_of(source)
     if is_container(source):
         return [str(path) for path in segments(Path(source))]
     return source
@@ -151,7 +176,7 @@ def get_classify_fingerprint(wildcards):
     """Listing digest of the folder (or the container's files' sizes and times), so added,
     removed or replaced files rerun the triage."""
     source = SETTINGS.classify.source
-    if Path(source) == Path(DEMO_EXTRACTION):
+    if demo_listing_of(source):
         return "demo"
     if is_container(source):
         return container_fingerprint(Path(source))
@@ -187,6 +212,11 @@ def get_review_summary():
     return "results/review/reviews.json" if SETTINGS.review.use_for_training else []
 
 
+def get_review_gain():
+    """The models before and after the reviewed labels, for the report (with use_for_training)."""
+    return ["results/review/gain.json"] if SETTINGS.review.use_for_training else []
+
+
 def get_final_outputs():
     # The evaluations too, not only the report built from them: Snakemake does not remake a
     # missing file that an up-to-date target no longer needs, so an evaluation killed with
@@ -204,6 +234,11 @@ def get_final_outputs():
     ]
     if COMPARED:
         outputs.append("results/models/comparison.json")
+    if SETTINGS.review.use_for_training:
+        outputs += [
+            f"results/review/before/evaluate/finetuned/{name}"
+            for name in ("metrics.json", "predictions.tsv")
+        ]
     if SETTINGS.classify.source:
         case = f"results/classify/{SETTINGS.classify.case}"
         outputs += [

@@ -57,3 +57,25 @@ rule demo_extraction:
         demo=config["demo"],
     script:
         "../scripts/demo_extraction.py"
+
+
+# A new phone for the review loop (docs/review.md): raw_data's scenes in another look, which the
+# first model gets wrong. Triaged as any folder (classify.input: results/demo/review_cases/<case>);
+# the true classes, in the listing, stand for the examiner's decisions.
+rule demo_review_case:
+    output:
+        listing="results/demo/review_cases/{case}.tsv",
+        # The examiner's decisions, as a forensic suite exports them (SHA-256, Category).
+        export="results/demo/review_cases/{case}_examiner.csv",
+    log:
+        "results/logs/demo_review_case_{case}.log",
+    wildcard_constraints:
+        case="[A-Za-z0-9][A-Za-z0-9._-]*",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        folder=get_demo_extraction_folder,
+        classes=config["classes"],
+        demo=config["demo"],
+    script:
+        "../scripts/demo_review_case.py"

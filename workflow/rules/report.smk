@@ -3,6 +3,7 @@ rule report:
         manifest="results/manifest/manifest.tsv",
         rejects="results/manifest/rejects.tsv",
         split_summary="results/split/summary.tsv",
+        test="results/split/test.tsv",
         lineage="results/augment/lineage.tsv",
         curves="results/train/metrics.csv",
         adapter="results/train/adapter",
@@ -11,6 +12,8 @@ rule report:
         raw_data=get_raw_data_input(),
         # The base models side by side, when compare names any.
         comparison=["results/models/comparison.json"] if COMPARED else [],
+        # Before and after the examiners' reviewed labels, with review.use_for_training.
+        review_gain=get_review_gain(),
     output:
         page=report(
             "results/report/index.html",

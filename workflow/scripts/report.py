@@ -25,6 +25,8 @@ build_report(
         config=dict(snakemake.params.config),
         # A list of one file when base models are compared, else empty.
         comparison=next((Path(path) for path in snakemake.input.comparison), None),
+        test_table=Path(snakemake.input.test),
+        review_gain=next((Path(path) for path in snakemake.input.review_gain), None),
     ),
     classes=list(build_classes(snakemake.params.classes)),
     config=build_section(ReportConfig, snakemake.params.report, "report"),
