@@ -304,10 +304,11 @@ PROFILE = ("--profile", str(REPO / "profiles" / "demo"))
 DEMO_CONFIG = (str(REPO / "config.yaml"), str(REPO / "profiles" / "demo" / "demo.yaml"))
 
 
-def snakemake_command(workdir: Path, *args: str, demo: bool = False) -> list[str]:
+def snakemake_command(workdir: Path, *args: str, demo: bool = False, targets: tuple[str, ...] = ()) -> list[str]:
     """The command line that runs the repository's workflow in ``workdir`` (the demo profile's
     config files are named explicitly, since a profile's relative paths are read from the working
-    directory)."""
+    directory). ``targets`` come before the options, whose lists (--configfile, --config) would
+    take them for values."""
     configs = DEMO_CONFIG if demo else DEMO_CONFIG[:1]
     return [
         sys.executable,
@@ -317,6 +318,7 @@ def snakemake_command(workdir: Path, *args: str, demo: bool = False) -> list[str
         str(REPO / "Snakefile"),
         "-d",
         str(workdir),
+        *targets,
         *(PROFILE if demo else ()),
         "--configfile",
         *configs,
@@ -325,7 +327,7 @@ def snakemake_command(workdir: Path, *args: str, demo: bool = False) -> list[str
 
 
 def snakemake(
-    workdir: Path, *args: str, read_only: Path | None = None, demo: bool = False
+    workdir: Path, *args: str, read_only: Path | None = None, demo: bool = False, targets: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess:
     """Run ``snakemake_command``; optionally with ``read_only`` mounted read-only.
 
@@ -333,7 +335,7 @@ def snakemake(
     """
     if "-n" not in args and not _CURRENT["slow"]:
         pytest.fail("a test that runs the workflow must be marked slow")
-    command = snakemake_command(workdir, *args, demo=demo)
+    command = snakemake_command(workdir, *args, demo=demo, targets=targets)
     if read_only is not None:
         command = read_only_command(read_only, command)
     return subprocess.run(command, capture_output=True, text=True)

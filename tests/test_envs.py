@@ -61,6 +61,7 @@ def rule_environments() -> dict[str, tuple[Path, Path]]:
                 if match:
                     found[directive] = (smk.parent / match.group(1)).resolve()
             declared[name] = found
+
     def inherited(name: str) -> dict[str, Path]:  # a rule made from a rule made with use rule
         return {**(inherited(parents[name]) if name in parents else {}), **declared.get(name, {})}
 

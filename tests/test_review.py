@@ -262,6 +262,9 @@ def test_the_review_page_takes_keyboard_decisions_and_a_restart_resumes_where_th
         assert page.eval_on_selector("#image", "e => e.complete && e.naturalWidth > 0") or page.wait_for_function(
             "document.getElementById('image').naturalWidth > 0"
         )
+        # The Korean class names in the page's own font, served from this machine (Debian's
+        # Chromium here has no Korean font): it decodes, and it holds the glyphs.
+        assert page.evaluate("document.fonts.load('16px NanumGothicLocal', '관련 없음').then(f => f.length)") == 1
         for key, done in (("2", 1), ("c", 2), ("u", 3)):
             page.keyboard.press(key)
             page.wait_for_function(f"document.getElementById('status').textContent.includes('{done} decided')")

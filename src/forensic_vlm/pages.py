@@ -8,6 +8,7 @@ paths and messages come from the evidence.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import logging
@@ -64,6 +65,21 @@ def html_page(title: str, body: str) -> str:
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{escape(title)}</title>"
         f"<link rel=icon href='data:,'><style>{style}</style></head><body>{body}</body></html>\n"
     )
+
+
+@functools.cache
+def web_font_bytes() -> bytes:
+    """NanumGothic whole, as browsers accept it: the file ships empty VTT source tables (TSI*),
+    which Chromium's font sanitizer rejects, so they are dropped (they only serve font editors)."""
+    from fontTools.ttLib import TTFont
+
+    font = TTFont(str(korean_font_path()))
+    tags = font.keys()  # a TTFont is not iterable over its tags
+    for tag in [tag for tag in tags if tag.startswith("TSI")]:
+        del font[tag]
+    buffer = io.BytesIO()
+    font.save(buffer)
+    return buffer.getvalue()
 
 
 def _embedded_font(text: str) -> str:

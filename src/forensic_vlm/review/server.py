@@ -18,6 +18,7 @@ from pathlib import Path
 
 from forensic_vlm.config import ClassSpec
 from forensic_vlm.errors import DecisionFileError, InputNotFoundError
+from forensic_vlm.pages import web_font_bytes
 from forensic_vlm.review.decisions import UNUSABLE, Decision, DecisionLog
 from forensic_vlm.review.evidence import CaseEvidence
 from forensic_vlm.tables import read_tsv, sha256_file
@@ -98,6 +99,12 @@ def create_app(session: ReviewSession):
     def page() -> Response:
         return Response(_page(session.classes), mimetype="text/html")
 
+    # The whole Korean font, from this machine: class names and evidence paths in Korean render
+    # where no Korean font is installed, and nothing is fetched from the network.
+    @app.get("/font.ttf")
+    def font() -> Response:
+        return Response(web_font_bytes(), mimetype="font/ttf", headers={"Cache-Control": "max-age=3600"})
+
     @app.get("/api/items")
     def items():
         return jsonify(session.items())
@@ -138,7 +145,8 @@ def _page(classes: list[ClassSpec]) -> str:
 
 
 PAGE = """<!doctype html><html lang=en><head><meta charset=utf-8><title>forensic-vlm review</title>
-<style>body{font-family:system-ui,sans-serif;margin:1rem 2rem;color:#222}#image{max-width:100%;max-height:70vh}
+<style>@font-face{font-family:'NanumGothicLocal';src:url(/font.ttf) format('truetype')}
+body{font-family:'NanumGothicLocal',system-ui,sans-serif;margin:1rem 2rem;color:#222}#image{max-width:100%;max-height:70vh}
 .keys{color:#555}.done{color:#176b2c}#status{font-weight:600}</style></head><body>
 <h1>Review</h1><p class=keys>Keys: 0-3 set the class, u unusable, c confirm, arrows move.</p>
 <form id=who><label>Examiner <input id=examiner autocomplete=off required></label> <button>Start</button></form>
@@ -158,7 +166,7 @@ function show() {
     `${at + 1} of ${items.length}, ${items.filter(i => i.decision !== null).length} decided` +
     (item.decision === null ? "" : ` - decided: ${NAMES[item.decision]}`);
   document.getElementById("path").textContent = item.path;
-  const p = Object.entries(item.probabilities).map(([k, v]) => `${k}: ${v}`).join(", ");
+  const p = Object.entries(item.probabilities).map(([k, v]) => `${k}: ${Number(v).toFixed(3)}`).join(", ");
   document.getElementById("prediction").textContent = `predicted ${NAMES[item.predicted]} (${p})`;
   document.getElementById("image").src = "/image/" + item.sha256;
 }
