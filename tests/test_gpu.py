@@ -77,6 +77,38 @@ def test_qlora_training_and_scoring_on_cuda(tiny_model: Path, tiny_dataset, tmp_
     assert result["n"] == len(data.val) and 0.0 <= result["accuracy"] <= 1.0
 
 
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_compiled_training_follows_the_eager_loss_curve(
+    tiny_model: Path, tiny_dataset, tmp_path: Path, quantization: str
+) -> None:
+    """train.compile: the same steps, the same images, losses within bf16 rounding of eager."""
+    data = load_training_data(tiny_dataset["train"], tiny_dataset["val"], tiny_dataset["raw_data"], None)
+    losses, metrics = {}, {}
+    for compiled in (False, True):
+        work = tmp_path / f"compiled_{compiled}"
+        train = TrainConfig(
+            learning_rate=3e-3, epochs=1, batch_size=2, accumulate_grad_batches=1, num_workers=0,
+            quantization=quantization, gradient_checkpointing=True, compile=compiled,
+        )  # fmt: skip
+        metrics[compiled] = train_adapter(
+            data, list(DEFAULT_CLASSES), model_config=ModelConfig(name_or_path=str(tiny_model)), config=train,
+            adapter_dir=work / "adapter", work_dir=work,
+        )  # fmt: skip
+        rows = read_csv(work / "metrics.csv")
+        losses[compiled] = np.array([float(r["train_loss"]) for r in rows if r["train_loss"]])
+    assert (metrics[False]["compiled"], metrics[True]["compiled"]) == (False, True)
+    assert len(losses[True]) == len(losses[False]) > 3
+    relative = np.abs(losses[True] - losses[False]) / np.abs(losses[False])
+    assert relative.mean() < 0.01 and relative.max() < 0.05, relative
+
+
+def read_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def test_compiled_scoring_matches_eager(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
     model = ModelConfig(name_or_path=str(tiny_model), quantization="none")
     probabilities = {}

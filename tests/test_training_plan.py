@@ -232,7 +232,7 @@ def test_compiled_decoder_layers_share_one_graph_across_layers_and_lengths(tiny_
     import torch._dynamo
 
     from forensic_vlm.decoding import class_probabilities
-    from forensic_vlm.scoring import compile_decoder_layers
+    from forensic_vlm.modeling import compile_decoder_layers
 
     batch = training_batch(tiny_model, tiny_dataset, 4)
     processor = load_processor(tiny_model)

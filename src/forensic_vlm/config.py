@@ -129,6 +129,10 @@ class TrainConfig:
     """With an nf4 base, cast the frozen weights kept in bf16 (embeddings, norms, lm_head, vision
     tower) to float32 first, as PEFT's prepare_model_for_kbit_training does. false keeps them in
     bf16, as on a bf16 base (LLaMA-Factory's default too); true costs memory and speed."""
+    compile: bool = False
+    """torch.compile each decoder layer for training (LoRA and the 4-bit products inside it), so
+    its small operations are not dispatched one by one from Python; costs a compilation at the
+    start of each run (docs/performance.md)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32

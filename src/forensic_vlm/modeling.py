@@ -140,6 +140,21 @@ def decoder_layers(model) -> list:
     return list(language_model(model, architecture_of_model(model)).layers)
 
 
+def compile_decoder_layers(model) -> int:
+    """torch.compile every decoder layer of the language model in place; returns how many.
+
+    All layers share one compiled graph (parameters are graph inputs); the sequence length is
+    dynamic, so new token counts do not recompile. In training the compiled layer runs inside
+    its checkpoint (transformers' GradientCheckpointingLayer calls it), so a recomputed layer
+    replays the same compiled graph.
+    """
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    log.info("compiled %d decoder layers", len(layers))
+    return len(layers)
+
+
 def set_checkpointed_layers(model, count: int) -> None:
     """Recompute only the first ``count`` decoder layers. Checkpointing must be enabled on the
     model already; it is switched off for the rest, which then keep their activations."""

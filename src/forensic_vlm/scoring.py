@@ -31,8 +31,8 @@ from forensic_vlm.faults import fault_point
 from forensic_vlm.integrity import model_files, verify_adapter
 from forensic_vlm.kernels import apply_fused_kernels, fused_kernels_wanted, require_fp8, to_fp8
 from forensic_vlm.modeling import (
+    compile_decoder_layers,
     compute_dtype,
-    decoder_layers,
     device_name,
     load_adapter,
     load_base_model,
@@ -184,19 +184,6 @@ def _batch_rows(job: ScoringJob, model, tokenizer, *, inputs: dict, index: list[
     return [
         {"sha256": digest, "predicted": parse(text), "answer": text} for digest, text in zip(sha256, texts, strict=True)
     ]
-
-
-def compile_decoder_layers(model) -> int:
-    """torch.compile every decoder layer of the language model in place; returns how many.
-
-    All layers share one compiled graph (parameters are graph inputs); the sequence length is
-    dynamic, so new token counts do not recompile.
-    """
-    layers = decoder_layers(model)
-    for layer in layers:
-        layer.compile(dynamic=True)
-    log.info("compiled %d decoder layers", len(layers))
-    return len(layers)
 
 
 def shard_devices(count: int) -> list[torch.device]:

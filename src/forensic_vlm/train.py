@@ -45,6 +45,7 @@ from forensic_vlm.lightning_module import (
 )
 from forensic_vlm.modeling import (
     add_lora,
+    compile_decoder_layers,
     compute_dtype,
     device_name,
     load_base_model,
@@ -248,6 +249,13 @@ def set_up(
     if fused:
         apply_fused_kernels(model)
     model = add_lora(model, config, quantized=plan.quantization == "nf4", checkpointed_layers=plan.checkpointed_layers)
+    if config.compile:
+        # The same random numbers as eager (LoRA dropout): Inductor's own generator would draw
+        # other masks, so a compiled run could neither follow an eager one nor resume it exactly.
+        import torch._inductor.config as inductor
+
+        inductor.fallback_random = True
+        compile_decoder_layers(model)  # after LoRA and checkpointing: the layers as they will run
     module = ClassifierModule(model, answer, config, compute_dtype(device))
     shard = {"seed": config.seed, "rank": rank, "replicas": config.devices}
     scoring = Collator(processor, prompt, answer, labels=labels, mode="score")
@@ -332,6 +340,7 @@ def finish(
         "train_peak_memory_GiB": run.module.peak_memory_gib,
         "plan": run.plan.as_dict(),
         "kernels": "liger" if run.fused_kernels else "transformers",
+        "compiled": config.compile,
     }
     # The base model's processor, uncapped: model.max_tiles is applied again wherever it is loaded.
     _save_adapter(run.module.model, load_processor(run.base.folder), adapter_dir)
