@@ -918,6 +918,11 @@ def main() -> None:
             "qlora_compiled", quantization="nf4", gradient_checkpointing=True, compile=True
         ),
         "train_auto_compiled": training("auto_compiled", compile=True),
+        # Without LoRA dropout: whether a compiled run's random numbers are what separates it from eager.
+        "train_16GiB_budget_no_dropout": training("budget16_no_dropout", memory_budget_gib=16.0, lora_dropout=0.0),
+        "train_16GiB_budget_no_dropout_compiled": training(
+            "budget16_no_dropout_compiled", memory_budget_gib=16.0, lora_dropout=0.0, compile=True
+        ),
         "train_reference_plan_compiled": training(
             "reference_compiled", quantization="none", gradient_checkpointing=True, compile=True
         ),
@@ -1018,6 +1023,8 @@ STEPS = (
     "train_16GiB_budget_compiled",
     "qlora_train_batch1_checkpointing_compiled",
     "train_auto_compiled",
+    "train_16GiB_budget_no_dropout",
+    "train_16GiB_budget_no_dropout_compiled",
     "train_reference_plan_compiled",
     "qlora_train_cli_1gpu",
     "qlora_train_cli_ddp_2gpus",
