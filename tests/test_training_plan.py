@@ -249,3 +249,19 @@ def test_compiled_decoder_layers_share_one_graph_across_layers_and_lengths(tiny_
         class_probabilities(model, shorter, answer.class_ids)
     torch._dynamo.reset()
     assert (compiled - eager).abs().max().item() < 1e-4
+
+
+def test_compiled_training_is_refused_on_cuda_until_it_follows_eager(monkeypatch) -> None:
+    """train.compile on CUDA departed from eager's loss curve (issue 27): refused, by name, unless
+    the benchmark harness asks for it; on the CPU it follows eager exactly and runs."""
+    import torch
+
+    from forensic_vlm.errors import UnverifiedSpeedPathError
+    from forensic_vlm.train import UNVERIFIED_SPEED_PATHS, _require_verified_compile
+
+    monkeypatch.delenv(UNVERIFIED_SPEED_PATHS, raising=False)
+    with pytest.raises(UnverifiedSpeedPathError, match=r"train\.compile on CUDA is refused"):
+        _require_verified_compile(torch.device("cuda"))
+    _require_verified_compile(torch.device("cpu"))
+    monkeypatch.setenv(UNVERIFIED_SPEED_PATHS, "1")
+    _require_verified_compile(torch.device("cuda"))

@@ -132,7 +132,8 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each decoder layer for training (LoRA and the 4-bit products inside it), so
     its small operations are not dispatched one by one from Python; costs a compilation at the
-    start of each run (docs/performance.md)."""
+    start of each run. Refused on CUDA for now: there its loss curve departed from eager's
+    (docs/performance.md, issue 27)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
