@@ -133,6 +133,19 @@ def compute_metrics(
     return result
 
 
+def headline_scores(metrics: dict) -> dict:
+    """What a comparison of evaluations shows of one ``metrics.json``: n, accuracy and macro-F1 with
+    their bootstrap 95 % intervals, and F1 per class (by class id)."""
+    return {
+        "n": metrics["n"],
+        "accuracy": metrics["accuracy"],
+        "accuracy_95": metrics["bootstrap_95"]["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "macro_f1_95": metrics["bootstrap_95"]["macro_f1"],
+        "per_class_f1": {label: scores["f1"] for label, scores in metrics["per_class"].items()},
+    }
+
+
 def report_text(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[ClassSpec]) -> str:
     return classification_report(
         y_true,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from forensic_vlm.config import ClassSpec
 from forensic_vlm.errors import BadInputError
-from forensic_vlm.metrics import paired_mcnemar
+from forensic_vlm.metrics import headline_scores, paired_mcnemar
 from forensic_vlm.tables import read_tsv, write_atomically, write_tsv
 
 KINDS = ("zeroshot", "finetuned")
@@ -30,15 +30,10 @@ def _training_rate(curves: Path) -> float | None:
     return round(statistics.median(rates), 2) if rates else None
 
 
-def _evaluation(folder: Path, classes: list[ClassSpec]) -> dict:
+def _evaluation(folder: Path) -> dict:
     metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     return {
-        "n": metrics["n"],
-        "accuracy": metrics["accuracy"],
-        "accuracy_95": metrics["bootstrap_95"]["accuracy"],
-        "macro_f1": metrics["macro_f1"],
-        "macro_f1_95": metrics["bootstrap_95"]["macro_f1"],
-        "per_class_f1": {str(c.id): metrics["per_class"][str(c.id)]["f1"] for c in classes},
+        **headline_scores(metrics),
         # None when every prediction came from the cache (an identical adapter scored them before).
         "scoring_images_per_second": metrics.get("images_per_second_after_first_batch"),
         "images_from_cache": metrics.get("images_from_cache", 0),
@@ -58,7 +53,7 @@ def compare_models(runs: dict[str, Path], classes: list[ClassSpec], out_json: Pa
                 "name": name,
                 "architecture": card.get("architecture"),
                 "base_model": card["base_model"],
-                **{kind: _evaluation(folder / "evaluate" / kind, classes) for kind in KINDS},
+                **{kind: _evaluation(folder / "evaluate" / kind) for kind in KINDS},
                 "training": {
                     "images_per_second": _training_rate(folder / "train" / "metrics.csv"),
                     "device": card["validation"]["device"],

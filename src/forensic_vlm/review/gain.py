@@ -18,23 +18,15 @@ from pathlib import Path
 
 from forensic_vlm.config import ClassSpec, EvaluateConfig
 from forensic_vlm.errors import ReviewGainError
-from forensic_vlm.metrics import compute_metrics, paired_mcnemar
+from forensic_vlm.metrics import compute_metrics, headline_scores, paired_mcnemar
 from forensic_vlm.tables import read_tsv, write_atomically
 
 log = logging.getLogger(__name__)
 
 
 def _scores(metrics: dict) -> dict:
-    """The figures of one evaluation the report shows."""
-    return {
-        "n": metrics["n"],
-        "accuracy": metrics["accuracy"],
-        "accuracy_95": metrics["bootstrap_95"]["accuracy"],
-        "macro_f1": metrics["macro_f1"],
-        "macro_f1_95": metrics["bootstrap_95"]["macro_f1"],
-        "per_class_f1": {label: scores["f1"] for label, scores in metrics["per_class"].items()},
-        "device": metrics.get("device", ""),
-    }
+    """The figures of one evaluation the report shows, and the device it ran on."""
+    return {**headline_scores(metrics), "device": metrics.get("device", "")}
 
 
 def _subset_scores(rows: list[dict], classes: list[ClassSpec], config: EvaluateConfig) -> dict:
@@ -47,7 +39,7 @@ def _subset_scores(rows: list[dict], classes: list[ClassSpec], config: EvaluateC
         calibration_bins=config.calibration_bins,
         seed=config.seed,
     )
-    return {key: value for key, value in _scores(metrics).items() if key != "device"}
+    return headline_scores(metrics)
 
 
 def review_gain(
