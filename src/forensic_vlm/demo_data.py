@@ -296,6 +296,14 @@ def generate_demo_extraction(
             (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
             (out_dir / relative).write_bytes(data)
         truth["DCIM/Camera/copy_of_" + first.name] = truth[str(first.relative_to(out_dir))]
+    rows = _write_truth_listing(out_dir, listing, truth)
+    log.info("demo extraction: %d files under %s", len(rows), out_dir)
+    return len(rows)
+
+
+def _write_truth_listing(out_dir: Path, listing: Path, truth: dict[str, int]) -> list[dict]:
+    """Every file under ``out_dir`` (path, size_bytes, sha256, true_class: empty for a file with
+    no class), written to ``listing`` outside the folder; returns the rows."""
     rows = [
         {
             "path": str(p.relative_to(out_dir)),
@@ -307,8 +315,7 @@ def generate_demo_extraction(
         if p.is_file()
     ]
     write_tsv(listing, ("path", "size_bytes", "sha256", "true_class"), rows)
-    log.info("demo extraction: %d files under %s", len(rows), out_dir)
-    return len(rows)
+    return rows
 
 
 def new_phone_look(image: Image.Image) -> Image.Image:
@@ -350,17 +357,7 @@ def generate_demo_review_case(
         image = new_phone_look(DRAWERS[spec.id % len(DRAWERS)](rng, SIZES[int(rng.integers(len(SIZES)))]))
         path.write_bytes(_encode(image, "png" if path.suffix == ".png" else "jpeg"))
         truth[str(path.relative_to(out_dir))] = spec.id
-    rows = [
-        {
-            "path": str(p.relative_to(out_dir)),
-            "size_bytes": p.stat().st_size,
-            "sha256": sha256_file(p),
-            "true_class": truth[str(p.relative_to(out_dir))],
-        }
-        for p in sorted(out_dir.rglob("*"))
-        if p.is_file()
-    ]
-    write_tsv(listing, ("path", "size_bytes", "sha256", "true_class"), rows)
+    rows = _write_truth_listing(out_dir, listing, truth)
     by_id = {spec.id: spec for spec in classes}
     with open(export, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)

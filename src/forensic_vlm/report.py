@@ -80,6 +80,11 @@ def _with_interval(value: float, interval: list[float]) -> str:
     return f"{value:.3f} <span class=ci>[{low:.3f}, {high:.3f}]</span>"
 
 
+def _headline_interval(scores: dict, key: str) -> str:
+    """A figure of metrics.headline_scores with its interval (``<key>_95``)."""
+    return _with_interval(scores[key], scores[f"{key}_95"])
+
+
 def provenance(inputs: ReportInputs, metrics: dict[str, dict]) -> list[list[object]]:
     versions = [f"{package} {version}" for package, version in package_versions().items()]
     card = json.loads(Path(inputs.training_card).read_text()) if Path(inputs.training_card).exists() else {}
@@ -187,9 +192,7 @@ def build_report(inputs: ReportInputs, classes: list[ClassSpec], config: ReportC
 def _comparison_section(comparison: dict, classes: list[ClassSpec]) -> list[str]:
     """The compared base models (rule compare_models) side by side, and McNemar's test per pair."""
     models = comparison["models"]
-
-    def interval(evaluation: dict, key: str) -> str:
-        return _with_interval(evaluation[key], evaluation[f"{key}_95"])
+    interval = _headline_interval
 
     def rate(value: float | None, device: str | None) -> str:
         return (
@@ -247,10 +250,7 @@ def _comparison_section(comparison: dict, classes: list[ClassSpec]) -> list[str]
 
 def _review_section(gain: dict, classes: list[ClassSpec]) -> list[str]:
     """Examiner's review: the model before and after the reviewed labels (rule review_gain)."""
-
-    def interval(scores: dict, key: str) -> str:
-        return _with_interval(scores[key], scores[f"{key}_95"])
-
+    interval = _headline_interval
     before, after, test = gain["before"], gain["after"], gain["mcnemar"]
     held_out = gain["reviewed_test_cases"]
     rows = [

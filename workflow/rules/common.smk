@@ -133,8 +133,8 @@ def get_classify_input():
     source = SETTINGS.classify.source
     if source is None:  # no triage asked for: the rule is never scheduled
         return []
-    if demo_listing_of(source):
-        return demo_listing_of(source)
+    if listing := demo_listing_of(source):
+        return listing
     if is_container(source):
         return [str(path) for path in segments(Path(source))]
     return source

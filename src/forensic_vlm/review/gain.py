@@ -55,19 +55,17 @@ def review_gain(
     """Write ``out`` (gain.json) from reviews.json and the two evaluations' folders; returns it."""
     reviews = json.loads(Path(summary).read_text(encoding="utf-8"))
     test = read_tsv(Path(test_table))
-    predictions = {}
+    test_images = sorted(r["sha256"] for r in test)
+    predictions, metrics = {}, {}
     for name, folder in (("before", Path(before_dir)), ("after", Path(after_dir))):
         rows = read_tsv(folder / "predictions.tsv")
-        if sorted(r["sha256"] for r in rows) != sorted(r["sha256"] for r in test):
+        if sorted(r["sha256"] for r in rows) != test_images:
             raise ReviewGainError(
                 f"{folder / 'predictions.tsv'}: scores {len(rows)} image(s), not the {len(test)} of {test_table}; "
                 "the models before and after the review are compared on the same test images only"
             )
         predictions[name] = rows
-    metrics = {
-        name: json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-        for name, folder in (("before", Path(before_dir)), ("after", Path(after_dir)))
-    }
+        metrics[name] = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     paired = paired_mcnemar(predictions["after"], predictions["before"])
     test_cases = list(reviews["test_cases"])
     case_of = {r["sha256"]: r.get("case", "") for r in test}
