@@ -74,7 +74,3 @@ class DecisionFileError(ForensicVlmError, ValueError):
 
 class ReviewGainError(ForensicVlmError, ValueError):
     """The models before and after the reviewed labels were not scored on the same test images."""
-
-
-class UnverifiedSpeedPathError(ForensicVlmError, RuntimeError):
-    """A speed option whose numbers have not been shown to follow the plain path on this device."""

@@ -140,18 +140,34 @@ def decoder_layers(model) -> list:
     return list(language_model(model, architecture_of_model(model)).layers)
 
 
-def compile_decoder_layers(model) -> int:
+#: Inductor's options for layers compiled for training: eager's numbers, not merely close ones.
+#: ``emulate_precision_casts``: round to bf16 wherever eager does. Without it Inductor keeps float32
+#: between the operations it fuses (norms, rotary, residual adds), the small LoRA contributions
+#: that eager rounds away survive, and on one H200 the compiled run's losses fell 2 % (4 layers) to
+#: 15 % (32 layers) below eager's within 32 steps: another training, not a faster one; emulated,
+#: 0.1 % (docs/performance.md, issue 27). ``fallback_random``: eager's generator, so LoRA dropout
+#: draws the same masks and a compiled run can follow an eager one and resume exactly.
+TRAINING_COMPILE_OPTIONS = {"emulate_precision_casts": True, "fallback_random": True}
+
+
+def compile_decoder_layers(model, *, training: bool = False) -> int:
     """torch.compile every decoder layer of the language model in place; returns how many.
 
     All layers share one compiled graph (parameters are graph inputs); the sequence length is
-    dynamic, so new token counts do not recompile. In training the compiled layer runs inside
-    its checkpoint (transformers' GradientCheckpointingLayer calls it), so a recomputed layer
-    replays the same compiled graph.
+    dynamic, so new token counts do not recompile. ``training``: with eager's numerics
+    (``TRAINING_COMPILE_OPTIONS``); the checkpointed layers replay the same compiled graph.
     """
     layers = decoder_layers(model)
+    for module in model.modules():
+        # bitsandbytes' CPU inference path repacks a 4-bit weight in place on its first no-grad
+        # call (Linear4bit.forward, AVX512-BF16 machines); traced, the shared graph then meets
+        # weights in two layouts and fails its input checks at the first validation batch.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    options = TRAINING_COMPILE_OPTIONS if training else None
     for layer in layers:
-        layer.compile(dynamic=True)
-    log.info("compiled %d decoder layers", len(layers))
+        layer.compile(dynamic=True, options=options)
+    log.info("compiled %d decoder layers%s", len(layers), " with eager's numerics" if training else "")
     return len(layers)
 
 

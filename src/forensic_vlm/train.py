@@ -32,7 +32,7 @@ from forensic_vlm.batches import (
     examples_from_table,
 )
 from forensic_vlm.config import ClassSpec, ModelConfig, TrainConfig, to_dict
-from forensic_vlm.errors import ResumeError, UnverifiedSpeedPathError
+from forensic_vlm.errors import ResumeError
 from forensic_vlm.faults import fault_point
 from forensic_vlm.integrity import FolderState, model_files, write_listing
 from forensic_vlm.kernels import apply_fused_kernels, fused_kernels_wanted
@@ -109,23 +109,6 @@ def load_training_data(
         manifest_sha256=digest,
         reviews=record,
     )
-
-
-#: Set by the benchmark harness and the GPU tests only, to measure train.compile on CUDA.
-UNVERIFIED_SPEED_PATHS = "FORENSIC_VLM_ALLOW_UNVERIFIED_SPEED_PATHS"
-
-
-def _require_verified_compile(device: torch.device) -> None:
-    """train.compile follows eager's loss curve exactly on the CPU, but on CUDA it did not: on one
-    H200 the compiled run's losses fell 14-15 % below eager's on the same images, with and without
-    dropout, on an nf4 and a bf16 base (docs/performance.md, issue 27). Until that is explained a
-    run must not silently train another model than the plain path would."""
-    if device.type == "cuda" and os.environ.get(UNVERIFIED_SPEED_PATHS) != "1":
-        raise UnverifiedSpeedPathError(
-            "train.compile on CUDA is refused: its loss curve departed from the eager one by 14 % (mean "
-            "relative difference, one H200, benchmarks/results/gpu_full_scale_h200_issue27_run2.json); "
-            "train without it (train.compile: false)"
-        )
 
 
 def _loader(examples: list[Example], collator: Collator, *, sampler: TokenGroupedBatches, workers: int) -> DataLoader:
@@ -267,13 +250,8 @@ def set_up(
         apply_fused_kernels(model)
     model = add_lora(model, config, quantized=plan.quantization == "nf4", checkpointed_layers=plan.checkpointed_layers)
     if config.compile:
-        _require_verified_compile(device)
-        # The same random numbers as eager (LoRA dropout): Inductor's own generator would draw
-        # other masks, so a compiled run could neither follow an eager one nor resume it exactly.
-        import torch._inductor.config as inductor
-
-        inductor.fallback_random = True
-        compile_decoder_layers(model)  # after LoRA and checkpointing: the layers as they will run
+        # After LoRA and checkpointing: the layers as they will run.
+        compile_decoder_layers(model, training=True)
     module = ClassifierModule(model, answer, config, compute_dtype(device))
     shard = {"seed": config.seed, "rank": rank, "replicas": config.devices}
     scoring = Collator(processor, prompt, answer, labels=labels, mode="score")
