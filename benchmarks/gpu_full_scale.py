@@ -454,6 +454,7 @@ def adapter_training(
         "train_images": len(data.train),
         "val_images": len(data.val),
         "peak_GiB": metrics["train_peak_memory_GiB"],
+        "first_step_seconds": metrics["first_step_seconds"],  # holds the compilation under train.compile
         "peak_GiB_incl_loading": round(peak_gb(), 1),
         "plan": metrics["plan"],
         "kernels": metrics["kernels"],

@@ -278,4 +278,5 @@ def test_compiled_training_follows_eager_through_validation(tiny_model: Path, ti
     assert (metrics[False]["compiled"], metrics[True]["compiled"]) == (False, True)
     assert len(losses[True]) == len(losses[False]) > 3
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-3)
+    assert metrics[True]["first_step_seconds"] > 0  # reported: the compilation's cost is in it
     assert metrics[True]["val_macro_f1"] == pytest.approx(metrics[False]["val_macro_f1"])

@@ -46,6 +46,7 @@ class ClassifierModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self.peak_memory_gib = None
+        self.first_step_seconds = None
         if torch.cuda.is_available():  # the training peak, not the loading one
             torch.cuda.reset_peak_memory_stats()
 
@@ -61,7 +62,10 @@ class ClassifierModule(pl.LightningModule):
             torch.cuda.synchronize()  # GPU work is asynchronous: time what was done, not what was queued
         # All ranks together: each does the same number of steps at the same time.
         images = len(batch["indices"]) * self.trainer.world_size
-        self.log("train_images_per_s", images / (time.perf_counter() - self._step_start))
+        seconds = time.perf_counter() - self._step_start
+        if self.first_step_seconds is None:  # with train.compile, this step's time holds the compilation
+            self.first_step_seconds = round(seconds, 2)
+        self.log("train_images_per_s", images / seconds)
         fault_point("train.batch_end")  # after this batch's checkpoint, if one was due
 
     def on_validation_end(self) -> None:

@@ -334,6 +334,7 @@ def finish(
         "devices": config.devices,
         "device": device_name(run.device),
         "train_peak_memory_GiB": run.module.peak_memory_gib,
+        "first_step_seconds": run.module.first_step_seconds,
         "plan": run.plan.as_dict(),
         "kernels": "liger" if run.fused_kernels else "transformers",
         "compiled": config.compile,
@@ -380,6 +381,12 @@ def finish(
         metrics["val_macro_f1"] or 0,
         adapter_dir,
     )
+    if metrics["first_step_seconds"] is not None:
+        log.info(
+            "train: the first step took %.1f s%s",
+            metrics["first_step_seconds"],
+            " (train.compile: the decoder layers' compilation is in it)" if config.compile else "",
+        )
     return metrics
 
 
@@ -535,7 +542,8 @@ def write_model_card(
         "data_sha256": data.manifest_sha256,
         # The examiners' decisions files this adapter learned from (none: raw_data only).
         "reviews": data.reviews or [],
-        "validation": metrics,
+        # A time is how this run went, not what the adapter is: the card stays the same on a rerun.
+        "validation": {k: v for k, v in metrics.items() if k != "first_step_seconds"},
         "versions": versions,
     }
     (adapter_dir / "training.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
