@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from forensic_vlm.config import ModelConfig
 from forensic_vlm.tables import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,6 +265,34 @@ def trained(tiny_model: Path, tiny_dataset, tmp_path_factory) -> dict:
 
 #: ``forensic-vlm`` as a plain new process (the entry point itself; DDP ranks rerun its command line).
 CLI = (sys.executable, "-m", "forensic_vlm")
+
+
+def eager_and_compiled_losses(model: ModelConfig, dataset: dict[str, Path], work: Path, quantization: str):
+    """train.compile's check: one epoch of the tiny model trained eager and then compiled on the same
+    images (recomputing, so the compiled graph is replayed in the backward pass); per-step losses
+    and the returned metrics of each, keyed by whether it was compiled."""
+    import csv
+
+    from forensic_vlm.config import DEFAULT_CLASSES, TrainConfig
+    from forensic_vlm.train import load_training_data, train_adapter
+
+    data = load_training_data(dataset["train"], dataset["val"], dataset["raw_data"], None)
+    losses, metrics = {}, {}
+    for compiled in (False, True):
+        folder = work / f"compiled_{compiled}"
+        train = TrainConfig(
+            learning_rate=3e-3, epochs=1, batch_size=2, accumulate_grad_batches=1, num_workers=0,
+            quantization=quantization, gradient_checkpointing=True, compile=compiled,
+        )  # fmt: skip
+        metrics[compiled] = train_adapter(
+            data, list(DEFAULT_CLASSES), model_config=model, config=train,
+            adapter_dir=folder / "adapter", work_dir=folder,
+        )  # fmt: skip
+        with open(folder / "metrics.csv", newline="") as handle:
+            losses[compiled] = np.array([float(r["train_loss"]) for r in csv.DictReader(handle) if r["train_loss"]])
+    assert (metrics[False]["compiled"], metrics[True]["compiled"]) == (False, True)
+    assert len(losses[True]) == len(losses[False]) > 3
+    return losses, metrics
 
 
 def train_command(config: Path, dataset: dict[str, Path], adapter: Path, log: Path | None = None) -> list[str]:

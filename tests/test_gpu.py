@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import CLI, train_command
+from conftest import CLI, eager_and_compiled_losses, train_command
 from forensic_vlm.config import DEFAULT_CLASSES, EvaluateConfig, ModelConfig, TrainConfig
 from forensic_vlm.evaluate import evaluate_split
 from forensic_vlm.modeling import add_lora, compute_dtype, decoder_layers, load_base_model, resolve_device
@@ -84,31 +84,10 @@ def test_compiled_training_follows_the_eager_loss_curve(
     """train.compile: the same steps, the same images, losses within bf16 rounding of eager. The
     gate of train.compile's eager numerics on CUDA (issue 27: without them a compiled run's losses
     fell 15 % below eager's)."""
-    data = load_training_data(tiny_dataset["train"], tiny_dataset["val"], tiny_dataset["raw_data"], None)
-    losses, metrics = {}, {}
-    for compiled in (False, True):
-        work = tmp_path / f"compiled_{compiled}"
-        train = TrainConfig(
-            learning_rate=3e-3, epochs=1, batch_size=2, accumulate_grad_batches=1, num_workers=0,
-            quantization=quantization, gradient_checkpointing=True, compile=compiled,
-        )  # fmt: skip
-        metrics[compiled] = train_adapter(
-            data, list(DEFAULT_CLASSES), model_config=ModelConfig(name_or_path=str(tiny_model)), config=train,
-            adapter_dir=work / "adapter", work_dir=work,
-        )  # fmt: skip
-        rows = read_csv(work / "metrics.csv")
-        losses[compiled] = np.array([float(r["train_loss"]) for r in rows if r["train_loss"]])
-    assert (metrics[False]["compiled"], metrics[True]["compiled"]) == (False, True)
-    assert len(losses[True]) == len(losses[False]) > 3
+    model = ModelConfig(name_or_path=str(tiny_model))
+    losses, _ = eager_and_compiled_losses(model, tiny_dataset, tmp_path, quantization)
     relative = np.abs(losses[True] - losses[False]) / np.abs(losses[False])
     assert relative.mean() < 0.01 and relative.max() < 0.05, relative
-
-
-def read_csv(path: Path) -> list[dict]:
-    import csv
-
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_compiled_scoring_matches_eager(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ What they buy on a GPU is measured by benchmarks/gpu_full_scale.py (docs/perform
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, model_config, training_batch
+from conftest import FAST, eager_and_compiled_losses, model_config, training_batch
 from forensic_vlm.batches import model_inputs
 from forensic_vlm.config import REFERENCE_QUESTION, EvaluateConfig, ModelConfig, TrainConfig
 from forensic_vlm.errors import ConfigError, DeviceError
@@ -258,25 +257,7 @@ def test_compiled_training_follows_eager_through_validation(tiny_model: Path, ti
     """train.compile: the same losses step by step as eager, and the validation pass after them runs.
     It once failed there on the CPU: bitsandbytes repacked the 4-bit weights in place on the first
     no-grad call, and the compiled graph shared by the layers met them in two layouts."""
-    from forensic_vlm.config import DEFAULT_CLASSES
-    from forensic_vlm.train import load_training_data, train_adapter
-
-    data = load_training_data(tiny_dataset["train"], tiny_dataset["val"], tiny_dataset["raw_data"], None)
-    losses, metrics = {}, {}
-    for compiled in (False, True):
-        work = tmp_path / f"compiled_{compiled}"
-        train = TrainConfig(
-            learning_rate=3e-3, epochs=1, batch_size=2, accumulate_grad_batches=1, num_workers=0,
-            quantization="nf4", gradient_checkpointing=True, compile=compiled,
-        )  # fmt: skip
-        metrics[compiled] = train_adapter(
-            data, list(DEFAULT_CLASSES), model_config=model_config(tiny_model, "nf4"), config=train,
-            adapter_dir=work / "adapter", work_dir=work,
-        )  # fmt: skip
-        with open(work / "metrics.csv", newline="") as handle:
-            losses[compiled] = np.array([float(r["train_loss"]) for r in csv.DictReader(handle) if r["train_loss"]])
-    assert (metrics[False]["compiled"], metrics[True]["compiled"]) == (False, True)
-    assert len(losses[True]) == len(losses[False]) > 3
+    losses, metrics = eager_and_compiled_losses(model_config(tiny_model, "nf4"), tiny_dataset, tmp_path, "nf4")
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-3)
     assert metrics[True]["first_step_seconds"] > 0  # reported: the compilation's cost is in it
     assert metrics[True]["val_macro_f1"] == pytest.approx(metrics[False]["val_macro_f1"])
