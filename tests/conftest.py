@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -392,6 +393,46 @@ def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
             break
         jobs.add(line.split()[0])
     return jobs
+
+
+#: How far one probability (written to 6 decimals) may move between CPU processes that score the
+#: same batch: float32 kernels can round an image's last bit differently. Seen on CI, in 2 of about 8
+#: runs, as one unit in the 6th decimal on 2 of 48 images (one batch), before the rules' threads were
+#: capped at the CPUs (forensic_vlm.modeling.use_threads); not reproduced since, on this 2-core CPU.
+PROCESS_ROUNDING = 2e-6
+PROBABILITY_COLUMNS = re.compile(r"^(confidence|p\d+)$")
+
+
+def assert_same_scores(actual: Path, expected: Path) -> None:
+    """Two tables of scored images (triage.tsv, predictions.tsv) with the same rows in the same order:
+    every column byte for byte, except the probabilities, which may differ by PROCESS_ROUNDING."""
+    import csv
+
+    tables = []
+    for path in (actual, expected):
+        with open(path, newline="", encoding="utf-8") as handle:
+            tables.append(list(csv.reader(handle, delimiter="\t")))
+    header = tables[1][0]
+    assert tables[0][0] == header, (actual, expected)
+    assert len(tables[0]) == len(tables[1]), (actual, expected)
+    for number, (got, want) in enumerate(zip(tables[0][1:], tables[1][1:], strict=True), start=2):
+        for column, a, b in zip(header, got, want, strict=True):
+            if PROBABILITY_COLUMNS.match(column) and a and b:
+                assert abs(float(a) - float(b)) <= PROCESS_ROUNDING, f"{actual}:{number} {column}: {a} != {b}"
+            else:
+                assert a == b, f"{actual}:{number} {column}: {a!r} != {b!r}"
+
+
+def same_figures(a, b, tolerance: float = 1e-5) -> bool:
+    """Whether two JSON values are equal, floats to within ``tolerance`` (figures computed from
+    probabilities that may differ by PROCESS_ROUNDING)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, int | float) and isinstance(b, int | float) and abs(a - b) <= tolerance
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_figures(a[k], b[k], tolerance) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_figures(x, y, tolerance) for x, y in zip(a, b, strict=True))
+    return a == b
 
 
 def copy_run(workdir: Path, target: Path) -> Path:

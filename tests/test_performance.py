@@ -18,7 +18,7 @@ from forensic_vlm.batches import TokenGroupedBatches
 from forensic_vlm.config import DEFAULT_CLASSES, REFERENCE_QUESTION, ConfigError, EvaluateConfig, ModelConfig
 from forensic_vlm.demo_model import grid_pinpoints
 from forensic_vlm.evaluate import evaluate_split
-from forensic_vlm.modeling import capped_pinpoints, load_base_model, load_processor
+from forensic_vlm.modeling import capped_pinpoints, load_base_model, load_processor, use_threads
 from forensic_vlm.prompting import TokenCounter, answer_tokens, build_prompt
 from forensic_vlm.scoring import shard_batches
 from forensic_vlm.tables import read_tsv
@@ -33,6 +33,19 @@ def test_tile_cap_keeps_only_grids_of_at_most_that_many_tiles() -> None:
     assert capped_pinpoints(full, 336, 3) == [[336, 672], [672, 336], [1008, 336], [336, 1008]]
     with pytest.raises(ConfigError, match="max_tiles 1 leaves no anyres grid; the smallest has 2"):
         capped_pinpoints(full, 336, 1)
+
+
+def test_a_rule_gets_no_more_threads_than_the_cpus_it_may_run_on() -> None:
+    import os
+
+    before = torch.get_num_threads()
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        assert use_threads(cpus + 6) == cpus  # the demo's rules ask for 8 on 2 cores
+        assert use_threads(1) == 1
+        assert use_threads(None) == 1  # None keeps what is set
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_capped_processor_and_model_agree_and_use_fewer_tokens(tiny_model: Path) -> None:

@@ -181,7 +181,8 @@ def classify_folder(
 ) -> dict:
     """Triage ``input_dir`` in one job; write triage.tsv, triage.html and custody.json; returns the custody record."""
     started = dt.datetime.now(dt.UTC)
-    from forensic_vlm.scoring import score_examples, use_threads  # torch: only where images are scored
+    from forensic_vlm.modeling import use_threads  # torch: only where images are scored
+    from forensic_vlm.scoring import score_examples
 
     use_threads(threads)
     listing = list_input(Path(input_dir), manifest_config, config, workers)
@@ -353,7 +354,7 @@ def score_shard(
     """Score the usable files of one shard of the listing (``shards.score_part``): ``part`` (TSV)
     gets one row per distinct image, by sha256; ``part`` with suffix .json the job's record. Reads
     the shared ``cache_dir`` and writes only ``shard_cache_dir``. Returns the record."""
-    from forensic_vlm.scoring import use_threads  # torch: only where images are scored
+    from forensic_vlm.modeling import use_threads  # torch: only where images are scored
 
     use_threads(threads)
     read = read_listing(listing)

@@ -40,7 +40,8 @@ def evaluate_split(
     With ``cache_dir``, images this exact model, adapter and prompt scored before are not scored
     again (``images_scored`` / ``images_from_cache`` in metrics.json say how many).
     """
-    from forensic_vlm.scoring import score_examples, use_threads  # torch: only where images are scored
+    from forensic_vlm.modeling import use_threads  # torch: only where images are scored
+    from forensic_vlm.scoring import score_examples
 
     use_threads(threads)
     kind = "finetuned" if adapter else "zeroshot"
@@ -82,7 +83,7 @@ def score_split_shard(
 ) -> dict:
     """One shard job of an evaluation (rules ``evaluate_*_shard``): its share of the test split's
     images, scored as ``shards.score_part`` does for the triage. Returns the job's record."""
-    from forensic_vlm.scoring import use_threads  # torch: only where images are scored
+    from forensic_vlm.modeling import use_threads  # torch: only where images are scored
 
     use_threads(threads)
     return score_part(

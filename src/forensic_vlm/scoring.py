@@ -328,12 +328,6 @@ def _shard_worker(*, rank: int, job: ScoringJob, device: torch.device, threads: 
         results.put(("error", rank, traceback.format_exc()))
 
 
-def use_threads(threads: int | None) -> None:
-    """Let torch use ``threads`` CPU threads (the rule's ``threads``); None keeps torch's choice."""
-    if threads:
-        torch.set_num_threads(threads)
-
-
 def shard_of(sha256: str, shards: int) -> int:
     """The shard (from 0) of a batch whose first image has this content hash."""
     return int(sha256[:16], 16) % shards

@@ -52,6 +52,7 @@ from forensic_vlm.modeling import (
     load_processor,
     require_gpus,
     resolve_device,
+    use_threads,
 )
 from forensic_vlm.models.architectures import architecture_of
 from forensic_vlm.prompting import TokenCounter, answer_tokens, build_prompt, preflight
@@ -180,8 +181,7 @@ def train_adapter(
     threads: int | None = None,
 ) -> dict:
     """Fine-tune, keep the best epoch by validation macro-F1, save the adapter; returns its metrics."""
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(threads)
     # Hashed in full (and verified against model.files_sha256 if set) before it is loaded.
     base = model_files(model_config.name_or_path, model_config.files_sha256)
     run = set_up(data, classes, model_config=model_config, config=config, work_dir=Path(work_dir), base=base)

@@ -6,8 +6,8 @@ import _package  # noqa: F401  (this checkout's forensic_vlm, also in conda envs
 
 from forensic_vlm.config import EvaluateConfig, ModelConfig, build_classes, build_section
 from forensic_vlm.logs import setup_logging
+from forensic_vlm.modeling import use_threads
 from forensic_vlm.models.export import export_merged
-from forensic_vlm.scoring import use_threads
 from forensic_vlm.tables import examples_from_table, read_tsv
 
 setup_logging(snakemake.log[0])
