@@ -317,6 +317,7 @@ DEMO_JOBS = {
     "train",
     "evaluate_zeroshot_shard",
     "evaluate_zeroshot",
+    "parity_gate",
     "evaluate_finetuned_shard",
     "evaluate_finetuned",
     "report",

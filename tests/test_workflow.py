@@ -87,6 +87,15 @@ def test_demo_workflow_runs_end_to_end_and_the_model_learns(demo_run: dict, meas
     assert finetuned["n"] == zeroshot["n"] == test_size
     assert finetuned["accuracy"] >= 0.90, finetuned["accuracy"]
     assert finetuned["accuracy"] > zeroshot["accuracy"]
+    # The parity gate ran once for the adapter; the demo sets model.quantization: none, so it chose nothing.
+    from forensic_vlm.speed.gate import summary
+
+    verdict = json.loads((results / "evaluate" / "parity_gate.json").read_text())
+    assert (verdict["candidate"], verdict["chosen"]) == (None, None), verdict
+    assert verdict["reason"] == "model.quantization is none (explicit: no gate)"
+    custody = json.loads((results / "classify" / "demo" / "custody.json").read_text())
+    assert finetuned["parity_gate"] == custody["parity_gate"] == summary(verdict)
+    assert zeroshot["parity_gate"] is None  # no adapter, no gate
     measured(
         f"demo workflow: {demo_run['seconds']:.0f} s wall; fine-tuned test accuracy "
         f"{finetuned['accuracy']:.3f}, zero-shot {zeroshot['accuracy']:.3f} (n = {test_size})"
@@ -100,6 +109,7 @@ def test_only_stale_stages_rerun(demo_run: dict) -> None:
     changed_lr = snakemake(workdir, "-n", "--config", "train={'learning_rate': 0.003}", demo=True)
     assert planned_jobs(changed_lr) == {
         "train",
+        "parity_gate",
         "evaluate_finetuned_shard",
         "evaluate_finetuned",
         "report",
@@ -208,6 +218,7 @@ def test_new_evidence_reuses_augmentations_and_predictions(demo_run: dict, tmp_p
         "train",
         "evaluate_zeroshot_shard",
         "evaluate_zeroshot",
+        "parity_gate",
         "evaluate_finetuned_shard",
         "evaluate_finetuned",
         "report",

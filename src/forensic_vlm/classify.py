@@ -349,6 +349,7 @@ def score_shard(
     adapter: Path | None = None,
     cache_dir: Path | None = None,
     shard_cache_dir: Path | None = None,
+    parity_gate: Path | None = None,
     threads: int | None = None,
 ) -> dict:
     """Score the usable files of one shard of the listing (``shards.score_part``): ``part`` (TSV)
@@ -373,6 +374,7 @@ def score_shard(
         adapter=adapter,
         cache_dir=cache_dir,
         shard_cache_dir=shard_cache_dir,
+        parity_gate=parity_gate,
     )
 
 
@@ -534,6 +536,8 @@ def custody_record(
             "files_sha256": scoring["model_files_sha256"],
         },
         "adapter": {"path": str(adapter), "files_sha256": scoring["adapter_files_sha256"]} if adapter else None,
+        # How auto chose the scoring path for this adapter (rule parity_gate), with its figures.
+        "parity_gate": scoring.get("parity_gate"),
         # The examiners' decisions files the adapter learned from (their sha256 as trained on).
         "reviews_trained_on": _reviews_trained_on(adapter),
         "review_thresholds": thresholds or "none: zero-shot has no validated thresholds; every image needs review",

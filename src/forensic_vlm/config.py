@@ -53,7 +53,9 @@ class ModelConfig:
     """Hub id or local folder of the LLaVA-NeXT model (weights are read from safetensors only)."""
     quantization: Literal["auto", "nf4", "none", "fp8"] = "auto"
     """How evaluate and classify load the base model. auto: with an adapter, the base it was trained
-    and its review thresholds validated on (its training.json), without one nf4 (the reference's);
+    and its review thresholds validated on (its training.json), or FP8 where that base is bf16, the
+    GPU has compute capability 8.9 or more, torchao is installed and rule parity_gate passed FP8 for
+    this adapter on the validation split (docs/performance.md); without an adapter nf4 (the reference's);
     nf4: bitsandbytes 4-bit NormalFloat with double quantization (QLoRA); none: full weights (bf16 on
     a GPU), with the adapter merged in; fp8 (GPU of compute capability 8.9 or more): full weights,
     the adapter merged in, then the decoder's linear layers in FP8 with rowwise dynamic scaling
@@ -62,11 +64,11 @@ class ModelConfig:
     fp8_scope: Literal["decoder", "mlp", "inner"] = "decoder"
     """With quantization fp8, which of the decoder's linear layers are FP8. decoder: all of them; mlp:
     gate, up and down only; inner: all but those of the first two and last two decoder layers."""
-    kernels: Literal["none", "auto", "liger"] = "none"
-    """Fused Triton kernels (Liger) for the decoder's RMSNorm and SwiGLU, in training and scoring.
-    none: transformers' own (the default: Liger failed the accuracy parity gate, docs/performance.md);
-    auto: Liger on a CUDA GPU when liger-kernel (the speed extra) is installed; liger: required (a
-    named error without it). Never used on the CPU."""
+    kernels: Literal["none", "auto", "liger"] = "auto"
+    """Fused Triton kernels (Liger) for the decoder's RMSNorm and SwiGLU. auto: Liger in scoring only
+    where rule parity_gate passed it for the adapter at hand (a CUDA GPU, liger-kernel installed, no
+    FP8 chosen), transformers' own otherwise and in training; none: transformers' own; liger:
+    required, in training and scoring (a named error without it). Never used on the CPU."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to transformers."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -198,6 +200,11 @@ class EvaluateConfig:
     compile: bool = False
     """torch.compile the language model's decoder layers (sequence length dynamic), fusing their
     element-wise work; costs a compilation at the start of each run."""
+    parity_same_class: float = 0.99
+    """Rule parity_gate passes a fast scoring path only if it predicts the reference path's class on
+    at least this fraction of the validation images..."""
+    parity_max_difference: float = 0.02
+    """...and no class probability differs from the reference path's by more than this."""
     seed: int = 0
     """Seed of the bootstrap."""
 
@@ -207,6 +214,8 @@ class EvaluateConfig:
             raise ConfigError(
                 "evaluate: batch_size, bootstrap_samples, calibration_bins, devices and shards must be at least 1"
             )
+        if not (0 <= self.parity_same_class <= 1 and 0 <= self.parity_max_difference <= 1):
+            raise ConfigError("evaluate: parity_same_class and parity_max_difference must be between 0 and 1")
 
 
 @dataclass(frozen=True)

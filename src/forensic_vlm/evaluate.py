@@ -79,6 +79,7 @@ def score_split_shard(
     adapter: Path | None = None,
     cache_dir: Path | None = None,
     shard_cache_dir: Path | None = None,
+    parity_gate: Path | None = None,
     threads: int | None = None,
 ) -> dict:
     """One shard job of an evaluation (rules ``evaluate_*_shard``): its share of the test split's
@@ -97,6 +98,7 @@ def score_split_shard(
         adapter=adapter,
         cache_dir=cache_dir,
         shard_cache_dir=shard_cache_dir,
+        parity_gate=parity_gate,
     )
 
 

@@ -24,23 +24,22 @@ SPEED_EXTRA = "pip install 'forensic-vlm[speed]'"
 def fused_kernels_wanted(config: ModelConfig, device: torch.device) -> bool:
     """Whether ``model.kernels`` asks for Liger on this device; a named error when it cannot be had.
 
-    Liger's patch used here is Mistral's: only LLaVA-NeXT's language model gets it (auto leaves the
-    others on transformers' kernels; liger stops, naming the architecture)."""
+    Only ``liger`` does. ``auto`` gets Liger only where the parity gate passed it for the adapter at
+    hand (``speed.gate``, which then asks for liger); in training, and without a verdict, auto is
+    transformers' kernels: Liger once failed that gate (docs/performance.md). Liger's patch used here
+    is Mistral's: only LLaVA-NeXT's language model can have it (liger stops, naming the architecture)."""
     from forensic_vlm.models.architectures import architecture_of
 
-    if config.kernels == "none" or device.type != "cuda":
-        if config.kernels == "liger" and device.type != "cuda":
-            raise DeviceError("model.kernels is liger, which needs a CUDA GPU; use auto or none on the CPU")
+    if config.kernels != "liger":
         return False
+    if device.type != "cuda":
+        raise DeviceError("model.kernels is liger, which needs a CUDA GPU; use auto or none on the CPU")
     architecture = architecture_of(config.name_or_path)
     if architecture.name != "llava_next":
-        if config.kernels == "liger":
-            raise ConfigError(f"model.kernels liger supports LLaVA-NeXT's Mistral only, not {architecture.name}")
-        return False
-    available = importlib.util.find_spec("liger_kernel") is not None
-    if config.kernels == "liger" and not available:
+        raise ConfigError(f"model.kernels liger supports LLaVA-NeXT's Mistral only, not {architecture.name}")
+    if importlib.util.find_spec("liger_kernel") is None:
         raise ConfigError(f"model.kernels is liger but liger-kernel is not installed ({SPEED_EXTRA})")
-    return available
+    return True
 
 
 def apply_fused_kernels(model) -> int:

@@ -42,6 +42,7 @@ from forensic_vlm.modeling import (
 )
 from forensic_vlm.prediction_cache import PredictionCache
 from forensic_vlm.prompting import AnswerTokens, TokenCounter, answer_tokens, build_prompt, preflight
+from forensic_vlm.speed.gate import gated_path, path_settings, summary
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def scoring_quantization(model_config: ModelConfig, adapter: Path | None) -> str
     the review thresholds validated in training hold for the numbers scoring produces; nf4 (the
     reference's) without an adapter. An explicit setting that differs from the adapter's base is
     used, and said in the log."""
-    trained_on = _adapter_base_quantization(adapter) if adapter else None
+    trained_on = adapter_base_quantization(adapter) if adapter else None
     if model_config.quantization == "auto":
         return trained_on or "nf4"
     if trained_on and trained_on != model_config.quantization:
@@ -142,7 +143,8 @@ def scoring_quantization(model_config: ModelConfig, adapter: Path | None) -> str
     return model_config.quantization
 
 
-def _adapter_base_quantization(adapter: Path) -> str | None:
+def adapter_base_quantization(adapter: Path) -> str | None:
+    """The base quantization an adapter was trained (and its thresholds validated) on."""
     card = json.loads((adapter / "training.json").read_text(encoding="utf-8"))
     plan = card.get("validation", {}).get("plan")
     if plan:
@@ -353,6 +355,7 @@ class Scores:
     model_files_sha256: dict[str, str]  # every file of the base model, hashed in full before use
     adapter_files_sha256: dict[str, str] | None  # and of the adapter, verified against its SHA256SUMS
     path: dict  # quantization as resolved, kernels and compilation (``scoring_path``)
+    parity_gate: dict | None = None  # the verdict auto followed (``speed.gate.summary``), if any
 
     def run_facts(self) -> dict:
         """The figures a stage records about its scoring run."""
@@ -366,6 +369,7 @@ class Scores:
             "devices": self.devices,
             "device": self.device,
             **self.path,
+            "parity_gate": self.parity_gate,
         }
 
 
@@ -380,6 +384,7 @@ def score_examples(
     kind: str,
     shared_cache_dir: Path | None = None,
     shard: tuple[int, int] | None = None,
+    gate: dict | None = None,
 ) -> Scores:
     """Score examples not already in the prediction cache; return every example's row.
 
@@ -387,6 +392,8 @@ def score_examples(
     it stopped. Identical images (same sha256) are scored once. ``shared_cache_dir``: a cache that
     is read too but never written (a shard's; see ``classify.score_shard``). ``shard`` (index from
     0, count): score, and return the rows of, only the images of that shard (:func:`shard_of`).
+    ``gate``: a parity gate verdict (``speed.gate.read_verdict``) for this adapter; under
+    ``model.quantization: auto`` the path it chose is used.
     """
     device = resolve_device(model_config)
     # Every model and adapter file hashed in full (and verified) before anything is loaded; the
@@ -394,6 +401,17 @@ def score_examples(
     base = model_files(model_config.name_or_path, model_config.files_sha256)
     tuned = verify_adapter(Path(adapter)) if adapter else None
     quantization = scoring_quantization(model_config, Path(adapter) if adapter else None)
+    if gate is not None and tuned is not None and model_config.quantization == "auto":
+        chosen = gated_path(
+            gate,
+            model_config=model_config,
+            device=device,
+            trained_on=adapter_base_quantization(Path(adapter)),
+            model_hashes=base.hashes,
+            adapter_hashes=tuned.hashes,
+        )
+        model_config, config = path_settings(model_config, config, chosen)
+        quantization = chosen["quantization"]
     model_config = replace(model_config, name_or_path=str(base.folder), quantization=quantization)
     # The adapter folder carries the processor it was trained with; the base model's otherwise.
     processor = load_processor(adapter or model_config.name_or_path, model_config)
@@ -487,4 +505,5 @@ def score_examples(
         model_files_sha256=base.hashes,
         adapter_files_sha256=tuned.hashes if tuned else None,
         path=path,
+        parity_gate=summary(gate) if gate is not None and tuned is not None else None,
     )

@@ -56,6 +56,7 @@ def scoring_record(scores: Scores) -> dict:
         "model_files_sha256": scores.model_files_sha256,
         "adapter_files_sha256": scores.adapter_files_sha256,
         "device": scores.device,
+        "parity_gate": scores.parity_gate,
         "facts": scores.run_facts(),
     }
 
@@ -72,11 +73,14 @@ def score_part(
     adapter: Path | None,
     cache_dir: Path | None,
     shard_cache_dir: Path | None,
+    parity_gate: Path | None = None,
 ) -> dict:
     """Score this shard's share of ``examples``; write ``part`` (TSV, one row per distinct image)
     and its job's record (``part`` with suffix .json). ``stage`` names the stage in the log and the
-    fault point (``<stage>.shard.<item>``). Returns the record."""
+    fault point (``<stage>.shard.<item>``). ``parity_gate``: rule parity_gate's verdict for the
+    adapter, which ``auto`` follows. Returns the record."""
     from forensic_vlm.scoring import score_examples  # torch: only the jobs that score need it
+    from forensic_vlm.speed.gate import read_verdict
 
     started = dt.datetime.now(dt.UTC)
     kind = f"{stage} shard {scatter_item}" + (" (fine-tuned)" if adapter else " (zero-shot)")
@@ -90,6 +94,7 @@ def score_part(
         shared_cache_dir=cache_dir,
         kind=kind,
         shard=parse_scatter_item(scatter_item),
+        gate=read_verdict(parity_gate) if parity_gate else None,
     )
     # Scored and in this shard's own cache, its part not written yet (a shard cancelled here reruns
     # and scores nothing again).
@@ -133,8 +138,8 @@ def read_parts(parts: list[Path]) -> tuple[dict[str, dict[str, str]], list[dict]
             scored[row["sha256"]] = row
     first = records[0]["scoring"]
     for part, record in zip(parts, records, strict=True):
-        for key in ("path", "model_files_sha256", "adapter_files_sha256"):
-            if record["scoring"][key] != first[key]:
+        for key in ("path", "model_files_sha256", "adapter_files_sha256", "parity_gate"):
+            if record["scoring"].get(key) != first.get(key):
                 raise IntegrityError(f"{part}: scored with another {key} than {parts[0]}; rerun the shards")
     facts = [record["scoring"]["facts"] for record in records]
     devices = ", ".join(sorted({record["device"] for record in records}))
@@ -144,6 +149,7 @@ def read_parts(parts: list[Path]) -> tuple[dict[str, dict[str, str]], list[dict]
     steady_seconds = sum(f["images_scored"] / f["images_per_second_after_first_batch"] for f in steady)
     scoring = {
         **{key: first[key] for key in ("path", "model_files_sha256", "adapter_files_sha256")},
+        "parity_gate": first.get("parity_gate"),
         "device": devices,
         "facts": {  # the one-job record's keys; each shard's own figures are in its record
             "device": devices,
@@ -155,6 +161,7 @@ def read_parts(parts: list[Path]) -> tuple[dict[str, dict[str, str]], list[dict]
                 round(summed["images_scored"] / steady_seconds, 2) if steady_seconds else None
             ),
             **first["path"],
+            "parity_gate": first.get("parity_gate"),
         },
     }
     return scored, records, scoring

@@ -35,6 +35,7 @@ rule classify_shard:
         listing="results/classify/{case}/listing.jsonl",
         model=get_model_input(),
         adapter=get_classify_adapter(),
+        parity_gate=get_classify_parity_gate(),
     output:
         part="results/classify/{case}/shards/{scatteritem}.tsv",
         record="results/classify/{case}/shards/{scatteritem}.json",

@@ -144,6 +144,10 @@ def get_classify_adapter():
     return "results/train/adapter" if SETTINGS.classify.use_adapter else []
 
 
+def get_classify_parity_gate():
+    return "results/evaluate/parity_gate.json" if SETTINGS.classify.use_adapter else []
+
+
 def get_classify_shard_cache(wildcards):
     """A shard's own prediction cache, outside the outputs (a failed job's outputs are removed)."""
     return f"results/cache/predictions/shards/{wildcards.case}/{wildcards.scatteritem}"

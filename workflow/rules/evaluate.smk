@@ -39,6 +39,37 @@ rule evaluate_zeroshot_shard:
         "../scripts/evaluate_shard.py"
 
 
+# Once per adapter: whether auto may score it on a fast path (FP8, Liger), measured on the
+# validation split against the adapter's own base scored eagerly (forensic_vlm.speed.gate). On a
+# CPU it decides at once that there is none.
+rule parity_gate:
+    input:
+        val="results/split/val.tsv",
+        raw_data=get_raw_data_input(),
+        model=get_model_input(),
+        adapter="results/train/adapter",
+    output:
+        verdict="results/evaluate/parity_gate.json",
+    log:
+        "results/logs/parity_gate.log",
+    benchmark:
+        "results/benchmarks/parity_gate.tsv"
+    conda:
+        "../../envs/model.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+    params:
+        raw_data=get_raw_data_folder,
+        classes=config["classes"],
+        model=config["model"],
+        evaluate=config["evaluate"],
+        # Its own: what a killed gate scored is not scored again when it reruns.
+        cache="results/cache/parity_gate",
+    script:
+        "../scripts/parity_gate.py"
+
+
 # The same scoring, with the adapter: only inputs, outputs, logs and the shard's cache differ.
 use rule evaluate_zeroshot_shard as evaluate_finetuned_shard with:
     input:
@@ -46,6 +77,7 @@ use rule evaluate_zeroshot_shard as evaluate_finetuned_shard with:
         raw_data=get_raw_data_input(),
         model=get_model_input(),
         adapter="results/train/adapter",
+        parity_gate="results/evaluate/parity_gate.json",
     output:
         part="results/evaluate/finetuned/shards/{scatteritem}.tsv",
         record="results/evaluate/finetuned/shards/{scatteritem}.json",

@@ -20,6 +20,7 @@ if __name__ == "__main__":
         model_config=build_section(ModelConfig, snakemake.params.model, "model"),
         evaluate_config=build_section(EvaluateConfig, snakemake.params.evaluate, "evaluate"),
         adapter=Path(snakemake.input.adapter) if snakemake.input.adapter else None,
+        parity_gate=Path(snakemake.input.parity_gate) if snakemake.input.parity_gate else None,
         cache_dir=Path(snakemake.params.cache),
         shard_cache_dir=Path(snakemake.params.shard_cache),
         threads=snakemake.threads,

@@ -22,6 +22,7 @@ if __name__ == "__main__":
         config=build_section(EvaluateConfig, snakemake.params.evaluate, "evaluate"),
         # .keys(): `in` on Snakemake's input list looks among the file paths, not the names.
         adapter=Path(snakemake.input.adapter) if "adapter" in snakemake.input.keys() else None,  # noqa: SIM118
+        parity_gate=Path(snakemake.input.parity_gate) if "parity_gate" in snakemake.input.keys() else None,  # noqa: SIM118
         cache_dir=Path(snakemake.params.cache),
         shard_cache_dir=Path(snakemake.params.shard_cache),
         threads=snakemake.threads,

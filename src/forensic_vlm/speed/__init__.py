@@ -1,0 +1,1 @@
+"""Speed paths and the checks that guard them (the parity gate)."""
