@@ -283,6 +283,62 @@ KERNEL_KINDS = (  # first match wins: cuDNN's attention kernels also carry "sm90
 )
 
 
+@contextlib.contextmanager
+def static_fp8_scales(calibration: Path, root: Path, model_dir: Path, images: int = 32):
+    """Inside: scoring's FP8 conversion takes static activation scales, calibrated on the first
+    ``images`` of ``calibration`` (images that are not evaluated) with the merged bf16 model just
+    before it is converted. The scales are those rule parity_gate would calibrate on the
+    validation split; this measures their speed and agreement before the rule ships them."""
+    import forensic_vlm.scoring as scoring
+    from forensic_vlm.batches import Collator, examples_from_table, model_inputs
+    from forensic_vlm.decoding import class_probabilities, to_device
+    from forensic_vlm.images import load_checked_image
+    from forensic_vlm.kernels import fp8_activation_scales, to_fp8
+    from forensic_vlm.modeling import load_processor
+    from forensic_vlm.prompting import answer_tokens, build_prompt
+    from forensic_vlm.tables import read_tsv
+
+    examples = examples_from_table(read_tsv(calibration), root / "raw_data")[:images]
+    processor = load_processor(model_dir)
+    prompt = build_prompt(processor, REFERENCE_QUESTION)
+    answer = answer_tokens(processor, REFERENCE_QUESTION, [0, 1, 2, 3])
+    collate = Collator(processor, prompt, answer, labels=[0, 1, 2, 3], mode="score")
+    timing = {}
+
+    def calibrated(model, scope: str = "decoder") -> int:
+        device = next(model.parameters()).device
+
+        def run() -> None:
+            for i in range(0, len(examples), 8):
+                batch = collate([(j, load_checked_image(e.path, e.sha256)) for j, e in enumerate(examples[i : i + 8])])
+                class_probabilities(model, to_device(model_inputs(batch), device, torch.bfloat16), answer.class_ids)
+
+        started = time.perf_counter()
+        scales = fp8_activation_scales(model, scope, run)
+        timing["calibration_seconds"] = round(time.perf_counter() - started, 1)
+        values = torch.stack([v.flatten() for v in scales.values()])
+        timing["scales"] = {"layers": len(scales), "min": float(values.min()), "max": float(values.max())}
+        return to_fp8(model, scope, scales)
+
+    original = scoring.to_fp8
+    scoring.to_fp8 = calibrated
+    try:
+        yield timing
+    finally:
+        scoring.to_fp8 = original
+
+
+def static_fp8_evaluation(table: Path, calibration: Path, root: Path, model_dir: Path, *, workers: int) -> dict:
+    with static_fp8_scales(calibration, root, model_dir) as timing:
+        result = project_evaluation(table, root, model_dir, "fp8_static", quantization="fp8", workers=workers)
+    return {**result, **timing, "fp8_activation": "static, per tensor, calibrated on 32 other images"}
+
+
+def profile_static_fp8(table: Path, calibration: Path, root: Path, model_dir: Path, *, workers: int) -> dict:
+    with static_fp8_scales(calibration, root, model_dir):
+        return profile_evaluation(table, root, model_dir, workers, quantization="fp8", kernels="none")
+
+
 def profile_evaluation(
     table: Path, root: Path, model_dir: Path, workers: int, *, quantization: str = "none", kernels: str = "none"
 ) -> dict:
@@ -883,6 +939,12 @@ def main() -> None:
             eval_table, root, model_dir, [(8, args.reference_images), (50, args.reference_images // 2)]
         ),
         "project_fp8_compiled_scores": evaluation("fp8", quantization="fp8"),
+        "project_fp8_static_scores": lambda: static_fp8_evaluation(
+            eval_table, calibration(), root, model_dir, workers=w
+        ),
+        "profile_fp8_static_scores": lambda: profile_static_fp8(
+            write_images(root, 64, sizes, seed=4), calibration(), root, model_dir, workers=w
+        ),
         "project_fp8_mlp_scores": evaluation("fp8_mlp", quantization="fp8", fp8_scope="mlp"),
         "project_fp8_inner_scores": evaluation("fp8_inner", quantization="fp8", fp8_scope="inner"),
         "project_bf16_liger_scores": evaluation("bf16_liger", kernels="liger"),
@@ -1002,6 +1064,8 @@ STEPS = (
     "reference",
     "project_bf16_liger_scores",
     "project_fp8_compiled_scores",
+    "project_fp8_static_scores",
+    "profile_fp8_static_scores",
     "project_fp8_mlp_scores",
     "project_fp8_inner_scores",
     "project_bf16_scores_batch16",

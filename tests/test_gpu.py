@@ -242,3 +242,77 @@ def test_an_exported_model_gives_base_plus_adapters_classes_in_bf16_on_the_gpu(
         f"export parity on the GPU: same class on {parity['same_class']} of {parity['images']} images, "
         f"largest probability difference {parity['largest_probability_difference']:.2e} ({parity['compute']})"
     )
+
+
+def test_auto_takes_fp8_where_the_parity_gate_passes_it_and_bf16_where_it_fails(
+    tiny_model: Path, tiny_dataset, tmp_path: Path
+) -> None:
+    """On a card of compute capability >= 8.9 with torchao, an adapter trained on a bf16 base gets
+    FP8 as its candidate; scoring under auto follows the verdict, whichever way it went."""
+    pytest.importorskip("torchao")
+    from forensic_vlm.scoring import score_examples
+    from forensic_vlm.speed import gate
+    from forensic_vlm.tables import examples_from_table
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs compute capability 8.9")
+    data = load_training_data(tiny_dataset["train"], tiny_dataset["val"], tiny_dataset["raw_data"], None)
+    base = ModelConfig(name_or_path=str(tiny_model), quantization="auto")
+    train = TrainConfig(learning_rate=3e-3, epochs=1, batch_size=4, num_workers=0, quantization="none")
+    train_adapter(
+        data,
+        list(DEFAULT_CLASSES),
+        model_config=base,
+        config=train,
+        adapter_dir=tmp_path / "adapter",
+        work_dir=tmp_path,
+    )
+    examples = examples_from_table(read_tsv(tiny_dataset["val"]), tiny_dataset["raw_data"])
+    chosen = {}
+    for name, (same, difference) in {"loose": (0.0, 1.0), "strict": (1.0, 0.0)}.items():
+        config = EvaluateConfig(num_workers=0, parity_same_class=same, parity_max_difference=difference)
+        verdict = gate.run_parity_gate(
+            tiny_dataset["val"], tiny_dataset["raw_data"], tmp_path / f"{name}.json", classes=list(DEFAULT_CLASSES),
+            model_config=base, config=config, adapter=tmp_path / "adapter",
+        )  # fmt: skip
+        assert verdict["candidate"] == {"quantization": "fp8", "kernels": "transformers", "compiled": True}
+        scores = score_examples(
+            examples, [0, 1, 2, 3], model_config=base, config=config, adapter=tmp_path / "adapter", cache_dir=None,
+            kind=name, gate=gate.read_verdict(tmp_path / f"{name}.json"),
+        )  # fmt: skip
+        chosen[name] = (verdict["passed"], scores.path["quantization"], scores.path["compiled"])
+        assert verdict["measured"]["max_probability_difference"] > 0  # FP8 moves the probabilities
+    assert chosen == {"loose": (True, "fp8", True), "strict": (False, "none", False)}
+
+
+def test_static_fp8_scales_score_close_to_dynamic_fp8(tiny_model: Path, tiny_dataset) -> None:
+    """FP8 with calibrated static activation scales (per tensor) runs compiled on the GPU and gives
+    the classes dynamic rowwise FP8 gives on the tiny model."""
+    pytest.importorskip("torchao")
+    from conftest import training_batch
+    from forensic_vlm.config import REFERENCE_QUESTION
+    from forensic_vlm.decoding import class_probabilities, to_device
+    from forensic_vlm.kernels import fp8_activation_scales, to_fp8
+    from forensic_vlm.modeling import compile_decoder_layers, load_processor
+    from forensic_vlm.prompting import answer_tokens
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs compute capability 8.9")
+    config = ModelConfig(name_or_path=str(tiny_model), quantization="none")
+    device = resolve_device(config)
+    batch = training_batch(tiny_model, tiny_dataset, 3)
+    inputs = to_device(
+        {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}, device, torch.bfloat16
+    )
+    class_ids = answer_tokens(load_processor(tiny_model), REFERENCE_QUESTION, [0, 1, 2, 3]).class_ids
+    probabilities = {}
+    for kind in ("dynamic", "static"):
+        model = load_base_model(config, device).eval()
+        calibrate = lambda model=model: model(**inputs)  # noqa: E731
+        scales = fp8_activation_scales(model, "decoder", calibrate) if kind == "static" else None
+        to_fp8(model, "decoder", scales)
+        compile_decoder_layers(model)
+        with torch.no_grad():
+            probabilities[kind] = class_probabilities(model, inputs, class_ids).float().cpu()
+    assert torch.isfinite(probabilities["static"]).all()
+    assert (probabilities["static"] - probabilities["dynamic"]).abs().max() < 0.05

@@ -224,6 +224,37 @@ def test_fp8_scope_picks_the_decoder_projections_it_names(tiny_model: Path) -> N
     assert scoring_path(fp8, EvaluateConfig(), CPU)["fp8_scope"] == "mlp"  # part of the cache key
 
 
+def test_static_fp8_scales_map_the_largest_input_seen_onto_float8s_largest(tiny_model: Path, tiny_dataset) -> None:
+    """Calibration (kernels.fp8_activation_scales) sees every FP8 layer's input and scales it so the
+    largest magnitude over all calibration images is e4m3's 448; the model is left as it was."""
+    from forensic_vlm.kernels import fp8_activation_scales
+
+    model = load_base_model(model_config(tiny_model), CPU)
+    language_model = model.model.language_model
+    batches = [training_batch(tiny_model, tiny_dataset, every) for every in (5, 7)]
+    seen: dict[str, float] = {}
+    probes = [
+        module.register_forward_pre_hook(
+            lambda module, args, name=name: seen.__setitem__(name, max(seen.get(name, 0.0), args[0].abs().max().item()))
+        )
+        for name, module in language_model.named_modules()
+        if name.endswith(".mlp.down_proj") or name.endswith(".self_attn.q_proj")
+    ]
+
+    def run() -> None:
+        for batch in batches:
+            model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")})
+
+    scales = fp8_activation_scales(model, "decoder", run)
+    for probe in probes:
+        probe.remove()
+    assert len(scales) == 7 * len(language_model.layers) and len(seen) == 2 * len(language_model.layers)
+    for name, largest in seen.items():  # across both batches, not the last one's
+        assert scales[name].shape == (1, 1, 1)
+        assert scales[name].item() == pytest.approx(largest / 448.0, rel=1e-6)
+    assert not any(module._forward_pre_hooks for module in language_model.modules())  # its hooks are gone
+
+
 @pytest.mark.slow  # Inductor compiles C++ for the CPU: about 20 s
 def test_compiled_decoder_layers_share_one_graph_across_layers_and_lengths(tiny_model: Path, tiny_dataset) -> None:
     """Scoring compiles each decoder layer (model.quantization: fp8, evaluate.compile). A guard that

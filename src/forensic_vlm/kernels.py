@@ -7,9 +7,11 @@ entry point, but its Mistral patch applies to that inner model instance.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -109,25 +111,78 @@ def fp8_targets(language_model, scope: str) -> set[str]:
     return chosen
 
 
-def to_fp8(model, scope: str = "decoder") -> int:
-    """The language model's projections chosen by ``fp8_targets`` in FP8: weights per output row,
-    activations per token, scaled dynamically (torchao). The vision tower, projector and lm_head
-    stay bf16.
+def _language_model(model):
+    from forensic_vlm.modeling import architecture_of_model
+    from forensic_vlm.models import architectures
+
+    return architectures.language_model(model, architecture_of_model(model))
+
+
+def fp8_activation_scales(model, scope: str, run: Callable[[], None]) -> dict[str, torch.Tensor]:
+    """Static FP8 scales for the inputs of the layers ``fp8_targets`` chooses: the largest magnitude
+    each input reaches while ``run()`` passes calibration images through ``model`` (still in bf16),
+    divided by float8 e4m3's largest value, so that the largest value seen maps onto it."""
+    language_model = _language_model(model)
+    targets = fp8_targets(language_model, scope)
+    largest: dict[str, torch.Tensor] = {}
+
+    def record(name: str, module, args) -> None:
+        value = args[0].detach().abs().amax().float()
+        largest[name] = torch.maximum(largest[name], value) if name in largest else value
+
+    hooks = [
+        module.register_forward_pre_hook(functools.partial(record, name))
+        for name, module in language_model.named_modules()
+        if name in targets
+    ]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if set(largest) != targets:
+        raise ConfigError(f"FP8 calibration saw {len(largest)} of the {len(targets)} layers it scales")
+    top = torch.finfo(torch.float8_e4m3fn).max
+    return {
+        name: (value / top).clamp(min=torch.finfo(torch.float32).tiny).reshape(1, 1, 1)
+        for name, value in largest.items()
+    }
+
+
+def to_fp8(model, scope: str = "decoder", activation_scales: dict[str, torch.Tensor] | None = None) -> int:
+    """The language model's projections chosen by ``fp8_targets`` in FP8 (torchao). Without
+    ``activation_scales``: weights per output row, activations per token, scaled dynamically. With
+    them (``fp8_activation_scales``): weights and activations per tensor, each activation with its
+    fixed calibrated scale, which saves the per-token amax pass before every product. The vision
+    tower, projector and lm_head stay bf16.
 
     Returns how many linear layers were converted. Compile the decoder layers afterwards: eager,
     quantizing each activation is a separate pass and FP8 lost to bf16 on an H200 (issue 14).
     """
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
-    from forensic_vlm.modeling import architecture_of_model
-    from forensic_vlm.models import architectures
-
-    language_model = architectures.language_model(model, architecture_of_model(model))
+    language_model = _language_model(model)
     targets = fp8_targets(language_model, scope)
-    quantize_(
-        language_model,
-        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-        filter_fn=lambda module, name: name in targets,
-    )
-    log.info("FP8 (rowwise, dynamic) on %d linear layers of the language model (%s)", len(targets), scope)
+    if activation_scales is None:
+        quantize_(
+            language_model,
+            Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+            filter_fn=lambda module, name: name in targets,
+        )
+        log.info("FP8 (rowwise, dynamic) on %d linear layers of the language model (%s)", len(targets), scope)
+        return len(targets)
+    from torchao.quantization import Float8StaticActivationFloat8WeightConfig
+
+    if set(activation_scales) != targets:
+        raise ConfigError(
+            f"FP8 activation scales are for {len(activation_scales)} layers, not the {len(targets)} of scope {scope}"
+        )
+    modules = dict(language_model.named_modules())
+    for name in sorted(targets):
+        scale = activation_scales[name].to(modules[name].weight.device, torch.float32)
+        quantize_(
+            modules[name], Float8StaticActivationFloat8WeightConfig(act_quant_scale=scale, granularity=PerTensor())
+        )
+    log.info("FP8 (per tensor, static calibrated activation scales) on %d linear layers (%s)", len(targets), scope)
     return len(targets)
