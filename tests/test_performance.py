@@ -18,7 +18,7 @@ from forensic_vlm.batches import TokenGroupedBatches
 from forensic_vlm.config import DEFAULT_CLASSES, REFERENCE_QUESTION, ConfigError, EvaluateConfig, ModelConfig
 from forensic_vlm.demo_model import grid_pinpoints
 from forensic_vlm.evaluate import evaluate_split
-from forensic_vlm.modeling import capped_pinpoints, load_base_model, load_processor, use_threads
+from forensic_vlm.modeling import capped_pinpoints, keep_compile_cache, load_base_model, load_processor, use_threads
 from forensic_vlm.prompting import TokenCounter, answer_tokens, build_prompt
 from forensic_vlm.scoring import shard_batches
 from forensic_vlm.tables import read_tsv
@@ -46,6 +46,16 @@ def test_a_rule_gets_no_more_threads_than_the_cpus_it_may_run_on() -> None:
         assert use_threads(None) == 1  # None keeps what is set
     finally:
         torch.set_num_threads(before)
+
+
+def test_compiled_artefacts_are_kept_with_the_results_unless_the_user_chose_a_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert keep_compile_cache(Path("results/cache/torch_compile")) == str(tmp_path / "results/cache/torch_compile")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/scratch/mine")
+    assert keep_compile_cache(Path("results/cache/torch_compile")) == "/scratch/mine"
 
 
 def test_capped_processor_and_model_agree_and_use_fewer_tokens(tiny_model: Path) -> None:

@@ -9,6 +9,7 @@ from snakemake.utils import validate
 from forensic_vlm.config import Config, coerce_strings, to_dict
 from forensic_vlm.evidence import container_fingerprint, is_container, segments
 from forensic_vlm.manifest import fingerprint
+from forensic_vlm.modeling import keep_compile_cache
 
 # Fills defaults for missing keys and stops with the offending key named on a wrong type or an
 # unknown key; the dataclasses then check combinations (e.g. augment classes that do not exist).
@@ -18,6 +19,9 @@ with open(
     config.update(coerce_strings(config, yaml.safe_load(schema_file)))
 validate(config, schema="../schemas/config.schema.yaml")
 SETTINGS = Config.from_dict(config)
+# torch.compile's artefacts with the results, not in each node's /tmp: a rerun, or a shard on
+# another node of a shared file system, loads what was compiled before.
+keep_compile_cache(Path("results/cache/torch_compile"))
 
 DEMO_RAW_DATA = "results/demo/raw_data"
 DEMO_LISTING = "results/demo/raw_data.tsv"
