@@ -25,6 +25,18 @@ pytestmark = [
 ]
 
 
+def train_on_cuda(model: ModelConfig, dataset: dict, work: Path, *, quantization: str, epochs: int) -> dict:
+    """The tiny model's adapter trained into ``work / "adapter"`` on a ``quantization`` base."""
+    data = load_training_data(dataset["train"], dataset["val"], dataset["raw_data"], None)
+    train = TrainConfig(
+        learning_rate=3e-3, epochs=epochs, batch_size=4, accumulate_grad_batches=1, num_workers=0,
+        quantization=quantization,
+    )  # fmt: skip
+    return train_adapter(
+        data, list(DEFAULT_CLASSES), model_config=model, config=train, adapter_dir=work / "adapter", work_dir=work
+    )
+
+
 def test_nf4_on_cuda_quantizes_the_language_model_only(tiny_model: Path) -> None:
     config = ModelConfig(name_or_path=str(tiny_model), quantization="nf4")
     device = resolve_device(config)
@@ -50,19 +62,8 @@ def test_nf4_training_keeps_frozen_weights_in_bf16_unless_upcast_is_asked(tiny_m
 
 
 def test_qlora_training_and_scoring_on_cuda(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
-    data = load_training_data(tiny_dataset["train"], tiny_dataset["val"], tiny_dataset["raw_data"], None)
     model = ModelConfig(name_or_path=str(tiny_model), quantization="nf4")
-    train = TrainConfig(
-        learning_rate=3e-3, epochs=2, batch_size=4, accumulate_grad_batches=1, num_workers=0, quantization="nf4"
-    )
-    metrics = train_adapter(
-        data,
-        list(DEFAULT_CLASSES),
-        model_config=model,
-        config=train,
-        adapter_dir=tmp_path / "adapter",
-        work_dir=tmp_path,
-    )
+    metrics = train_on_cuda(model, tiny_dataset, tmp_path, quantization="nf4", epochs=2)
     assert metrics["precision"] == "bf16-mixed"
     assert "H100" in metrics["device"] or "H200" in metrics["device"]
     result = evaluate_split(
@@ -74,7 +75,7 @@ def test_qlora_training_and_scoring_on_cuda(tiny_model: Path, tiny_dataset, tmp_
         out_dir=tmp_path / "eval",
         adapter=tmp_path / "adapter",
     )
-    assert result["n"] == len(data.val) and 0.0 <= result["accuracy"] <= 1.0
+    assert result["n"] == len(read_tsv(tiny_dataset["val"])) and 0.0 <= result["accuracy"] <= 1.0
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "none"])
@@ -256,17 +257,8 @@ def test_auto_takes_fp8_where_the_parity_gate_passes_it_and_bf16_where_it_fails(
 
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 needs compute capability 8.9")
-    data = load_training_data(tiny_dataset["train"], tiny_dataset["val"], tiny_dataset["raw_data"], None)
     base = ModelConfig(name_or_path=str(tiny_model), quantization="auto")
-    train = TrainConfig(learning_rate=3e-3, epochs=1, batch_size=4, num_workers=0, quantization="none")
-    train_adapter(
-        data,
-        list(DEFAULT_CLASSES),
-        model_config=base,
-        config=train,
-        adapter_dir=tmp_path / "adapter",
-        work_dir=tmp_path,
-    )
+    train_on_cuda(base, tiny_dataset, tmp_path, quantization="none", epochs=1)
     examples = examples_from_table(read_tsv(tiny_dataset["val"]), tiny_dataset["raw_data"])
     chosen = {}
     for name, (same, difference) in {"loose": (0.0, 1.0), "strict": (1.0, 0.0)}.items():

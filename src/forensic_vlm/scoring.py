@@ -410,8 +410,10 @@ def score_examples(
             model_hashes=base.hashes,
             adapter_hashes=tuned.hashes,
         )
-        model_config, config = path_settings(model_config, config, chosen)
-        quantization = chosen["quantization"]
+        if chosen["quantization"] != quantization or chosen["kernels"] != "transformers":
+            # A fast path the gate passed; otherwise the user's own settings (evaluate.compile) stand.
+            model_config, config = path_settings(model_config, config, chosen)
+            quantization = chosen["quantization"]
     model_config = replace(model_config, name_or_path=str(base.folder), quantization=quantization)
     # The adapter folder carries the processor it was trained with; the base model's otherwise.
     processor = load_processor(adapter or model_config.name_or_path, model_config)
