@@ -157,7 +157,7 @@ def _outputs(stage: str, work: Path) -> dict:
         return {"files": files, "validation": card["validation"], "curves": curves}
     if stage == "evaluate":
         metrics = json.loads((out / "metrics.json").read_text())
-        timing = {"seconds", "images_per_second", "images_per_second_after_first_batch"}
+        timing = {"seconds", "images_per_second", "images_per_second_after_first_batch", "seconds_to_first_batch"}
         timing |= {"images_scored", "images_from_cache"}  # how the run went, not what it found
         return {
             "predictions": (out / "predictions.tsv").read_bytes(),
@@ -240,6 +240,7 @@ def test_a_workflow_killed_whole_mid_evaluation_reruns_to_the_same_results(
         "seconds",
         "images_per_second",
         "images_per_second_after_first_batch",
+        "seconds_to_first_batch",
         "images_scored",
         "images_from_cache",
         "shard_jobs",  # each job's host, times and part digest

@@ -225,25 +225,29 @@ class _Progress:
         if self.first is None:
             self.first = (self.done, time.perf_counter() - self.start)
 
-    def timings(self) -> tuple[float, float]:
-        """(seconds, images/s after every device's first batch)."""
+    def timings(self) -> tuple[float, float, float]:
+        """(seconds, images/s after every device's first batch, seconds until then).
+
+        The last is the start-up a run pays once: loading the model, starting the workers, the first
+        kernels and, compiled, the compilation (``evaluate.compile``, FP8)."""
         seconds = time.perf_counter() - self.start
+        started = self.first[1] if self.first else seconds
         if self.first and self.done > self.first[0]:
-            return seconds, (self.done - self.first[0]) / (seconds - self.first[1])
-        return seconds, self.done / seconds
+            return seconds, (self.done - self.first[0]) / (seconds - self.first[1]), started
+        return seconds, self.done / seconds, started
 
 
 def _score(
     jobs: list[ScoringJob], devices: list[torch.device], cache: PredictionCache, kind: str, *, processor
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """Score every job (one per device), adding each batch's rows to the cache as it arrives.
 
     One job runs in this process; several run in one spawned process each, and only this process
-    writes the cache, so it stays one consistent append-only file. Returns (seconds, steady images/s).
+    writes the cache, so it stays one consistent append-only file. Returns ``_Progress.timings()``.
     """
     total = sum(len(batch) for job in jobs for batch in job.batches)
     if not total:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     progress = _Progress(cache, total, kind)
     if len(jobs) == 1:
         for rows in _score_batches(jobs[0], devices[0], processor=processor):
@@ -349,6 +353,7 @@ class Scores:
     images_from_cache: int
     seconds: float
     steady_images_per_second: float
+    start_up_seconds: float  # until every device had scored a first batch (loading, compiling)
     devices: int
     device: str
     cache_key: str
@@ -366,6 +371,7 @@ class Scores:
             "seconds": round(self.seconds, 2),
             "images_per_second": round(scored / self.seconds, 2) if scored else None,
             "images_per_second_after_first_batch": round(self.steady_images_per_second, 2) if scored else None,
+            "seconds_to_first_batch": round(self.start_up_seconds, 2) if scored else None,
             "devices": self.devices,
             "device": self.device,
             **self.path,
@@ -491,7 +497,7 @@ def score_examples(
         )
         for device_batches in per_device
     ]
-    seconds, steady = _score(jobs, devices[: len(jobs)], cache, kind, processor=processor)
+    seconds, steady, start_up = _score(jobs, devices[: len(jobs)], cache, kind, processor=processor)
     for state in (base, tuned):
         if state:
             state.check_unchanged()
@@ -501,6 +507,7 @@ def score_examples(
         images_from_cache=len(examples) - to_score,
         seconds=seconds,
         steady_images_per_second=steady,
+        start_up_seconds=start_up,
         devices=len(jobs),
         device=device_name(device),
         cache_key=cache.key,

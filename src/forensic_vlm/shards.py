@@ -160,6 +160,8 @@ def read_parts(parts: list[Path]) -> tuple[dict[str, dict[str, str]], list[dict]
             "images_per_second_after_first_batch": (
                 round(summed["images_scored"] / steady_seconds, 2) if steady_seconds else None
             ),
+            # The slowest shard's start-up (each pays its own loading and compilation).
+            "seconds_to_first_batch": max((f.get("seconds_to_first_batch") or 0 for f in steady), default=None),
             **first["path"],
             "parity_gate": first.get("parity_gate"),
         },
