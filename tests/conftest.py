@@ -404,24 +404,26 @@ PROCESS_ROUNDING = 2e-6
 PROBABILITY_COLUMNS = re.compile(r"^(confidence|p\d+)$")
 
 
-def assert_same_scores(actual: Path, expected: Path) -> None:
-    """Two tables of scored images (triage.tsv, predictions.tsv) with the same rows in the same order:
-    every column byte for byte, except the probabilities, which may differ by PROCESS_ROUNDING."""
+def assert_same_scores(actual: Path | bytes, expected: Path | bytes, name: str = "") -> None:
+    """Two tables of scored images (triage.tsv, predictions.tsv: files, or their bytes) with the same
+    rows in the same order: every column byte for byte, except the probabilities, which may differ
+    by PROCESS_ROUNDING."""
     import csv
 
     tables = []
-    for path in (actual, expected):
-        with open(path, newline="", encoding="utf-8") as handle:
-            tables.append(list(csv.reader(handle, delimiter="\t")))
+    for table in (actual, expected):
+        text = table.decode("utf-8") if isinstance(table, bytes) else Path(table).read_text(encoding="utf-8")
+        tables.append(list(csv.reader(io.StringIO(text, newline=""), delimiter="\t")))
+    where = name or str(actual)
     header = tables[1][0]
-    assert tables[0][0] == header, (actual, expected)
-    assert len(tables[0]) == len(tables[1]), (actual, expected)
+    assert tables[0][0] == header, where
+    assert len(tables[0]) == len(tables[1]), where
     for number, (got, want) in enumerate(zip(tables[0][1:], tables[1][1:], strict=True), start=2):
         for column, a, b in zip(header, got, want, strict=True):
             if PROBABILITY_COLUMNS.match(column) and a and b:
-                assert abs(float(a) - float(b)) <= PROCESS_ROUNDING, f"{actual}:{number} {column}: {a} != {b}"
+                assert abs(float(a) - float(b)) <= PROCESS_ROUNDING, f"{where}:{number} {column}: {a} != {b}"
             else:
-                assert a == b, f"{actual}:{number} {column}: {a!r} != {b!r}"
+                assert a == b, f"{where}:{number} {column}: {a!r} != {b!r}"
 
 
 def same_figures(a, b, tolerance: float = 1e-5) -> bool:

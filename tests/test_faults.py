@@ -24,7 +24,7 @@ import pytest
 import warm_processes
 import yaml
 
-from conftest import FAST, copy_run, snakemake, snakemake_command, tree_hashes
+from conftest import FAST, assert_same_scores, copy_run, same_figures, snakemake, snakemake_command, tree_hashes
 from forensic_vlm.faults import ENVIRONMENT
 from forensic_vlm.tables import read_tsv
 
@@ -208,7 +208,14 @@ def test_a_killed_stage_reruns_to_the_uninterrupted_outputs(
     assert killed.returncode == -signal.SIGKILL, f"{fault.id} was not reached:\n{killed.stderr[-3000:]}"
     rerun = _run(command)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert _outputs(fault.stage, work) == _UNINTERRUPTED[fault.stage]
+    outputs, expected = _outputs(fault.stage, work), dict(_UNINTERRUPTED[fault.stage])
+    # The images scored again after the kill were scored in another process (PROCESS_ROUNDING).
+    for table in ("predictions", "triage"):
+        if table in expected:
+            assert_same_scores(outputs.pop(table), expected.pop(table), f"{fault.id} {table}")
+    if "metrics" in expected:
+        assert same_figures(outputs.pop("metrics"), expected.pop("metrics")), fault.id
+    assert outputs == expected
     measured(f"fault {fault.id}: killed, rerun, outputs identical ({time.monotonic() - start:.0f} s both runs)")
 
 
@@ -235,7 +242,7 @@ def test_a_workflow_killed_whole_mid_evaluation_reruns_to_the_same_results(
         demo_run["workdir"] / "results" / "evaluate" / "finetuned",
         workdir / "results" / "evaluate" / "finetuned",
     )
-    assert (again / "predictions.tsv").read_bytes() == (local / "predictions.tsv").read_bytes()
+    assert_same_scores(again / "predictions.tsv", local / "predictions.tsv")  # rescored in other processes
     ignore = {
         "seconds",
         "images_per_second",
@@ -249,7 +256,7 @@ def test_a_workflow_killed_whole_mid_evaluation_reruns_to_the_same_results(
         {k: v for k, v in json.loads((d / "metrics.json").read_text()).items() if k not in ignore}
         for d in (local, again)
     ]
-    assert metrics[0] == metrics[1]
+    assert same_figures(metrics[1], metrics[0]), metrics
     assert json.loads((again / "metrics.json").read_text())["images_from_cache"] >= 16  # the 2 batches before the kill
     measured(
         f"fault workflow scoring.batch:2:group: killed, unlocked, rerun, identical ({time.monotonic() - start:.0f} s)"
