@@ -397,9 +397,9 @@ def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
 
 
 #: How far one probability (written to 6 decimals) may move between CPU processes that score the
-#: same batch: float32 kernels can round an image's last bit differently. Seen on CI, in 2 of about 8
-#: runs, as one unit in the 6th decimal on 2 of 48 images (one batch), before the rules' threads were
-#: capped at the CPUs (forensic_vlm.modeling.use_threads); not reproduced since, on this 2-core CPU.
+#: same batch: float32 kernels can round an image's last bit differently. Seen on CI three times in
+#: about nine runs, as one unit in the 6th decimal (twice sharded against one job, once after a kill);
+#: never reproduced on the 2-core CPU here (docs/reliability.md).
 PROCESS_ROUNDING = 2e-6
 PROBABILITY_COLUMNS = re.compile(r"^(confidence|p\d+)$")
 
