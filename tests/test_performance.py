@@ -18,9 +18,10 @@ from forensic_vlm.batches import TokenGroupedBatches
 from forensic_vlm.config import DEFAULT_CLASSES, REFERENCE_QUESTION, ConfigError, EvaluateConfig, ModelConfig
 from forensic_vlm.demo_model import grid_pinpoints
 from forensic_vlm.evaluate import evaluate_split
-from forensic_vlm.modeling import capped_pinpoints, keep_compile_cache, load_base_model, load_processor, use_threads
+from forensic_vlm.modeling import capped_pinpoints, load_base_model, load_processor, use_threads
 from forensic_vlm.prompting import TokenCounter, answer_tokens, build_prompt
 from forensic_vlm.scoring import shard_batches
+from forensic_vlm.speed.compile_cache import keep_compile_cache
 from forensic_vlm.tables import read_tsv
 
 LABELS = [0, 1, 2, 3]

@@ -25,20 +25,6 @@ __all__ = ["load_processor"]  # re-exported: loading a model and its processor g
 log = logging.getLogger(__name__)
 
 
-#: Where torch.compile keeps what it compiled (Inductor's FX graph and AOTAutograd caches, and
-#: Triton's kernels under it); read by torch when it first compiles.
-COMPILE_CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
-
-
-def keep_compile_cache(folder: Path) -> str:
-    """Keep torch.compile's artefacts in ``folder`` (made absolute) unless the user set a folder of
-    their own; returns the folder in use. torch's default is /tmp/torchinductor_<user>, which a
-    cluster node or a fresh machine does not have: there every run compiled again. Measured on the
-    2-core CPU (the demo's tiny model, evaluate.compile): 14.1 s of scoring with an empty cache,
-    3.7 s with the folder a first run filled (docs/performance.md)."""
-    return os.environ.setdefault(COMPILE_CACHE_VARIABLE, str(Path(folder).resolve()))
-
-
 def use_threads(threads: int | None) -> int:
     """Let torch use ``threads`` CPU threads (the rule's ``threads``), at most the CPUs this process
     may run on; None keeps torch's choice. Returns the count set.

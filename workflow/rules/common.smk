@@ -9,7 +9,7 @@ from snakemake.utils import validate
 from forensic_vlm.config import Config, coerce_strings, to_dict
 from forensic_vlm.evidence import container_fingerprint, is_container, segments
 from forensic_vlm.manifest import fingerprint
-from forensic_vlm.modeling import keep_compile_cache
+from forensic_vlm.speed.compile_cache import keep_compile_cache
 
 # Fills defaults for missing keys and stops with the offending key named on a wrong type or an
 # unknown key; the dataclasses then check combinations (e.g. augment classes that do not exist).
