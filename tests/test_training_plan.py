@@ -260,7 +260,9 @@ def test_compiled_decoder_layers_share_one_graph_across_layers_and_lengths(tiny_
     """Scoring compiles each decoder layer (model.quantization: fp8, evaluate.compile). A guard that
     differs per layer (a key/value cache slot did) recompiles every layer, and past Dynamo's limit
     of 8 the rest run eager: on an H200 FP8 fell from 21 to 13.6 images/s without a word. Here any
-    recompilation is an error: the second layer, and a second padded length, must reuse the graph."""
+    recompilation is an error: the second layer, a second padded length and a smaller batch must
+    reuse the graph; a batch of one image may compile once more, and no more (issue 27: a 10^5-image
+    triage compiles a handful of times at most)."""
     import torch._dynamo
 
     from forensic_vlm.decoding import class_probabilities
@@ -276,9 +278,21 @@ def test_compiled_decoder_layers_share_one_graph_across_layers_and_lengths(tiny_
     torch._dynamo.reset()
     assert compile_decoder_layers(model) == 2
     shorter = {k: (v[:, 3:] if k in ("input_ids", "attention_mask") else v) for k, v in inputs.items()}
+    images = inputs["pixel_values"].shape[0]
+    fewer = {k: v[: images - 1] for k, v in inputs.items()}  # a triage's last, smaller batch
     with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True), torch.no_grad():
         compiled = class_probabilities(model, inputs, answer.class_ids)
         class_probabilities(model, shorter, answer.class_ids)
+        class_probabilities(model, fewer, answer.class_ids)
+    # A batch of one image is the only other shape: Dynamo specialises a size of 1, once.
+    one = {k: v[:1] for k, v in inputs.items()}
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True), torch.no_grad():
+        class_probabilities(model, one, answer.class_ids)
+        class_probabilities(
+            model,
+            {k: (v[:, 2:] if k in ("input_ids", "attention_mask") else v) for k, v in one.items()},
+            answer.class_ids,
+        )
     torch._dynamo.reset()
     assert (compiled - eager).abs().max().item() < 1e-4
 
