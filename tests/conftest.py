@@ -401,6 +401,11 @@ def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
 #: about nine runs, as one unit in the 6th decimal (twice sharded against one job, once after a kill);
 #: never reproduced on the 2-core CPU here (docs/reliability.md).
 PROCESS_ROUNDING = 2e-6
+#: The keys of metrics.json (and of custody.json's scoring facts) that say how fast a scoring run
+#: went, not what it found: they differ between two runs of the same scoring.
+SCORING_TIMES = frozenset(
+    {"seconds", "images_per_second", "images_per_second_after_first_batch", "seconds_to_first_batch"}
+)
 PROBABILITY_COLUMNS = re.compile(r"^(confidence|p\d+)$")
 
 

@@ -24,7 +24,16 @@ import pytest
 import warm_processes
 import yaml
 
-from conftest import FAST, assert_same_scores, copy_run, same_figures, snakemake, snakemake_command, tree_hashes
+from conftest import (
+    FAST,
+    SCORING_TIMES,
+    assert_same_scores,
+    copy_run,
+    same_figures,
+    snakemake,
+    snakemake_command,
+    tree_hashes,
+)
 from forensic_vlm.faults import ENVIRONMENT
 from forensic_vlm.tables import read_tsv
 
@@ -157,8 +166,7 @@ def _outputs(stage: str, work: Path) -> dict:
         return {"files": files, "validation": card["validation"], "curves": curves}
     if stage == "evaluate":
         metrics = json.loads((out / "metrics.json").read_text())
-        timing = {"seconds", "images_per_second", "images_per_second_after_first_batch", "seconds_to_first_batch"}
-        timing |= {"images_scored", "images_from_cache"}  # how the run went, not what it found
+        timing = SCORING_TIMES | {"images_scored", "images_from_cache"}  # how the run went, not what it found
         return {
             "predictions": (out / "predictions.tsv").read_bytes(),
             "metrics": {k: v for k, v in metrics.items() if k not in timing},
@@ -243,15 +251,7 @@ def test_a_workflow_killed_whole_mid_evaluation_reruns_to_the_same_results(
         workdir / "results" / "evaluate" / "finetuned",
     )
     assert_same_scores(again / "predictions.tsv", local / "predictions.tsv")  # rescored in other processes
-    ignore = {
-        "seconds",
-        "images_per_second",
-        "images_per_second_after_first_batch",
-        "seconds_to_first_batch",
-        "images_scored",
-        "images_from_cache",
-        "shard_jobs",  # each job's host, times and part digest
-    }
+    ignore = SCORING_TIMES | {"images_scored", "images_from_cache", "shard_jobs"}  # shard_jobs: hosts, times, digests
     metrics = [
         {k: v for k, v in json.loads((d / "metrics.json").read_text()).items() if k not in ignore}
         for d in (local, again)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (
+    SCORING_TIMES,
     SHARD_VICTIM,
     assert_same_scores,
     copy_run,
@@ -252,14 +253,7 @@ def test_three_evaluation_shards_merge_into_the_predictions_and_metrics_one_job_
     three = merge(work / "out", parts)
     for name in ("predictions.tsv", "classification_report.txt"):
         assert (work / "out" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
-    timing = {
-        "seconds",
-        "images_per_second",
-        "images_per_second_after_first_batch",
-        "seconds_to_first_batch",
-        "shards",
-        "shard_jobs",
-    }
+    timing = SCORING_TIMES | {"shards", "shard_jobs"}
     assert {k: v for k, v in three.items() if k not in timing} == {
         k: v for k, v in one.items() if k not in timing | {"devices"}
     } | {"devices": 3}
@@ -306,14 +300,7 @@ def test_set_scatter_gives_the_same_triage_and_a_killed_shard_reruns_alone(
     leftover = [p for p in (workdir / "results" / "cache" / "predictions" / "shards").rglob("*") if p.is_file()]
     assert not leftover  # every shard's cache merged into the shared one
 
-    timing = {
-        "seconds",
-        "images_per_second",
-        "images_per_second_after_first_batch",
-        "seconds_to_first_batch",
-        "shards",
-        "shard_jobs",
-    }
+    timing = SCORING_TIMES | {"shards", "shard_jobs"}
     for kind in ("zeroshot", "finetuned"):  # and the evaluations, scored in three jobs each
         local, sharded = (root / "results" / "evaluate" / kind for root in (demo_run["workdir"], workdir))
         assert_same_scores(sharded / "predictions.tsv", local / "predictions.tsv")
