@@ -938,13 +938,13 @@ def main() -> None:
         "reference": lambda: reference_evaluation(
             eval_table, root, model_dir, [(8, args.reference_images), (50, args.reference_images // 2)]
         ),
-        "project_fp8_compiled_scores": evaluation("fp8", quantization="fp8"),
         "project_fp8_static_scores": lambda: static_fp8_evaluation(
             eval_table, calibration(), root, model_dir, workers=w
         ),
         "profile_fp8_static_scores": lambda: profile_static_fp8(
             write_images(root, 64, sizes, seed=4), calibration(), root, model_dir, workers=w
         ),
+        "project_fp8_compiled_scores": evaluation("fp8", quantization="fp8"),
         "project_fp8_mlp_scores": evaluation("fp8_mlp", quantization="fp8", fp8_scope="mlp"),
         "project_fp8_inner_scores": evaluation("fp8_inner", quantization="fp8", fp8_scope="inner"),
         "project_bf16_liger_scores": evaluation("bf16_liger", kernels="liger"),
