@@ -54,9 +54,23 @@ def test_auto_plan_takes_the_fastest_plan_that_fits_the_card() -> None:
     assert middle.estimated_peak_GiB <= 32
     fewer = plan_for(32, tokens=1500)  # shorter batches: fewer layers need to recompute
     assert fewer.checkpointed_layers < middle.checkpointed_layers
-    small = plan_for(16)  # a 16 GB card: only the 4-bit base fits
+    small = plan_for(16)  # a 16 GB card: not every layer's bf16 weights fit
     assert small.quantization == "nf4" and small.estimated_peak_GiB <= 16
     assert plan_for(12).quantization == "nf4" and plan_for(24).quantization == "none"  # bf16 recomputing fits 24
+
+
+def test_a_tight_budget_keeps_as_many_layers_bf16_as_fit_and_recomputes_them_all() -> None:
+    """4-bit weights cost a layer more time than recomputing it and save less memory, so the plan
+    spends memory on bf16 weights first (training_plan.NF4_LAYER_COST)."""
+    small = plan_for(16)
+    assert small.checkpointed_layers == 32 and 0 < small.bf16_layers < 32
+    assert f"the first {small.bf16_layers} of 32 layers' weights kept in bf16" in small.reason
+    one_more = MISTRAL_7B.peak_bytes("nf4", 32, 3013, small.bf16_layers + 1)
+    assert one_more > 16 * GiB >= MISTRAL_7B.peak_bytes("nf4", 32, 3013, small.bf16_layers)
+    assert 0 < plan_for(12).bf16_layers < small.bf16_layers < plan_for(18).bf16_layers
+    qlora = plan_for(16, quantization="nf4")  # every layer 4-bit, as asked: fewer layers recompute instead
+    assert (qlora.bf16_layers, qlora.quantization) == (0, "nf4") and qlora.checkpointed_layers < 32
+    assert plan_for(139).bf16_layers == plan_for(24).bf16_layers == 0  # bf16 bases: nothing to keep
 
 
 def test_a_plan_that_cannot_fit_says_so_and_takes_the_smallest(caplog) -> None:
@@ -75,6 +89,29 @@ def test_fixed_settings_are_kept_and_the_cpu_follows_the_model_setting() -> None
     assert (cpu.quantization, cpu.checkpointed_layers) == ("nf4", 32)  # model.quantization nf4
     assert cpu.reason.startswith("no GPU") and cpu.estimated_peak_GiB is None
     assert plan_for(None, quantization="none", gradient_checkpointing=False).checkpointed_layers == 0
+
+
+def test_the_plans_bf16_layers_load_in_bf16_and_the_rest_in_four_bits(tiny_model: Path, tmp_path: Path) -> None:
+    """Twelve layers, two kept bf16: bitsandbytes' skip list must not take "layers.1" for
+    "layers.10" and "layers.11" (transformers matches it as regular expressions)."""
+    pytest.importorskip("bitsandbytes")
+    from forensic_vlm.config import DemoModelConfig
+    from forensic_vlm.demo_model import build_demo_model
+    from forensic_vlm.errors import UnsupportedModelError
+    from forensic_vlm.modeling import architecture_of_model, check_four_bit_layers
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)  # the tiny model's: no download
+    folder = build_demo_model(tmp_path / "twelve", DemoModelConfig(num_layers=12), tokenizer=tokenizer)
+    model = load_base_model(ModelConfig(name_or_path=str(folder), quantization="nf4"), CPU, bf16_layers=2)
+    four_bit = [
+        sorted({type(m.weight).__name__ == "Params4bit" for n, m in layer.named_modules() if n.endswith("proj")})
+        for layer in decoder_layers(model)
+    ]
+    assert four_bit == [[False]] * 2 + [[True]] * 10
+    with pytest.raises(UnsupportedModelError, match="decoder layer 2's self_attn.q_proj loaded in 4 bits"):
+        check_four_bit_layers(model, architecture_of_model(model), 3)
 
 
 def test_model_shape_is_read_from_the_files_without_loading(tiny_model: Path) -> None:

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from forensic_vlm.config import ModelConfig, TrainConfig
-from forensic_vlm.errors import DeviceError
+from forensic_vlm.errors import DeviceError, UnsupportedModelError
 from forensic_vlm.models.architectures import Architecture, architecture_of, by_model_type, language_model
 from forensic_vlm.models.processors import capped_pinpoints, load_processor
+from forensic_vlm.training_plan import decoder_projection, tensor_sizes
 
 __all__ = ["load_processor"]  # re-exported: loading a model and its processor go together
 
@@ -73,7 +74,9 @@ def architecture_of_model(model) -> Architecture:
     return by_model_type(model.config.model_type, type(model).__name__)
 
 
-def load_base_model(config: ModelConfig, device: torch.device):
+def load_base_model(config: ModelConfig, device: torch.device, *, bf16_layers: int = 0):
+    """The base model on ``device``; with nf4, the first ``bf16_layers`` decoder layers keep their
+    weights in bf16 (a training plan that had the memory for them, and scoring its adapter)."""
     from transformers import AutoModelForImageTextToText
 
     architecture = architecture_of(config.name_or_path)
@@ -92,7 +95,8 @@ def load_base_model(config: ModelConfig, device: torch.device):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
-            llm_int8_skip_modules=architecture.not_quantized,
+            llm_int8_skip_modules=architecture.not_quantized
+            + kept_in_bf16(config.name_or_path, architecture, bf16_layers),
         )
     # Straight onto the device: no full copy in host memory first (seconds per GB, per process).
     kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
@@ -100,8 +104,47 @@ def load_base_model(config: ModelConfig, device: torch.device):
     if architecture.resolution == "anyres":
         tile = model.config.vision_config.image_size
         model.config.image_grid_pinpoints = capped_pinpoints(model.config.image_grid_pinpoints, tile, config.max_tiles)
-    log.info("loaded %s (%s, %s, %s) on %s", config.name_or_path, architecture.name, config.quantization, dtype, device)
+    if config.quantization == "nf4":
+        check_four_bit_layers(model, architecture, bf16_layers)
+    log.info(
+        "loaded %s (%s, %s%s, %s) on %s",
+        config.name_or_path,
+        architecture.name,
+        config.quantization,
+        f", the first {bf16_layers} decoder layers bf16" if bf16_layers and config.quantization == "nf4" else "",
+        dtype,
+        device,
+    )
     return model
+
+
+def kept_in_bf16(folder: str, architecture: Architecture, bf16_layers: int) -> list[str]:
+    """The full names of the first ``bf16_layers`` decoder layers' projections, for bitsandbytes'
+    skip list. Full names, not a layer's prefix: transformers matches the list as regular
+    expressions, where "layers.1." also matches "layers.10"."""
+    names: set[str] = set()
+    for name, _count in tensor_sizes(folder) if bf16_layers else ():
+        projection = decoder_projection(name, architecture.vision_modules)
+        if projection is not None and projection[0] < bf16_layers:
+            names.add(f"model.{architecture.language_model}.layers.{projection[0]}.{projection[1]}")
+    return sorted(names)
+
+
+def check_four_bit_layers(model, architecture: Architecture, bf16_layers: int) -> None:
+    """Every decoder projection is 4-bit except those of the first ``bf16_layers`` layers, or a
+    named error: a transformers that matched the skip list otherwise would train another model."""
+    for index, layer in enumerate(language_model(model, architecture).layers):
+        for name, module in layer.named_modules():
+            weight = getattr(module, "weight", None)
+            if weight is None or not name.endswith("proj"):
+                continue
+            four_bit = type(weight).__name__ == "Params4bit"
+            if four_bit != (index >= bf16_layers):
+                raise UnsupportedModelError(
+                    f"decoder layer {index}'s {name} loaded {'in 4 bits' if four_bit else 'unquantized'}, but the "
+                    f"plan keeps the first {bf16_layers} layers in bf16 and quantizes the rest "
+                    f"(transformers' skip list was matched otherwise)"
+                )
 
 
 def add_lora(model, config: TrainConfig, *, quantized: bool, checkpointed_layers: int):

@@ -108,7 +108,11 @@ def _load_model(job: ScoringJob, device: torch.device):
     fp8 = job.model.quantization == "fp8"
     if fp8:
         require_fp8(device)
-    model = load_base_model(replace(job.model, quantization="none") if fp8 else job.model, device)
+    # An adapter trained on an nf4 base with some layers kept bf16 is scored on that same base.
+    bf16_layers = adapter_bf16_layers(Path(job.adapter)) if job.adapter and job.model.quantization == "nf4" else 0
+    model = load_base_model(
+        replace(job.model, quantization="none") if fp8 else job.model, device, bf16_layers=bf16_layers
+    )
     if job.fused_kernels:
         apply_fused_kernels(model)
     if job.adapter:
@@ -145,12 +149,21 @@ def scoring_quantization(model_config: ModelConfig, adapter: Path | None) -> str
 
 def adapter_base_quantization(adapter: Path) -> str | None:
     """The base quantization an adapter was trained (and its thresholds validated) on."""
-    card = json.loads((adapter / "training.json").read_text(encoding="utf-8"))
+    card = _training_card(adapter)
     plan = card.get("validation", {}).get("plan")
     if plan:
         return plan["quantization"]
     # Adapters from before the training plan were trained on model.quantization.
     return {"nf4": "nf4", "none": "none"}.get(card.get("model", {}).get("quantization"))
+
+
+def adapter_bf16_layers(adapter: Path) -> int:
+    """How many of the first decoder layers an nf4-trained adapter's base kept in bf16 (0: none)."""
+    return int((_training_card(adapter).get("validation", {}).get("plan") or {}).get("bf16_layers", 0))
+
+
+def _training_card(adapter: Path) -> dict:
+    return json.loads((adapter / "training.json").read_text(encoding="utf-8"))
 
 
 def scoring_path(model_config: ModelConfig, config: EvaluateConfig, device: torch.device) -> dict:

@@ -239,13 +239,14 @@ def set_up(
     )
     fused = fused_kernels_wanted(model_config, device)
     log.info("train: plan: %s; kernels: %s", plan.reason, "Liger" if fused else "transformers")
-    # The plan's quantization and the kernels change the numbers, so a checkpoint resumes only
-    # under the same ones; how many layers recompute does not.
-    fingerprint = run_fingerprint(
-        model_config, config, data, base.hashes, resolved={"quantization": plan.quantization, "fused_kernels": fused}
-    )
+    # The plan's quantization (which layers are 4-bit) and the kernels change the numbers, so a
+    # checkpoint resumes only under the same ones; how many layers recompute does not.
+    resolved = {"quantization": plan.quantization, "fused_kernels": fused}
+    if plan.bf16_layers:  # absent otherwise: the fingerprints of earlier runs stay as they were
+        resolved["bf16_layers"] = plan.bf16_layers
+    fingerprint = run_fingerprint(model_config, config, data, base.hashes, resolved=resolved)
     resume = _resumable(checkpoints, fingerprint) if rank == 0 else (checkpoints / "last.ckpt").exists()
-    model = load_base_model(replace(model_config, quantization=plan.quantization), device)
+    model = load_base_model(replace(model_config, quantization=plan.quantization), device, bf16_layers=plan.bf16_layers)
     if fused:
         apply_fused_kernels(model)
     model = add_lora(model, config, quantized=plan.quantization == "nf4", checkpointed_layers=plan.checkpointed_layers)

@@ -1,11 +1,15 @@
-"""Which training plan fits the card: bf16 or nf4 base weights, and how many layers recompute.
+"""Which training plan fits the card: which decoder layers keep bf16 base weights (the rest nf4),
+and how many layers recompute.
 
 ``train.quantization: auto`` and ``train.gradient_checkpointing: auto`` are resolved here, before
 the model is loaded, from the model's shape (its config and safetensors headers), the longest
-training batch in tokens, and the card's free memory (or ``train.memory_budget_gib``). The order
-is the fastest first: a bf16 base with no recomputation; a bf16 base recomputing as few decoder
-layers as it takes to fit; then nf4 (QLoRA) likewise. On the CPU there is no card to plan for: the
-base is loaded as ``model.quantization`` says and every layer recomputes.
+training batch in tokens, and the card's free memory (or ``train.memory_budget_gib``). Each plan's
+time is estimated from two measured costs per decoder layer (``NF4_LAYER_COST``, recomputation
+costing 1) and the fastest plan estimated to fit is taken: a bf16 base with no recomputation where
+it fits; else, since a layer's 4-bit weights cost more time than recomputing it but save far less
+memory, bf16 layers recomputing, then as few nf4 layers as it takes (``train.quantization: auto``
+only; ``nf4`` is QLoRA on every layer, ``none`` never 4 bits). On the CPU there is no card to plan
+for: the base is loaded as ``model.quantization`` says and every layer recomputes.
 
 The estimates are deliberately high (see ``ACTIVATION_BYTES_PER_TOKEN``); the benchmark prints the
 estimate beside the measured peak (docs/performance.md).
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +39,37 @@ NF4_BYTES_PER_PARAMETER = 0.52
 RESERVE_BYTES = 2 * GiB
 #: LoRA weights, their gradients and AdamW's two moments, all in float32.
 LORA_BYTES_PER_PARAMETER = 16
+#: The time one decoder layer's nf4 base weights add to a training step (dequantizing them in the
+#: forward pass, again when recomputing, and in the backward pass), relative to the time
+#: recomputing one layer adds. Measured compiled on one H200 at 2,381 tokens an image
+#: (docs/performance.md, issue 27): about 3.0 ms and 2.2 ms a layer a step.
+NF4_LAYER_COST = 1.4
+
+
+def tensor_sizes(folder: str | Path):
+    """(name, number of values) of every tensor in the folder's safetensors, from the headers alone."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as tensors:
+            for name in tensors.keys():  # noqa: SIM118 (safe_open is not a dict)
+                count = 1
+                for size in tensors.get_slice(name).get_shape():
+                    count *= size
+                yield name, count
+
+
+def decoder_projection(name: str, vision_modules) -> tuple[int, str] | None:
+    """(layer index, projection path in the layer) of a decoder projection's weight, e.g.
+    ``(3, "self_attn.q_proj")``, or None for any other tensor: what nf4 quantizes. The vision
+    tower's layers (SigLIP's q_proj too) are not decoder projections."""
+    match = _DECODER_PROJECTION.search(name)
+    if match is None or any(f"{module}." in name for module in vision_modules):
+        return None
+    return int(match["layer"]), match["projection"]
+
+
+_DECODER_PROJECTION = re.compile(r"\.layers\.(?P<layer>\d+)\.(?P<projection>.*proj)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -50,8 +86,6 @@ class ModelShape:
     @classmethod
     def from_folder(cls, folder: str | Path, config: TrainConfig) -> ModelShape:
         """From ``config.json`` and the safetensors headers (no tensor is read)."""
-        from safetensors import safe_open
-
         from forensic_vlm.models.architectures import architecture_of
 
         vision = architecture_of(folder).vision_modules
@@ -59,18 +93,11 @@ class ModelShape:
         text = raw.get("text_config") or raw  # Qwen2.5-VL's own checkpoints keep it at the top level
         layers, hidden, intermediate = text["num_hidden_layers"], text["hidden_size"], text["intermediate_size"]
         quantizable = other = 0
-        for file in sorted(Path(folder).glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as tensors:
-                for name in tensors.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    count = 1
-                    for size in tensors.get_slice(name).get_shape():
-                        count *= size
-                    # The decoder's projections; the vision tower's layers (SigLIP's q_proj too) are not.
-                    in_vision = any(f"{module}." in name for module in vision)
-                    if ".layers." in name and name.endswith("proj.weight") and not in_vision:
-                        quantizable += count
-                    else:
-                        other += count
+        for name, count in tensor_sizes(folder):
+            if decoder_projection(name, vision) is not None:
+                quantizable += count
+            else:
+                other += count
         heads, kv_heads = text["num_attention_heads"], text.get("num_key_value_heads", text["num_attention_heads"])
         head_dim = text.get("head_dim") or hidden // heads
         sizes = {  # (in, out) of each projection of one decoder layer
@@ -85,21 +112,25 @@ class ModelShape:
         lora = layers * sum(config.lora_r * sum(sizes[m]) for m in config.lora_target_modules if m in sizes)
         return cls(layers, hidden, intermediate, quantizable, other, lora)
 
-    def weight_bytes(self, quantization: str) -> float:
-        per_weight = NF4_BYTES_PER_PARAMETER if quantization == "nf4" else 2
-        return self.quantizable_parameters * per_weight + self.other_parameters * 2
+    def weight_bytes(self, quantization: str, bf16_layers: int = 0) -> float:
+        """Base weights when the decoder layers after the first ``bf16_layers`` are in ``quantization``."""
+        four_bit = (
+            self.quantizable_parameters * (self.layers - bf16_layers) / self.layers if quantization == "nf4" else 0
+        )
+        return four_bit * NF4_BYTES_PER_PARAMETER + (self.quantizable_parameters - four_bit + self.other_parameters) * 2
 
     def layer_activation_bytes(self, tokens: int) -> float:
         return tokens * ACTIVATION_BYTES_PER_TOKEN * (self.hidden_size + self.intermediate_size)
 
-    def peak_bytes(self, quantization: str, checkpointed: int, tokens: int) -> float:
-        """Estimated peak when ``checkpointed`` of the decoder layers recompute their activations."""
+    def peak_bytes(self, quantization: str, checkpointed: int, tokens: int, bf16_layers: int = 0) -> float:
+        """Estimated peak when ``checkpointed`` of the decoder layers recompute their activations
+        (and, nf4, the first ``bf16_layers`` keep bf16 weights)."""
         kept = (self.layers - checkpointed) * self.layer_activation_bytes(tokens)
         # A checkpointed layer keeps its input; one at a time holds everything while it recomputes.
         recomputed = checkpointed * tokens * 2 * self.hidden_size
         recomputing = self.layer_activation_bytes(tokens) if checkpointed else 0
         lora = self.lora_parameters * LORA_BYTES_PER_PARAMETER
-        return self.weight_bytes(quantization) + lora + kept + recomputed + recomputing + RESERVE_BYTES
+        return self.weight_bytes(quantization, bf16_layers) + lora + kept + recomputed + recomputing + RESERVE_BYTES
 
 
 @dataclass(frozen=True)
@@ -113,6 +144,7 @@ class TrainingPlan:
     estimated_peak_GiB: float | None = None
     budget_GiB: float | None = None
     batch_tokens: int | None = None
+    bf16_layers: int = 0  # nf4: the first decoder layers whose base weights stay bf16 (the budget allowed)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -141,23 +173,36 @@ def choose_plan(
             batch_tokens=batch_tokens,
         )
     budget_gib = round(budget_bytes / GiB, 1)
+    four_bit_counts = {"auto": range(layers + 1), "none": (0,), "nf4": (layers,)}[train.quantization]
+    checkpoint_counts = range(layers + 1) if fixed_layers is None else (fixed_layers,)
+    fitting = [
+        (four_bit * NF4_LAYER_COST + checkpointed, peak, four_bit, checkpointed)
+        for four_bit in four_bit_counts
+        for checkpointed in checkpoint_counts
+        if (peak := shape.peak_bytes(_quantization(four_bit), checkpointed, batch_tokens, layers - four_bit))
+        <= budget_bytes
+    ]
+    if fitting:
+        _cost, peak, four_bit, checkpointed = min(fitting)
+        quantization = _quantization(four_bit)
+        if quantization == "none":
+            base = "bf16 base"
+        elif four_bit == layers:
+            base = "nf4 base"
+        else:
+            base = f"nf4 base with the first {layers - four_bit} of {layers} layers' weights kept in bf16"
+        return TrainingPlan(
+            quantization,
+            checkpointed,
+            layers,
+            f"{base} with {checkpointed} of {layers} layers recomputing is the fastest plan "
+            f"estimated to fit: {peak / GiB:.1f} GiB of {budget_gib} GiB for {batch_tokens} tokens a batch",
+            estimated_peak_GiB=round(peak / GiB, 1),
+            budget_GiB=budget_gib,
+            batch_tokens=batch_tokens,
+            bf16_layers=0 if quantization == "none" else layers - four_bit,
+        )
     quantizations = ("none", "nf4") if train.quantization == "auto" else (train.quantization,)
-    for quantization in quantizations:
-        candidates = range(layers + 1) if fixed_layers is None else (fixed_layers,)
-        for checkpointed in candidates:
-            peak = shape.peak_bytes(quantization, checkpointed, batch_tokens)
-            if peak <= budget_bytes:
-                base = "bf16" if quantization == "none" else "nf4"
-                return TrainingPlan(
-                    quantization,
-                    checkpointed,
-                    layers,
-                    f"{base} base with {checkpointed} of {layers} layers recomputing is the fastest plan "
-                    f"estimated to fit: {peak / GiB:.1f} GiB of {budget_gib} GiB for {batch_tokens} tokens a batch",
-                    estimated_peak_GiB=round(peak / GiB, 1),
-                    budget_GiB=budget_gib,
-                    batch_tokens=batch_tokens,
-                )
     quantization = quantizations[-1]
     checkpointed = layers if fixed_layers is None else fixed_layers
     peak = shape.peak_bytes(quantization, checkpointed, batch_tokens)
@@ -178,6 +223,10 @@ def choose_plan(
         budget_GiB=budget_gib,
         batch_tokens=batch_tokens,
     )
+
+
+def _quantization(four_bit_layers: int) -> str:
+    return "nf4" if four_bit_layers else "none"
 
 
 def _cpu_quantization(model: ModelConfig) -> str:
