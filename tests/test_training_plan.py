@@ -95,12 +95,12 @@ def test_the_plans_bf16_layers_load_in_bf16_and_the_rest_in_four_bits(tiny_model
     """Twelve layers, two kept bf16: bitsandbytes' skip list must not take "layers.1" for
     "layers.10" and "layers.11" (transformers matches it as regular expressions)."""
     pytest.importorskip("bitsandbytes")
+    from transformers import AutoTokenizer
+
     from forensic_vlm.config import DemoModelConfig
     from forensic_vlm.demo_model import build_demo_model
     from forensic_vlm.errors import UnsupportedModelError
     from forensic_vlm.modeling import architecture_of_model, check_four_bit_layers
-
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)  # the tiny model's: no download
     folder = build_demo_model(tmp_path / "twelve", DemoModelConfig(num_layers=12), tokenizer=tokenizer)
@@ -110,7 +110,7 @@ def test_the_plans_bf16_layers_load_in_bf16_and_the_rest_in_four_bits(tiny_model
         for layer in decoder_layers(model)
     ]
     assert four_bit == [[False]] * 2 + [[True]] * 10
-    with pytest.raises(UnsupportedModelError, match="decoder layer 2's self_attn.q_proj loaded in 4 bits"):
+    with pytest.raises(UnsupportedModelError, match=r"decoder layer 2's self_attn\.q_proj loaded in 4 bits"):
         check_four_bit_layers(model, architecture_of_model(model), 3)
 
 

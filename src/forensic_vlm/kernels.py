@@ -179,6 +179,14 @@ def to_fp8(model, scope: str = "decoder", activation_scales: dict[str, torch.Ten
             f"FP8 activation scales are for {len(activation_scales)} layers, not the {len(targets)} of scope {scope}"
         )
     modules = dict(language_model.named_modules())
+    blockwise = sorted(name for name in targets if tuple(modules[name].weight.shape) == (128, 128))
+    if blockwise:
+        # torchao 0.18 represents a per-tensor scale as one block of the weight's shape, and a
+        # 128 x 128 block reads as blockwise scaling: it then fails inside the compiled product.
+        raise ConfigError(
+            f"static FP8 scales cannot be used on 128 x 128 weights ({blockwise[0]} and {len(blockwise) - 1} more); "
+            "leave model.quantization at fp8 without static scales"
+        )
     for name in sorted(targets):
         scale = activation_scales[name].to(modules[name].weight.device, torch.float32)
         quantize_(
