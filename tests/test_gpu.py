@@ -278,9 +278,11 @@ def test_auto_takes_fp8_where_the_parity_gate_passes_it_and_bf16_where_it_fails(
 
 
 def test_static_fp8_scales_score_close_to_dynamic_fp8(tiny_model: Path, tiny_dataset, tmp_path: Path) -> None:
-    """FP8 with calibrated static activation scales (per tensor) runs compiled on the GPU and gives
-    the classes dynamic rowwise FP8 gives, on a tiny model 256 wide: torchao 0.18 takes a 128 x 128
-    weight's per-tensor scale for 128 x 128 blockwise scaling (to_fp8 names that error)."""
+    """FP8 with calibrated static activation scales (per tensor) runs compiled on the GPU and scores
+    close to bf16 eager (the parity gate's reference), on a tiny model 256 wide: torchao 0.18 takes a
+    128 x 128 weight's per-tensor scale for 128 x 128 blockwise scaling (to_fp8 names that error).
+    On one H200 the same model scored with dynamic rowwise FP8 gave NaN for some images (issue 27):
+    scoring now stops on that (NonFiniteScoresError) and the gate fails such a candidate."""
     pytest.importorskip("torchao")
     from conftest import training_batch
     from forensic_vlm.config import REFERENCE_QUESTION
@@ -307,13 +309,13 @@ def test_static_fp8_scales_score_close_to_dynamic_fp8(tiny_model: Path, tiny_dat
     )
     class_ids = answer_tokens(load_processor(tiny_model), REFERENCE_QUESTION, [0, 1, 2, 3]).class_ids
     probabilities = {}
-    for kind in ("dynamic", "static"):
+    for kind in ("bf16", "static"):
         model = load_base_model(config, device).eval()
-        calibrate = lambda model=model: model(**inputs)  # noqa: E731
-        scales = fp8_activation_scales(model, "decoder", calibrate) if kind == "static" else None
-        to_fp8(model, "decoder", scales)
-        compile_decoder_layers(model)
+        if kind == "static":
+            calibrate = lambda model=model: model(**inputs)  # noqa: E731
+            to_fp8(model, "decoder", fp8_activation_scales(model, "decoder", calibrate))
+            compile_decoder_layers(model)
         with torch.no_grad():
             probabilities[kind] = class_probabilities(model, inputs, class_ids).float().cpu()
     assert torch.isfinite(probabilities["static"]).all()
-    assert (probabilities["static"] - probabilities["dynamic"]).abs().max() < 0.05
+    assert (probabilities["static"] - probabilities["bf16"]).abs().max() < 0.05

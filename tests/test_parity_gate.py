@@ -155,3 +155,57 @@ def test_the_gate_scores_both_paths_and_scoring_follows_its_verdict(
     warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == gate.__name__]
     assert len(warning) == 1 and "parity gate failed" in warning[0]
     assert f"largest probability difference {strict['measured']['max_probability_difference']:.4f}" in warning[0]
+
+
+def nan_when_4bit(real):
+    """class_probabilities, but NaN for every image when the model's weights are 4-bit."""
+
+    def probabilities(model, inputs, class_ids):
+        result = real(model, inputs, class_ids)
+        four_bit = any(type(p).__name__ == "Params4bit" for p in model.parameters())
+        return torch.full_like(result, float("nan")) if four_bit else result
+
+    return probabilities
+
+
+def test_nan_scores_are_a_named_error_not_class_0(tiny_model: Path, tiny_dataset: dict, monkeypatch) -> None:
+    """numpy's argmax of a NaN row is 0, "irrelevant": scoring must stop with the image named instead."""
+    from forensic_vlm import scoring
+    from forensic_vlm.errors import NonFiniteScoresError
+    from forensic_vlm.tables import examples_from_table, read_tsv
+
+    monkeypatch.setattr(scoring, "class_probabilities", nan_when_4bit(scoring.class_probabilities))
+    examples = examples_from_table(read_tsv(tiny_dataset["val"]), tiny_dataset["raw_data"])[:4]
+    nf4 = replace(model_config(tiny_model), quantization="nf4")
+    with pytest.raises(NonFiniteScoresError, match=r"non-finite class probabilities for 4 of 4 images .* on nf4"):
+        scoring.score_examples(
+            examples, LABELS, model_config=nf4, config=EvaluateConfig(batch_size=4, num_workers=0), adapter=None,
+            cache_dir=None, kind="nan",
+        )  # fmt: skip
+    bf16 = scoring.score_examples(
+        examples, LABELS, model_config=model_config(tiny_model), config=EvaluateConfig(batch_size=4, num_workers=0),
+        adapter=None, cache_dir=None, kind="finite",
+    )  # fmt: skip
+    assert len(bf16.rows) == 4
+
+
+@pytest.mark.slow
+def test_a_candidate_that_gives_nan_fails_the_gate(
+    trained: dict, tiny_model: Path, tiny_dataset: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    from forensic_vlm import scoring
+
+    nf4 = {"quantization": "nf4", "kernels": "transformers", "compiled": False}
+    monkeypatch.setattr(gate, "candidate_path", lambda config, device, trained_on: (nf4, "nf4 standing in"))
+    monkeypatch.setattr(scoring, "class_probabilities", nan_when_4bit(scoring.class_probabilities))
+    loose = EvaluateConfig(batch_size=4, num_workers=0, parity_same_class=0.0, parity_max_difference=1.0)
+    with caplog.at_level(logging.WARNING, logger="forensic_vlm.speed.gate"):
+        verdict = gate.run_parity_gate(
+            tiny_dataset["val"], tiny_dataset["raw_data"], tmp_path / "gate.json", classes=list(DEFAULT_CLASSES),
+            model_config=replace(model_config(tiny_model), quantization="auto"), config=loose,
+            adapter=trained["adapter"], cache_dir=None,
+        )  # fmt: skip
+    assert (verdict["passed"], verdict["chosen"]) == (False, gate.reference_path("none"))
+    assert "non-finite class probabilities" in verdict["measured"]["non_finite"]
+    assert read_verdict(tmp_path / "gate.json") == verdict
+    assert "parity gate failed" in caplog.text and "non-finite" in caplog.text

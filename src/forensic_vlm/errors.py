@@ -44,6 +44,10 @@ class ScoringProcessError(ForensicVlmError, RuntimeError):
     """A scoring process on another device failed or ended early; the message carries why."""
 
 
+class NonFiniteScoresError(ScoringProcessError):
+    """A forward pass gave NaN or infinite class probabilities: no class can be read from them."""
+
+
 class IntegrityError(ForensicVlmError, RuntimeError):
     """A model, adapter or cache file differs from its record, or a record is damaged."""
 

@@ -20,13 +20,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from forensic_vlm.batches import Collator, Example, ImageDataset, TokenGroupedBatches
 from forensic_vlm.config import EvaluateConfig, ModelConfig
 from forensic_vlm.decoding import class_probabilities, generate_answers, parse_finetuned, parse_zeroshot, to_device
-from forensic_vlm.errors import ScoringProcessError
+from forensic_vlm.errors import NonFiniteScoresError, ScoringProcessError
 from forensic_vlm.faults import fault_point
 from forensic_vlm.integrity import model_files, verify_adapter
 from forensic_vlm.kernels import apply_fused_kernels, fused_kernels_wanted, require_fp8, to_fp8
@@ -185,6 +186,16 @@ def _batch_rows(job: ScoringJob, model, tokenizer, *, inputs: dict, index: list[
     sha256 = [job.examples[i].sha256 for i in index]
     if job.decoding == "scores":
         probabilities = class_probabilities(model, inputs, job.answer.class_ids).cpu().numpy()
+        broken = [
+            job.examples[i].path for i, row in zip(index, probabilities, strict=True) if not np.isfinite(row).all()
+        ]
+        if broken:
+            # argmax of a NaN row is class 0, "irrelevant": a plausible-looking wrong answer
+            raise NonFiniteScoresError(
+                f"the model gave non-finite class probabilities for {len(broken)} of {len(index)} images of a batch "
+                f"(e.g. {broken[0]}) on {job.model.quantization}, kernels {job.model.kernels}, "
+                f"compiled {job.compile or job.model.quantization == 'fp8'}"
+            )
         return [
             {
                 "sha256": digest,

@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from forensic_vlm.config import ClassSpec, EvaluateConfig, ModelConfig
-from forensic_vlm.errors import IntegrityError
+from forensic_vlm.errors import IntegrityError, NonFiniteScoresError
 from forensic_vlm.tables import examples_from_table, read_tsv, write_atomically
 
 log = logging.getLogger(__name__)
@@ -143,21 +143,39 @@ def run_parity_gate(
         rows = {}
         for name, path in (("reference", reference), ("candidate", candidate)):
             settings, scoring = path_settings(model_config, config, path)
-            scores = score_examples(
-                examples,
-                labels,
-                model_config=settings,
-                config=scoring,
-                adapter=Path(adapter),
-                cache_dir=cache_dir,
-                kind=f"parity gate, {name} ({path['quantization']}, {path['kernels']})",
-            )
-            rows[name] = scores.rows
-        figures = compare(rows["reference"], rows["candidate"], labels)
-        passed = passes(figures, config)
+            try:
+                scores = score_examples(
+                    examples,
+                    labels,
+                    model_config=settings,
+                    config=scoring,
+                    adapter=Path(adapter),
+                    cache_dir=cache_dir,
+                    kind=f"parity gate, {name} ({path['quantization']}, {path['kernels']})",
+                )
+            except NonFiniteScoresError as error:
+                if name == "reference":
+                    raise
+                rows[name] = str(error)  # a candidate that gives NaN fails the gate; the reference is kept
+            else:
+                rows[name] = scores.rows
+        if isinstance(rows["candidate"], str):
+            figures = {"images": len(examples), "non_finite": rows["candidate"]}
+            passed = False
+        else:
+            figures = compare(rows["reference"], rows["candidate"], labels)
+            passed = passes(figures, config)
         verdict |= {"measured": figures, "passed": passed, "chosen": candidate if passed else reference}
         if passed:
             log.info("parity gate passed for %s: %s", candidate, figures)
+        elif "non_finite" in figures:
+            log.warning(
+                "parity gate failed for %s (%s): %s; scoring stays %s",
+                candidate,
+                reason,
+                figures["non_finite"],
+                reference,
+            )
         else:
             log.warning(
                 "parity gate failed for %s (%s): the same class on %.2f %% of %d validation images (at least "
