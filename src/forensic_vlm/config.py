@@ -120,8 +120,10 @@ class TrainConfig:
     gradient_clip_val: float = 1.0
     """Gradient norm clipping."""
     quantization: Literal["auto", "nf4", "none"] = "auto"
-    """Base weights while training. auto: bf16 where the plan fits the card's memory, else nf4
-    (QLoRA); on the CPU, model.quantization. nf4 or none force one (docs/performance.md)."""
+    """Base weights while training. auto: bf16 where the plan fits the card's memory, else every
+    layer recomputing with nf4 (QLoRA) on only as many decoder layers as the memory needs, the first
+    ones keeping bf16; on the CPU, model.quantization. nf4 (every layer) or none force one
+    (docs/performance.md)."""
     gradient_checkpointing: Literal["auto", True, False] = "auto"
     """Recompute activations in the backward pass to save memory. auto: as few decoder layers as
     the card's memory needs (none where everything fits; every layer on the CPU); true: every layer."""
