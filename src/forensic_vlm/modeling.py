@@ -122,8 +122,10 @@ def kept_in_bf16(folder: str, architecture: Architecture, bf16_layers: int) -> l
     """The full names of the first ``bf16_layers`` decoder layers' projections, for bitsandbytes'
     skip list. Full names, not a layer's prefix: transformers matches the list as regular
     expressions, where "layers.1." also matches "layers.10"."""
+    if not bf16_layers:
+        return []
     names: set[str] = set()
-    for name, _count in tensor_sizes(folder) if bf16_layers else ():
+    for name, _count in tensor_sizes(folder):
         projection = decoder_projection(name, architecture.vision_modules)
         if projection is not None and projection[0] < bf16_layers:
             names.add(f"model.{architecture.language_model}.layers.{projection[0]}.{projection[1]}")

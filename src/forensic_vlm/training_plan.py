@@ -202,8 +202,7 @@ def choose_plan(
             batch_tokens=batch_tokens,
             bf16_layers=0 if quantization == "none" else layers - four_bit,
         )
-    quantizations = ("none", "nf4") if train.quantization == "auto" else (train.quantization,)
-    quantization = quantizations[-1]
+    quantization = _quantization(max(four_bit_counts))  # the smallest weights allowed
     checkpointed = layers if fixed_layers is None else fixed_layers
     peak = shape.peak_bytes(quantization, checkpointed, batch_tokens)
     log.warning(

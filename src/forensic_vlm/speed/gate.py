@@ -140,7 +140,7 @@ def run_parity_gate(
     else:
         examples = examples_from_table(read_tsv(Path(table)), raw_data)
         labels = [c.id for c in classes]
-        rows = {}
+        rows, non_finite = {}, None
         for name, path in (("reference", reference), ("candidate", candidate)):
             settings, scoring = path_settings(model_config, config, path)
             try:
@@ -156,11 +156,11 @@ def run_parity_gate(
             except NonFiniteScoresError as error:
                 if name == "reference":
                     raise
-                rows[name] = str(error)  # a candidate that gives NaN fails the gate; the reference is kept
+                non_finite = str(error)  # a candidate that gives NaN fails the gate; the reference is kept
             else:
                 rows[name] = scores.rows
-        if isinstance(rows["candidate"], str):
-            figures = {"images": len(examples), "non_finite": rows["candidate"]}
+        if non_finite:
+            figures = {"images": len(examples), "non_finite": non_finite}
             passed = False
         else:
             figures = compare(rows["reference"], rows["candidate"], labels)
