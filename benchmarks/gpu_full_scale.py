@@ -541,9 +541,9 @@ def adapter_training(
     profiled: bool = False,
     **train,
 ) -> dict:
-    """``train_adapter`` for one epoch at batch 1 under the given ``train`` settings (the plan is
-    ``auto`` unless they fix it); images/s per step, the peak beside the plan's estimate, every
-    step's loss. ``profiled``: under the profiler, with the device time by kernel kind beside the
+    """``train_adapter`` for one epoch (batch 1 unless ``train`` says otherwise) under the given
+    ``train`` settings (the plan is ``auto`` unless they fix it); images/s per step, the peak beside
+    the plan's estimate, every step's loss. ``profiled``: under the profiler, with the device time by kernel kind beside the
     wall time (where the step's time goes; its images/s is slowed by the tracing)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -1062,6 +1062,11 @@ def main() -> None:
             "qlora_compiled", quantization="nf4", gradient_checkpointing=True, compile=True
         ),
         "train_auto_compiled": training("auto_compiled", compile=True),
+        # Issue 27: the whole card at 4 images a step (token-grouped batches: no padding), the
+        # per-step host work (optimizer, logging, the next batch) shared by 4 images; eager beside
+        # it for the loss curve.
+        "train_auto_batch4": training("auto_batch4", batch_size=4),
+        "train_auto_batch4_compiled": training("auto_batch4_compiled", batch_size=4, compile=True),
         # Without LoRA dropout: whether a compiled run's random numbers are what separates it from eager.
         "train_16GiB_budget_no_dropout": training("budget16_no_dropout", memory_budget_gib=16.0, lora_dropout=0.0),
         "train_16GiB_budget_no_dropout_compiled": training(
@@ -1176,6 +1181,8 @@ STEPS = (
     "profile_train_auto_compiled",
     "qlora_train_batch1_checkpointing_compiled",
     "train_auto_compiled",
+    "train_auto_batch4",
+    "train_auto_batch4_compiled",
     "train_16GiB_budget_no_dropout",
     "train_16GiB_budget_no_dropout_compiled",
     "train_reference_plan_compiled",

@@ -33,6 +33,7 @@ from forensic_vlm.integrity import model_files, verify_adapter
 from forensic_vlm.kernels import apply_fused_kernels, fused_kernels_wanted, require_fp8, to_fp8
 from forensic_vlm.modeling import (
     compile_decoder_layers,
+    compile_vision_layers,
     compute_dtype,
     device_name,
     load_adapter,
@@ -126,6 +127,7 @@ def _load_model(job: ScoringJob, device: torch.device):
         to_fp8(model, job.model.fp8_scope)
     if job.compile or fp8:
         compile_decoder_layers(model)
+        compile_vision_layers(model)
     return model
 
 
@@ -460,6 +462,9 @@ def score_examples(
             "adapter": tuned.hashes if tuned else "none",
             "prompt": prompt,
             "max_tiles": model_config.max_tiles,
+            # Compiled scoring compiles the vision tower too since issue 27: its numbers differ in
+            # bf16 rounding from those of a decoder compiled alone, which older caches hold.
+            **({"compiled_vision": True} if path["compiled"] else {}),
             # Qwen's pixel budget changes every image's tokens; in the key only when set, so keys
             # (and caches) made before these settings existed stay valid.
             **{key: getattr(model_config, key) for key in ("min_pixels", "max_pixels") if getattr(model_config, key)},
