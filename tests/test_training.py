@@ -250,17 +250,3 @@ def test_generate_decoding_reproduces_the_reference_way(tiny_model: Path, tiny_d
     assert metrics["decoding"] == "generate" and metrics["expected_calibration_error"] is None
     assert all(r["p0"] == "" and int(r["predicted"]) in (-1, 0, 1, 2, 3) for r in rows)
 
-
-@pytest.mark.parametrize("on_cuda", [False, pytest.param(True, marks=pytest.mark.gpu)])
-def test_adamw_is_fused_where_the_lora_weights_are_on_a_gpu(on_cuda: bool) -> None:
-    """One kernel per optimizer step on a GPU (issue 27: host time between steps); the CPU demo
-    keeps PyTorch's default update, so its metrics stay the same."""
-    from forensic_vlm.lightning_module import ClassifierModule
-
-    if on_cuda and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    model = torch.nn.Linear(4, 4).to("cuda" if on_cuda else "cpu")
-    model.bias.requires_grad_(False)
-    optimizer = ClassifierModule(model, None, TrainConfig(), torch.float32).configure_optimizers()
-    assert optimizer.defaults["fused"] is (True if on_cuda else None)
-    assert [p for group in optimizer.param_groups for p in group["params"]] == [model.weight]

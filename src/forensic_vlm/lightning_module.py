@@ -120,12 +120,10 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self):
         parameters = [p for p in self.model.parameters() if p.requires_grad]
-        # On a GPU, one kernel for every LoRA weight's update instead of a handful each: the
-        # optimizer step is host time between training steps (issue 27). The CPU keeps the default.
-        fused = bool(parameters) and all(p.is_cuda for p in parameters)
-        return torch.optim.AdamW(
-            parameters, lr=self.config.learning_rate, weight_decay=self.config.weight_decay, fused=fused or None
-        )
+        # Not fused=True: Lightning refuses gradient clipping (train.gradient_clip_val) with an
+        # optimizer that unscales gradients itself, even in bf16 (measured on an H200, issue 27).
+        # On a GPU PyTorch's default is already the multi-tensor (foreach) update.
+        return torch.optim.AdamW(parameters, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trained = {name for name, p in self.named_parameters() if p.requires_grad}
