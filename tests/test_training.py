@@ -249,4 +249,3 @@ def test_generate_decoding_reproduces_the_reference_way(tiny_model: Path, tiny_d
     rows = read_tsv(tmp_path / "predictions.tsv")
     assert metrics["decoding"] == "generate" and metrics["expected_calibration_error"] is None
     assert all(r["p0"] == "" and int(r["predicted"]) in (-1, 0, 1, 2, 3) for r in rows)
-
