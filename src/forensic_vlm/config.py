@@ -112,7 +112,8 @@ class TrainConfig:
     epochs: int = 5
     """Passes over the training table."""
     batch_size: int = 1
-    """Images per step; batches are grouped by token count."""
+    """Images per step; batches are grouped by token count. Where the card has room, 4 trains
+    faster (one H200, compiled: 5.74 images/s against 4.11 at 1; docs/performance.md)."""
     accumulate_grad_batches: int = 16
     """Steps whose gradients are summed before each optimizer update."""
     precision: Literal["auto", "bf16-mixed", "16-mixed", "32-true"] = "auto"
@@ -137,8 +138,8 @@ class TrainConfig:
     """torch.compile each decoder layer for training (LoRA and the 4-bit products inside it), so
     its small operations are not dispatched one by one from Python; costs a compilation at the
     start of each run (about 80 s for the 7B). Compiled with eager's rounding, so its loss curve
-    follows eager's (0.13 % apart over 32 steps on one H200); 1.94 to 2.40 images/s for the 16 GiB
-    plan there (docs/performance.md, issue 27)."""
+    follows eager's (0.13 % apart over 32 steps on one H200); there the 16 GiB plan trained at 2.54
+    images/s compiled and the whole card at 4.11 (docs/performance.md, issue 27)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
