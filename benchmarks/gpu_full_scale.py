@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -392,37 +393,47 @@ def static_fp8_evaluation(table: Path, calibration: Path, root: Path, model_dir:
 
 
 def profile_static_fp8(table: Path, calibration: Path, root: Path, model_dir: Path, *, workers: int) -> dict:
-    """The static-FP8 scoring's profile; ``calibration_seconds`` in it says the calibration ran inside
-    the trace (run ``project_fp8_static_scores`` first in the same work dir to keep it out)."""
+    """The static-FP8 scoring's profile, after an untraced warm-up scoring of the same images (which
+    also calibrates the scales where ``project_fp8_static_scores`` did not keep them): the trace
+    holds the FP8 scoring alone, neither the calibration's bf16 passes nor the compilation."""
     with static_fp8_scales(calibration, root, model_dir) as timing:
-        result = profile_evaluation(table, root, model_dir, workers, quantization="fp8", kernels="none")
+        result = profile_evaluation(table, root, model_dir, workers, quantization="fp8", kernels="none", warm_up=True)
     return {**result, **timing}
 
 
 def profile_evaluation(
-    table: Path, root: Path, model_dir: Path, workers: int, *, quantization: str = "none", kernels: str = "none"
+    table: Path,
+    root: Path,
+    model_dir: Path,
+    workers: int,
+    *,
+    quantization: str = "none",
+    kernels: str = "none",
+    warm_up: bool = False,
 ) -> dict:
-    """Where the scoring's GPU time goes: kernel time by kind, and how busy the GPU was."""
+    """Where the scoring's GPU time goes: kernel time by kind, and how busy the GPU was.
+    ``warm_up``: score the same images once untraced first, in this process, so that the trace holds
+    no compilation: Inductor's autotuning runs its candidate kernels many times on their first call,
+    and those runs would otherwise be counted as the scoring's own (the second scoring finds the
+    compiled code and the tuning in the caches)."""
     from torch.profiler import ProfilerActivity, profile
 
     from forensic_vlm.evaluate import evaluate_split
 
-    reset_peak()
     config = EvaluateConfig(batch_size=8, num_workers=workers, bootstrap_samples=10)
     model = ModelConfig(name_or_path=str(model_dir), quantization=quantization, kernels=kernels)
+    out_dir = root / f"eval_profile_{quantization}_{kernels}"
+    score = functools.partial(
+        evaluate_split, table, root / "raw_data", classes=list(DEFAULT_CLASSES), model_config=model, config=config
+    )
+    warm = score(out_dir=out_dir.with_name(out_dir.name + "_warm_up")) if warm_up else None
+    reset_peak()
     cuda = torch.cuda.is_available()
     with (
         profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as trace,
         vision_tower_time() as vision,
     ):
-        metrics = evaluate_split(
-            table,
-            root / "raw_data",
-            classes=list(DEFAULT_CLASSES),
-            model_config=model,
-            config=config,
-            out_dir=root / f"eval_profile_{quantization}_{kernels}",
-        )
+        metrics = score(out_dir=out_dir)
     busy, breakdown = kernel_breakdown(trace, cuda)
     images = metrics["n"]
     loading = sum(seconds for name, seconds in breakdown["top_kernels"] if "Pageable -> Device" in name)
@@ -442,6 +453,8 @@ def profile_evaluation(
         if vision["vision_gpu_seconds"] is None
         else round(vision["vision_gpu_seconds"] / images * 1000, 1),
         "peak_GiB": round(peak_gb(), 1),
+        "warmed_up": warm is not None,
+        "warm_up_images_per_s": None if warm is None else warm["images_per_second_after_first_batch"],
         "note": "profiled run (tracing slows it); images/s is from the unprofiled runs. The vision tower's "
         "and projector's GPU time is measured with CUDA events and its kernels are also in the kinds.",
     }
@@ -466,21 +479,33 @@ def kernel_breakdown(trace, cuda: bool) -> tuple[float, dict]:
 
 
 def matmul_ceiling() -> dict:
-    """bf16 8192^3 matrix products on random data: the rate MFU is also measured against."""
+    """8192^3 matrix products on random data, median of 20 timed with CUDA events: bf16 (the rate
+    MFU is measured against) and FP8 e4m3 with per-tensor scales through ``torch._scaled_mm`` (the
+    product FP8 scoring's decoder layers run), so that a scoring profile can be held against both."""
     if not torch.cuda.is_available():
-        return {"TFLOP_per_s": None, "peak_GiB": 0.0}
+        return {"TFLOP_per_s": None, "fp8_TFLOP_per_s": None, "peak_GiB": 0.0}
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(20):
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return {"TFLOP_per_s": round(2 * 8192**3 / float(np.median(times)) / 1e12, 1), "peak_GiB": round(peak_gb(), 1)}
+    fp8 = torch.float8_e4m3fn
+    # _scaled_mm wants the second operand column-major: the transpose of a row-major tensor.
+    a8, b8 = a.to(fp8), b.to(fp8).t().contiguous().t()
+    one = torch.ones((), device="cuda")
+    rates = {}
+    for key, product in (
+        ("TFLOP_per_s", lambda: a @ b),
+        ("fp8_TFLOP_per_s", lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)),
+    ):
+        for _ in range(3):
+            product()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(20):
+            start.record()
+            product()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        rates[key] = round(2 * 8192**3 / float(np.median(times)) / 1e12, 1)
+    return {**rates, "peak_GiB": round(peak_gb(), 1)}
 
 
 def reference_evaluation(table: Path, root: Path, model_dir: Path, plan: list[tuple[int, int]]) -> dict:
@@ -1032,7 +1057,7 @@ def main() -> None:
         "project_nf4_liger_scores": evaluation("nf4_liger", quantization="nf4", kernels="liger"),
         "profile_bf16_scores": lambda: profile_evaluation(write_images(root, 64, sizes, seed=4), root, model_dir, w),
         "profile_fp8_scores": lambda: profile_evaluation(
-            write_images(root, 64, sizes, seed=4), root, model_dir, w, quantization="fp8"
+            write_images(root, 64, sizes, seed=4), root, model_dir, w, quantization="fp8", warm_up=True
         ),
         "project_bf16_scores_2gpus": evaluation("bf16_2gpus", devices=2) if gpus >= 2 else None,
         "train_auto": training("auto"),

@@ -8,8 +8,8 @@ export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1 FORENSIC_VLM_TEST_T
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, peft, bitsandbytes, sklearn, torchao, liger_kernel, importlib.metadata as m, pytorch_lightning as pl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__, 'lightning', pl.__version__, 'torchao', torchao.__version__, 'liger-kernel', m.version('liger-kernel'))"
-if [ "${1:-}" = "--tests" ]; then
+if [ "${1:-}" = "--tests" ]; then  # GPU_TESTS="-k expr" chooses some
   shift
-  python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+  python3 -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-} tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 fi
 python3 benchmarks/gpu_full_scale.py --out-dir "$OUT" --processor .bench/processor "$@" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/benchmark_log.txt" | tail -40
