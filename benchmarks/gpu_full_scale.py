@@ -1123,6 +1123,12 @@ def main() -> None:
         except Exception as error:  # one failing option must not cost the other figures of the run
             log.exception("step %s failed", name)
             outcome = {"error": f"{type(error).__name__}: {error}"[:500]}
+        except KeyboardInterrupt:
+            # `timeout -s INT` before the device call's own limit: the steps done so far are still
+            # compared below (run 7 lost its parity figures to a call cut at its limit).
+            log.warning("interrupted in step %s: comparing the steps done", name)
+            result["interrupted_in_step"] = name
+            break
         runs.update(outcome if name == "reference" and "error" not in outcome else {name: outcome})
         # Written after every step, so a run cut short by a time limit still reports what it did.
         out.write_text(json.dumps(result, indent=2) + "\n")
