@@ -12,4 +12,6 @@ if [ "${1:-}" = "--tests" ]; then  # GPU_TESTS="-k expr" chooses some
   shift
   python3 -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-} tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 fi
-python3 benchmarks/gpu_full_scale.py --out-dir "$OUT" --processor .bench/processor "$@" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/benchmark_log.txt" | tail -40
+# BENCH_SECONDS: stop the steps with SIGINT after so many seconds, inside the call's own limit, so that the
+# harness still compares the steps it finished and writes its JSON (a call cut at its limit does not).
+timeout -s INT "${BENCH_SECONDS:-100000}" python3 benchmarks/gpu_full_scale.py --out-dir "$OUT" --processor .bench/processor "$@" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/benchmark_log.txt" | tail -40
