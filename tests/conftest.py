@@ -498,6 +498,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     ]
     if unmarked:
         raise pytest.UsageError(f"tests use the demo run without @pytest.mark.slow: {unmarked}")
+    items.sort(key=start_order)
+
+
+def start_order(item: pytest.Item) -> int:
+    """Long tests first, so that with -n 2 neither worker is left alone with one at the end (xdist
+    hands out tests in this order, a few at a time): first the SLURM tests (one worker, one after
+    the other, about 6 minutes), then the slow tests that run workflows of their own, so that the
+    other worker has work while the first one makes the shared demo run, then the slow tests that
+    inspect that run, then the fast tier. Within each, the order of collection."""
+    slow = item.get_closest_marker("slow") is not None
+    uses_demo = "demo_run" in getattr(item, "fixturenames", ())
+    if item.get_closest_marker("xdist_group") is not None:
+        return 0
+    return 1 if slow and not uses_demo else 2 if slow else 3
 
 
 MEASURED = "measured.txt"  # in the session's shared folder
