@@ -504,7 +504,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def start_order(item: pytest.Item) -> int:
     """Long tests first, so that with -n 2 neither worker is left alone with one at the end (xdist
     hands out tests in this order, a few at a time): first the SLURM tests (one worker, one after
-    the other, about 6 minutes), then the slow tests that run workflows of their own, so that the
+    the other, about 7 minutes with the demo run), then the slow tests with workflows of their own, so that the
     other worker has work while the first one makes the shared demo run, then the slow tests that
     inspect that run, then the fast tier. Within each, the order of collection."""
     slow = item.get_closest_marker("slow") is not None
